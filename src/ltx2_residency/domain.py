@@ -1,0 +1,102 @@
+"""The vocabulary of the domain: phases, weight states, residency modes, how a LoRA is applied.
+
+Every enum is a ``str`` enum so its members compare equal to, and parse from, their values:
+``Phase("stage1") is Phase.STAGE1`` and ``WeightState.CLEAN == "clean"``.
+"""
+
+from __future__ import annotations
+
+import math
+from enum import Enum
+from typing import TypeVar
+
+from .errors import ConfigError, StrengthError
+
+
+class Phase(str, Enum):
+    """A denoising phase of the LTX-2 two-stage pipeline."""
+
+    STAGE1 = "stage1"
+    STAGE2 = "stage2"
+
+
+class WeightState(str, Enum):
+    """What the managed DiT's weights are right now. Stored, never inferred from tensors."""
+
+    CLEAN = "clean"
+    MERGING = "merging"
+    STAGE1_MERGED = "stage1_merged"
+    STAGE2_MERGED = "stage2_merged"
+    ATTACHING = "attaching"
+    STAGE1_DYNAMIC = "stage1_dynamic"
+    STAGE2_DYNAMIC = "stage2_dynamic"
+    RESTORING = "restoring"
+    OFFLOADED = "offloaded"
+    PREFETCHING = "prefetching"
+    QUARANTINED = "quarantined"
+
+
+class ResidencyMode(str, Enum):
+    """How a serving engine holds the DiT (see docs/architecture.md)."""
+
+    ORIGINAL = "original"
+    SNAPSHOT = "snapshot"
+    RESIDENT = "resident"
+
+
+class ApplyKind(str, Enum):
+    """How a phase's LoRAs reach the forward pass."""
+
+    NONE = "none"  # every strength is zero: run the base weights
+    DYNAMIC = "dynamic"  # PEFT adapters add B(A(x)) at run time; weights untouched
+    MERGED = "merged"  # W += s * B @ A in place, undone exactly afterwards
+
+
+class MergePolicyName(str, Enum):
+    SGLANG = "sglang"
+    DYNAMIC = "dynamic"
+    MERGE = "merge"
+
+
+#: States in which a weight operation is under way: running the DiT there is never legal.
+TRANSIENT_STATES = frozenset({WeightState.MERGING, WeightState.ATTACHING, WeightState.RESTORING,
+                              WeightState.PREFETCHING})
+
+#: The settled state a phase reaches for each way of applying its LoRAs.
+PHASE_TARGET = {
+    (Phase.STAGE1, ApplyKind.NONE): WeightState.CLEAN,
+    (Phase.STAGE2, ApplyKind.NONE): WeightState.CLEAN,
+    (Phase.STAGE1, ApplyKind.MERGED): WeightState.STAGE1_MERGED,
+    (Phase.STAGE2, ApplyKind.MERGED): WeightState.STAGE2_MERGED,
+    (Phase.STAGE1, ApplyKind.DYNAMIC): WeightState.STAGE1_DYNAMIC,
+    (Phase.STAGE2, ApplyKind.DYNAMIC): WeightState.STAGE2_DYNAMIC,
+}
+
+E = TypeVar("E", bound=Enum)
+
+
+def parse_enum(kind: type[E], value: object, what: str) -> E:
+    """Accept an enum member or its string value; anything else is a ConfigError naming the choices."""
+    if isinstance(value, kind):
+        return value
+    if isinstance(value, str):
+        try:
+            return kind(value.strip().lower())
+        except ValueError:
+            pass
+    choices = ", ".join(repr(m.value) for m in kind)  # type: ignore[attr-defined]
+    raise ConfigError(f"unknown {what} {value!r}; expected one of {choices}")
+
+
+def check_strength(value: object, where: str) -> float:
+    """A strength must be a finite, non-negative real number (bools are refused)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise StrengthError(f"{where}: strength must be a real number, got {value!r}")
+    strength = float(value)
+    if not math.isfinite(strength):
+        raise StrengthError(f"{where}: strength must be finite, got {value!r}")
+    if strength < 0:
+        raise StrengthError(
+            f"{where}: strength must be >= 0, got {value!r} (to subtract a LoRA, train one that does)"
+        )
+    return strength

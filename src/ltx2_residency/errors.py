@@ -1,0 +1,100 @@
+"""One exception family for everything the manager refuses or detects.
+
+Every error is a :class:`ResidencyError`, so a serving engine can catch the family with one
+``except``; each also derives from the builtin a caller would guess (``ValueError`` for bad
+input, ``TimeoutError`` for a lock wait, ``RuntimeError`` for a refused run) so generic code
+keeps working.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+
+class ResidencyError(Exception):
+    """Base class of every error raised by ltx2_residency."""
+
+
+class IllegalTransitionError(ResidencyError, RuntimeError):
+    """An event that the residency mode's transition table does not allow from this state."""
+
+    def __init__(self, mode: str, state: str, event: str, legal: Iterable[str]) -> None:
+        self.mode = mode
+        self.state = state
+        self.event = event
+        self.legal = tuple(sorted(legal))
+        legal_text = ", ".join(self.legal) if self.legal else "none"
+        super().__init__(
+            f"illegal transition in residency mode {mode!r}: event {event!r} is not allowed "
+            f"from state {state!r}; legal events from {state!r}: {legal_text}"
+        )
+
+
+class PhaseOrderError(ResidencyError, RuntimeError):
+    """A request entered phases out of order (stage 2 before stage 1, or a phase twice)."""
+
+
+class ConfigError(ResidencyError, ValueError):
+    """A constructor or call argument the manager cannot accept (unknown mode, policy, ...)."""
+
+
+class StrengthError(ConfigError):
+    """A LoRA strength that is not a finite real number, or names an unknown LoRA or phase."""
+
+
+class LoRAValidationError(ResidencyError, ValueError):
+    """A LoRA file or tensor set that cannot be applied to this model.
+
+    Raised before any weight is touched: the model is left exactly as it was.
+    """
+
+
+class LoRAFormatError(LoRAValidationError):
+    """The file is missing, not safetensors (pickles are refused unread), or unreadable."""
+
+
+class LoRAKeyError(LoRAValidationError):
+    """Keys that do not name Linear modules of the model, or an incomplete A/B pair."""
+
+
+class LoRAShapeError(LoRAValidationError):
+    """A/B shapes that disagree with each other or with the target Linear."""
+
+
+class LoRAValueError(LoRAValidationError):
+    """Non-finite values, or a dtype that is not floating point."""
+
+
+class ForwardGuardError(ResidencyError, RuntimeError):
+    """The managed DiT was run in a state where running it is illegal."""
+
+
+class RequestTimeoutError(ResidencyError, TimeoutError):
+    """A request waited longer than its timeout for the shared DiT."""
+
+
+class RequestStateError(ResidencyError, RuntimeError):
+    """A request handle used after it closed, from a nested request, or re-entered."""
+
+
+class QuarantinedError(ResidencyError, RuntimeError):
+    """The DiT is quarantined after a failed restore; call ``manager.repair()``."""
+
+
+class DirtyWeightsError(ResidencyError, RuntimeError):
+    """``verify_clean()`` found managed weights whose bits differ from the clean fingerprint."""
+
+    def __init__(self, differing: list[str], total: int) -> None:
+        self.differing = differing
+        shown = ", ".join(differing[:5]) + (", ..." if len(differing) > 5 else "")
+        super().__init__(
+            f"{len(differing)} of {total} managed weights differ from clean: {shown}"
+        )
+
+
+class RepairError(ResidencyError, RuntimeError):
+    """``repair()`` could not bring the DiT back to clean (no clean source, or it is wrong)."""
+
+
+class ModeNotAvailableError(ConfigError):
+    """A residency mode whose weight mechanics are not available in this manager yet."""

@@ -1,0 +1,398 @@
+"""ResidencyManager: the facade a pipeline or serving engine talks to.
+
+It owns the weight-state machine, the request lock, the forward guard and the trace. It
+decides nothing about *how* weights change (``ops``) or *when* to merge (``policy``); it
+sequences events of the mode's table and turns every failure into either CLEAN (rolled back
+exactly) or QUARANTINED (the DiT refuses to run until :meth:`ResidencyManager.repair`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from .domain import (
+    PHASE_TARGET,
+    TRANSIENT_STATES,
+    ApplyKind,
+    Phase,
+    ResidencyMode,
+    WeightState,
+    check_strength,
+    parse_enum,
+)
+from .errors import (
+    ConfigError,
+    DirtyWeightsError,
+    ForwardGuardError,
+    ModeNotAvailableError,
+    QuarantinedError,
+    RepairError,
+    RequestStateError,
+    RequestTimeoutError,
+    StrengthError,
+)
+from .faults import NO_FAULTS, FaultInjector
+from .lora import LoadedLoRA, LoRASpec, validate_all
+from .machine import TABLES, Edge, WeightMachine
+from .ops.clean_source import HostCopy
+from .ops.dynamic import PeftAdapters
+from .ops.fingerprint import Fingerprint
+from .ops.merge import RESTORE_STRATEGIES, MergeStack
+from .policy import MergePolicy, PhaseContext, make_policy
+from .request import Request
+from .trace import Trace, TransitionRecord
+
+Verify = Literal["always", "after_merge", "never"]
+_VERIFY = ("always", "after_merge", "never")
+_IMPLEMENTED_MODES = (ResidencyMode.ORIGINAL,)
+
+
+class ResidencyManager:
+    """Guards one DiT's weights across the phases of LTX-2 requests.
+
+    Args:
+        transformer: the DiT (any ``nn.Module`` whose LoRA targets are ``nn.Linear``).
+        mode: residency mode, ``"original"`` (one shared DiT).
+        loras: the LoRAs to manage, e.g. the distilled LoRA plus a user LoRA.
+        merge_policy: ``"sglang"``, ``"dynamic"`` or ``"merge"`` (see ``policy``).
+        native_ltx23: the model is the native LTX-2.3 variant (the sglang policy merges then).
+        restore: exact-undo strategy of the merge path: ``"recompute"`` (default, least
+            memory), ``"copy"`` (a same-device copy) or ``"copy_host"``.
+        strict: the forward guard also refuses runs outside a request's phase.
+        verify: fingerprint the DiT when a request ends: ``"after_merge"`` (when the request
+            merged into the weights), ``"always"`` or ``"never"``.
+        clean_source: ``"host_copy"`` keeps a host copy of the managed weights for
+            :meth:`repair`; ``None`` keeps none (repair is then impossible).
+        request_timeout: seconds a request waits for the DiT (``None``: forever).
+        faults: a :class:`FaultInjector` for tests and drills.
+    """
+
+    def __init__(
+        self,
+        transformer: nn.Module,
+        mode: ResidencyMode | str = "original",
+        loras: Sequence[LoRASpec] = (),
+        merge_policy: str = "sglang",
+        *,
+        native_ltx23: bool = False,
+        restore: str = "recompute",
+        strict: bool = True,
+        verify: Verify = "after_merge",
+        clean_source: Literal["host_copy"] | None = "host_copy",
+        request_timeout: float | None = 300.0,
+        trace_maxlen: int = 10_000,
+        faults: FaultInjector | None = None,
+    ) -> None:
+        if not isinstance(transformer, nn.Module):
+            raise ConfigError(f"transformer must be a torch.nn.Module, got {type(transformer).__name__}")
+        self.mode = parse_enum(ResidencyMode, mode, "residency mode")
+        if self.mode not in _IMPLEMENTED_MODES:
+            raise ModeNotAvailableError(
+                f"residency mode {self.mode.value!r} is declared (see docs/architecture.md) but its "
+                f"weight mechanics are not in this release; use mode='original'"
+            )
+        self.policy: MergePolicy = make_policy(merge_policy)
+        if restore not in RESTORE_STRATEGIES:
+            raise ConfigError(f"unknown restore strategy {restore!r}; expected one of "
+                              f"{', '.join(map(repr, RESTORE_STRATEGIES))}")
+        if verify not in _VERIFY:
+            raise ConfigError(f"unknown verify setting {verify!r}; expected one of {_VERIFY}")
+        if clean_source not in ("host_copy", None):
+            raise ConfigError(f"unknown clean_source {clean_source!r}; expected 'host_copy' or None")
+        if request_timeout is not None and not request_timeout > 0:
+            raise ConfigError(f"request_timeout must be positive seconds or None, got {request_timeout!r}")
+        specs = list(loras)
+        for s in specs:
+            if not isinstance(s, LoRASpec):
+                raise ConfigError(f"loras must be LoRASpec objects, got {type(s).__name__}")
+
+        self.transformer = transformer
+        self.native_ltx23 = bool(native_ltx23)
+        self.strict = strict
+        self.verify = verify
+        self.request_timeout = request_timeout
+        self.faults = faults or NO_FAULTS
+        self.specs = {s.name: s for s in specs}
+        self.trace = Trace(trace_maxlen)
+
+        # Validate everything before the first mutation (PEFT injection wraps modules).
+        self.loras: list[LoadedLoRA] = validate_all(specs, transformer)
+        self._adapters = PeftAdapters(transformer, self.loras, self.faults)
+        self._weights = self._adapters.base_weights()
+        self._clean = Fingerprint.of(self._weights.items())
+        self._clean_source = HostCopy(self._weights) if clean_source == "host_copy" else None
+        self._stack = MergeStack(RESTORE_STRATEGIES[restore](), self.faults)
+        self.machine = WeightMachine(TABLES[self.mode], {
+            "merge": self._effect_merge,
+            "attach": self._effect_attach,
+            "restore": self._effect_restore,
+            "repair": self._effect_repair,
+            # snapshot/resident effects arrive with their modes; original never fires these
+            "offload": self._effect_unavailable,
+            "prefetch": self._effect_unavailable,
+            "swap": self._effect_unavailable,
+        })
+        self._cond = threading.Condition(threading.Lock())
+        self._owner: int | None = None
+        self._request: Request | None = None
+        self._context: tuple[int | None, str | None] = (None, None)
+        self._guard = transformer.register_forward_pre_hook(self._forward_guard)
+
+    # ------------------------------------------------------------------ public surface
+    @property
+    def state(self) -> WeightState:
+        return self.machine.state
+
+    @property
+    def managed_weights(self) -> Mapping[str, torch.Tensor]:
+        return dict(self._weights)
+
+    @contextlib.contextmanager
+    def request(self, timeout: float | None = ...) -> Iterator[Request]:  # type: ignore[assignment]
+        """Own the DiT for one request; leaving the block by any path restores CLEAN."""
+        wait = self.request_timeout if timeout is ... else timeout
+        self._acquire(wait, "request()")
+        req = Request(self)
+        self._request = req
+        try:
+            if self.state is WeightState.QUARANTINED:
+                raise QuarantinedError(self._quarantine_message())
+            yield req
+        finally:
+            try:
+                self._finish(req)
+            finally:
+                req.closed = True
+                self._request = None
+                self._release()
+
+    def verify_clean(self, timeout: float | None = ...) -> None:  # type: ignore[assignment]
+        """Raise :class:`DirtyWeightsError` unless every managed weight is bit-identical to clean.
+
+        Call it between requests; a mismatch quarantines the DiT.
+        """
+        if self._owner == threading.get_ident():
+            if self._request is not None:
+                raise RequestStateError("verify_clean() checks the DiT between requests; call it "
+                                        "after the `with manager.request()` block")
+            self._check_clean()
+            return
+        self._acquire(self.request_timeout if timeout is ... else timeout, "verify_clean()")
+        try:
+            self._check_clean()
+        finally:
+            self._release()
+
+    def repair(self, timeout: float | None = ...) -> None:  # type: ignore[assignment]
+        """Bring a QUARANTINED DiT back to CLEAN from its clean source (a no-op when CLEAN)."""
+        self._acquire(self.request_timeout if timeout is ... else timeout, "repair()")
+        try:
+            if self.state is WeightState.CLEAN:
+                return
+            try:
+                self._fire("repair")
+                self._fire("restored")
+            except BaseException as exc:
+                if self.machine.can("quarantine"):
+                    self._fire("quarantine")
+                if isinstance(exc, RepairError):
+                    raise
+                raise RepairError(f"repair failed, the DiT stays quarantined: {exc!r}") from exc
+        finally:
+            self._release()
+
+    def memory(self) -> dict[str, int | float]:
+        """Bytes held for weight management (the DiT itself excluded)."""
+        return {
+            "managed_weight_bytes": sum(w.numel() * w.element_size() for w in self._weights.values()),
+            "lora_adapter_bytes": self._adapters.nbytes,
+            "restore_capture_bytes": self._stack.nbytes_held,
+            "clean_source_host_bytes": self._clean_source.nbytes if self._clean_source else 0,
+            "last_merge_exception_fraction": self._stack.last_exception_fraction,
+        }
+
+    def close(self) -> None:
+        """Remove the forward guard (the PEFT adapters stay, disabled)."""
+        self._guard.remove()
+
+    # ------------------------------------------------------------------ request internals
+    def _enter_phase(self, req: Request, phase: Phase,
+                     overrides: Mapping[str, float] | None) -> nn.Module:
+        if self.state is WeightState.QUARANTINED:
+            raise QuarantinedError(self._quarantine_message())
+        strengths = self._resolve_strengths(phase, overrides)
+        stage1 = req.strengths.get(Phase.STAGE1, strengths if phase is Phase.STAGE1 else {})
+        kind = self.policy.decide(PhaseContext(self.mode, phase, strengths, stage1, self.native_ltx23))
+        self._context = (req.id, phase.value)
+        if self.state is not WeightState.CLEAN:
+            self._restore_or_quarantine()
+        try:
+            if kind is ApplyKind.MERGED:
+                self._fire("merge", plan=[(n, s) for n, s in strengths.items() if s != 0.0])
+                req.mutated = True
+                self._fire(f"merged_{phase.value}")
+            elif kind is ApplyKind.DYNAMIC:
+                self._fire("attach", strengths=strengths)
+                self._fire(f"attached_{phase.value}")
+        except BaseException:
+            self._restore_or_quarantine()
+            raise
+        assert self.state is PHASE_TARGET[(phase, kind)]
+        req.phase = phase
+        req.entered.append(phase)
+        req.strengths[phase] = strengths
+        return self.transformer
+
+    def _resolve_strengths(self, phase: Phase, overrides: Mapping[str, float] | None) -> dict[str, float]:
+        strengths = {name: spec.strength(phase) for name, spec in self.specs.items()}
+        if overrides is None:
+            return strengths
+        if not isinstance(overrides, Mapping):
+            raise StrengthError(f"strengths must be a mapping of LoRA name to strength, got "
+                                f"{type(overrides).__name__}")
+        for name, value in overrides.items():
+            if name not in strengths:
+                known = ", ".join(map(repr, strengths)) or "none"
+                raise StrengthError(f"strength override for unknown LoRA {name!r}; managed LoRAs: {known}")
+            strengths[name] = check_strength(value, f"override for LoRA {name!r} in {phase.value}")
+        return strengths
+
+    def _finish(self, req: Request) -> None:
+        self._context = (req.id, None)
+        try:
+            if self.state not in (WeightState.CLEAN, WeightState.QUARANTINED):
+                self._restore_or_quarantine()
+            if self.state is WeightState.CLEAN and (
+                self.verify == "always" or (self.verify == "after_merge" and req.mutated)
+            ):
+                self._check_clean()
+        finally:
+            self._context = (None, None)
+
+    def _restore_or_quarantine(self) -> None:
+        """Undo whatever the weights hold; if the undo itself fails, quarantine and raise."""
+        try:
+            self._fire("restore")
+            self._fire("restored")
+        except BaseException as exc:
+            if self.machine.can("quarantine"):
+                self._fire("quarantine")
+            raise QuarantinedError(
+                f"restoring the DiT failed ({exc!r}); it is quarantined. " + self._repair_hint()
+            ) from exc
+
+    def _check_clean(self) -> None:
+        now = Fingerprint.of(self._weights.items())
+        differing = self._clean.differing(now)
+        if differing:
+            if self.machine.can("quarantine"):
+                self._fire("quarantine")
+            raise DirtyWeightsError(differing, len(self._clean))
+
+    # ------------------------------------------------------------------ machine plumbing
+    def _fire(self, event: str, **context: Any) -> None:
+        source = self.state.value
+        request_id, phase = self._context
+        start = time.perf_counter()
+        try:
+            touched = self.machine.fire(event, **context)
+        except BaseException as exc:
+            self.trace.append(TransitionRecord(event, source, self.state.value,
+                                               (time.perf_counter() - start) * 1e3, 0,
+                                               request_id, phase, ok=False, error=repr(exc)))
+            raise
+        self.trace.append(TransitionRecord(event, source, self.state.value,
+                                           (time.perf_counter() - start) * 1e3, touched,
+                                           request_id, phase))
+
+    def _effect_merge(self, edge: Edge, ctx: Mapping[str, Any]) -> int:
+        self.faults.hit("merge.before")
+        written = 0
+        for name, strength in ctx["plan"]:
+            written += self._stack.push(name, self._adapters.targets(name), strength)
+        self.faults.hit("merge.after")
+        return written
+
+    def _effect_attach(self, edge: Edge, ctx: Mapping[str, Any]) -> int:
+        self._adapters.activate(ctx["strengths"])
+        return 0
+
+    def _effect_restore(self, edge: Edge, ctx: Mapping[str, Any]) -> int:
+        self.faults.hit("restore.before")
+        self._adapters.deactivate()
+        written = self._stack.pop_all()
+        self.faults.hit("restore.after")
+        return written
+
+    def _effect_repair(self, edge: Edge, ctx: Mapping[str, Any]) -> int:
+        if self._clean_source is None:
+            raise RepairError("no clean source: the manager was built with clean_source=None; "
+                              "reload the model from its checkpoint and build a new manager")
+        self._adapters.deactivate()
+        written = self._clean_source.restore(self._weights, self.faults)
+        self._stack.forget()
+        differing = self._clean.differing(Fingerprint.of(self._weights.items()))
+        if differing:
+            raise RepairError(f"the clean source does not match the clean fingerprint "
+                              f"({len(differing)} weights differ, e.g. {differing[0]!r})")
+        return written
+
+    def _effect_unavailable(self, edge: Edge, ctx: Mapping[str, Any]) -> int:
+        raise ModeNotAvailableError(f"effect {edge.effect!r} belongs to a mode not built yet")
+
+    # ------------------------------------------------------------------ ownership and guard
+    def _acquire(self, timeout: float | None, what: str) -> None:
+        me = threading.get_ident()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            if self._owner == me:
+                raise RequestStateError(
+                    f"{what} called while this thread already owns the DiT (nested request?); "
+                    "finish the open request first"
+                )
+            while self._owner is not None:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise RequestTimeoutError(
+                        f"{what} waited {timeout:.3g} s for the shared DiT, which another request "
+                        "still holds; raise request_timeout or add capacity"
+                    )
+                self._cond.wait(left)
+            self._owner = me
+
+    def _release(self) -> None:
+        with self._cond:
+            self._owner = None
+            self._cond.notify()
+
+    def _forward_guard(self, module: nn.Module, args: Any) -> None:
+        state = self.machine.state
+        if state in TRANSIENT_STATES:
+            raise ForwardGuardError(f"the DiT cannot run while its weights are {state.value} "
+                                    "(a weight operation is under way)")
+        if state is WeightState.QUARANTINED:
+            raise ForwardGuardError("the DiT is quarantined and refuses to run. " + self._repair_hint())
+        if self.strict:
+            req = self._request
+            if req is None or self._owner != threading.get_ident() or req.phase is None:
+                raise ForwardGuardError(
+                    "the managed DiT ran outside a request phase; run it inside "
+                    "`with manager.request() as req:` on the module `req.enter(phase)` returns "
+                    "(or build the manager with strict=False)"
+                )
+        self.faults.hit("forward")
+
+    def _repair_hint(self) -> str:
+        if self._clean_source is None:
+            return "No clean source is kept (clean_source=None): reload the model."
+        return "Call manager.repair() to restore it from the clean host copy."
+
+    def _quarantine_message(self) -> str:
+        return "the DiT is quarantined after a failed restore. " + self._repair_hint()

@@ -1,0 +1,1 @@
+"""Weight operations: the mechanism layer. Policy lives in ``policy``, sequencing in ``manager``."""

@@ -1,0 +1,39 @@
+"""Where ``repair()`` gets clean weights from when an exact undo is no longer possible."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from ..faults import FaultInjector
+
+
+class HostCopy:
+    """A copy of every managed weight, taken while the model is known clean.
+
+    On the host (pinned when the weights live on a CUDA device), so it costs no GPU memory:
+    one extra copy of the adapted Linear weights in host RAM.
+    """
+
+    def __init__(self, weights: Mapping[str, torch.Tensor]) -> None:
+        self._copies: dict[str, torch.Tensor] = {}
+        with torch.no_grad():
+            for name, w in weights.items():
+                pin = w.device.type == "cuda"
+                copy = torch.empty(w.shape, dtype=w.dtype, device="cpu", pin_memory=pin)
+                copy.copy_(w.detach())
+                self._copies[name] = copy
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self._copies.values())
+
+    def restore(self, weights: Mapping[str, torch.Tensor], faults: FaultInjector) -> int:
+        written = 0
+        with torch.no_grad():
+            for name, w in weights.items():
+                faults.hit("repair.layer")
+                w.detach().copy_(self._copies[name])
+                written += w.numel() * w.element_size()
+        return written

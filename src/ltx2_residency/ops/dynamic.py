@@ -1,0 +1,130 @@
+"""Dynamic LoRA through real PEFT adapters: weights are never touched.
+
+Each managed LoRA is injected once, at start-up, as a named PEFT adapter
+(``peft.inject_adapter_in_model`` + ``set_peft_model_state_dict``), then disabled. A phase
+that runs dynamic enables the adapters it needs with their per-request strength
+(``LoraLayer.set_scale``); restoring disables them again. Disabled PEFT layers call their
+base layer directly, so the base path is bit-identical to the unwrapped model.
+
+The merge path reuses the same adapter tensors (:meth:`PeftAdapters.targets`): one copy of
+each LoRA lives on the device, whichever way a phase applies it.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Mapping
+
+import torch
+from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
+from peft.tuners.lora import LoraLayer
+from torch import nn
+
+from ..errors import LoRAValidationError
+from ..faults import FaultInjector
+from ..lora import LoadedLoRA
+from .merge import LayerTarget
+
+
+def _config(lora: LoadedLoRA) -> LoraConfig:
+    ranks = Counter(t.rank for t in lora.targets.values())
+    rank = ranks.most_common(1)[0][0]
+    alphas = {m: (t.alpha if t.alpha is not None else float(t.rank)) for m, t in lora.targets.items()}
+    alpha = Counter(alphas.values()).most_common(1)[0][0]
+    # PEFT matches pattern keys as regexes against the module path: escape the dots.
+    return LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        target_modules=sorted(lora.targets),
+        rank_pattern={re.escape(m): t.rank for m, t in lora.targets.items() if t.rank != rank},
+        alpha_pattern={re.escape(m): a for m, a in alphas.items() if a != alpha},
+        lora_dropout=0.0,
+        init_lora_weights=False,
+    )
+
+
+class PeftAdapters:
+    """The PEFT adapters of every managed LoRA on one model."""
+
+    def __init__(self, model: nn.Module, loras: list[LoadedLoRA], faults: FaultInjector) -> None:
+        self.model = model
+        self.faults = faults
+        self.names = [lo.name for lo in loras]
+        self._targets: dict[str, list[str]] = {}
+        for lora in loras:
+            inject_adapter_in_model(_config(lora), model, adapter_name=lora.name)
+            state = {}
+            for module, t in lora.targets.items():
+                state[f"{module}.lora_A.weight"] = t.lora_A
+                state[f"{module}.lora_B.weight"] = t.lora_B
+            result = set_peft_model_state_dict(model, state, adapter_name=lora.name)
+            unexpected = list(getattr(result, "unexpected_keys", []) or [])
+            if unexpected:
+                raise LoRAValidationError(
+                    f"LoRA {lora.name!r}: PEFT did not place {len(unexpected)} tensors "
+                    f"(first: {unexpected[0]!r})"
+                )
+            self._targets[lora.name] = sorted(lora.targets)
+        self.layers: dict[str, LoraLayer] = {
+            name: m for name, m in model.named_modules() if isinstance(m, LoraLayer)
+        }
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self.active: dict[str, float] = {}
+        self.deactivate()
+
+    def targets(self, lora: str) -> list[LayerTarget]:
+        """The merge path's view of ``lora``: base weights plus the adapter's own A/B tensors."""
+        out = []
+        for module in self._targets[lora]:
+            layer = self.layers[module]
+            out.append(LayerTarget(
+                name=module,
+                weight=layer.get_base_layer().weight,
+                lora_A=layer.lora_A[lora].weight,
+                lora_B=layer.lora_B[lora].weight,
+                scale=float(layer.lora_alpha[lora]) / float(layer.r[lora]),
+            ))
+        return out
+
+    def base_weights(self) -> dict[str, torch.Tensor]:
+        """Every Linear weight any managed LoRA targets, keyed by module path."""
+        return {name: layer.get_base_layer().weight for name, layer in sorted(self.layers.items())}
+
+    def activate(self, strengths: Mapping[str, float]) -> int:
+        """Enable the adapters with non-zero strength, scaled; returns how many layers run one."""
+        live = {n: s for n, s in strengths.items() if s != 0.0}
+        self.faults.hit("attach.before")
+        enabled = 0
+        for layer in self.layers.values():
+            names = [n for n in live if n in layer.lora_A]
+            if not names:
+                continue
+            self.faults.hit("attach.layer")
+            for n in names:
+                layer.set_scale(n, live[n])
+            layer.enable_adapters(True)
+            layer.set_adapter(names, inference_mode=True)
+            enabled += 1
+        self.active = live
+        self.faults.hit("attach.after")
+        return enabled
+
+    def deactivate(self) -> None:
+        """Disable every adapter and reset scales: the model runs its base weights."""
+        for layer in self.layers.values():
+            layer.enable_adapters(False)
+            for n in self.names:
+                layer.set_scale(n, 1.0)
+        self.active = {}
+
+    @property
+    def nbytes(self) -> int:
+        total = 0
+        for layer in self.layers.values():
+            for n in self.names:
+                if n in layer.lora_A:
+                    for p in (layer.lora_A[n].weight, layer.lora_B[n].weight):
+                        total += p.numel() * p.element_size()
+        return total

@@ -1,0 +1,205 @@
+"""In-place LoRA merge with an exact, last-in-first-out undo.
+
+A merge writes ``W <- bf16(W + s·B·A)`` (the product and the sum in float32, one rounding).
+That rounding loses bits of ``W`` wherever the sum has a larger exponent than ``W``, so
+subtracting the delta again cannot give ``W`` back in general. Each layer write therefore
+captures, before it commits, what its undo needs; the capture strategy is chosen from
+:data:`RESTORE_STRATEGIES`:
+
+``recompute``
+    Undo recomputes ``bf16(W' - s·B·A)`` and patches the positions where that differs from
+    the original, whose indices and original bits were recorded at merge time (by running
+    the very same computation). Memory: about 6 bytes per differing element; with realistic
+    deltas (‖ΔW‖ = 5–20 % of ‖W‖) 5–17 % of the elements differ, i.e. 15–50 % of a full copy.
+``copy``
+    A copy of the layer's weight (on a chosen device, pinned on the host when it is a CUDA
+    weight); undo copies it back. Memory: one full copy of the merged layers.
+
+Every undo is checked against the layer's pre-merge digest, so a non-deterministic delta or a
+damaged capture raises instead of silently leaving drift behind.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import LoRAValueError, ResidencyError
+from ..faults import FaultInjector
+from .fingerprint import Digest, tensor_digest
+
+
+class RestoreMismatchError(ResidencyError, RuntimeError):
+    """An undo did not reproduce the pre-merge bits of a layer."""
+
+
+@dataclass(frozen=True)
+class LayerTarget:
+    """One LoRA's view of one Linear: the weight it mutates and the factors of its delta."""
+
+    name: str
+    weight: torch.Tensor
+    lora_A: torch.Tensor
+    lora_B: torch.Tensor
+    scale: float  # alpha / rank
+
+    def delta(self, strength: float) -> torch.Tensor:
+        """``strength · scale · B @ A`` in float32. Deterministic: undo recomputes it."""
+        w = self.weight
+        b = self.lora_B.detach().to(device=w.device, dtype=torch.float32)
+        a = self.lora_A.detach().to(device=w.device, dtype=torch.float32)
+        return torch.mm(b, a).mul_(strength * self.scale)
+
+
+@dataclass
+class LayerUndo:
+    digest: Digest  # the layer before this merge
+    tensors: tuple[torch.Tensor, ...] = ()
+    exceptions: int = 0
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors)
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+
+
+class RecomputeRestore:
+    name = "recompute"
+
+    def capture(self, target: LayerTarget, merged: torch.Tensor, delta: torch.Tensor) -> LayerUndo:
+        w = target.weight.detach()
+        redo = self._subtract(merged, delta)
+        miss = (_bits(redo) != _bits(w)).view(-1).nonzero().view(-1)
+        if w.numel() < 2**31:
+            miss = miss.to(torch.int32)
+        values = w.reshape(-1)[miss].clone()
+        return LayerUndo(tensor_digest(w), (miss, values), int(miss.numel()))
+
+    def undo(self, target: LayerTarget, undo: LayerUndo, strength: float) -> None:
+        w = target.weight.detach()
+        restored = self._subtract(w, target.delta(strength))
+        miss, values = undo.tensors
+        restored.view(-1)[miss.to(torch.int64)] = values
+        w.copy_(restored)
+
+    @staticmethod
+    def _subtract(merged: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        return merged.to(torch.float32).sub_(delta).to(merged.dtype)
+
+
+class CopyRestore:
+    name = "copy"
+
+    def __init__(self, device: str | torch.device | None = None) -> None:
+        self.device = device
+
+    def capture(self, target: LayerTarget, merged: torch.Tensor, delta: torch.Tensor) -> LayerUndo:
+        w = target.weight.detach()
+        device = torch.device(self.device) if self.device is not None else w.device
+        pin = device.type == "cpu" and w.device.type == "cuda"
+        backup = torch.empty(w.shape, dtype=w.dtype, device=device, pin_memory=pin)
+        backup.copy_(w)
+        return LayerUndo(tensor_digest(w), (backup,))
+
+    def undo(self, target: LayerTarget, undo: LayerUndo, strength: float) -> None:
+        target.weight.detach().copy_(undo.tensors[0], non_blocking=False)
+
+
+RestoreStrategy = RecomputeRestore | CopyRestore
+
+RESTORE_STRATEGIES: Mapping[str, Callable[[], RestoreStrategy]] = {
+    "recompute": RecomputeRestore,
+    "copy": CopyRestore,
+    "copy_host": lambda: CopyRestore("cpu"),
+}
+
+
+@dataclass
+class MergeFrame:
+    """One LoRA merged at one strength: the layers written so far, in write order."""
+
+    lora: str
+    strength: float
+    layers: list[tuple[LayerTarget, LayerUndo]] = field(default_factory=list)
+
+    @property
+    def nbytes_held(self) -> int:
+        return sum(u.nbytes for _, u in self.layers)
+
+
+class MergeStack:
+    """Merged deltas on the shared weights, undone last-in-first-out (like PEFT's LoraLayer)."""
+
+    def __init__(self, strategy: RestoreStrategy, faults: FaultInjector) -> None:
+        self.strategy = strategy
+        self.faults = faults
+        self.frames: list[MergeFrame] = []
+        self.last_exception_fraction = 0.0
+
+    def __bool__(self) -> bool:
+        return bool(self.frames)
+
+    @property
+    def nbytes_held(self) -> int:
+        return sum(f.nbytes_held for f in self.frames)
+
+    def push(self, lora: str, targets: list[LayerTarget], strength: float) -> int:
+        """Merge one LoRA into every target layer; returns weight bytes written.
+
+        Each layer is computed, checked finite and captured before its single write, and
+        recorded right after it: a failure at any point leaves a stack that undoes exactly
+        what was written.
+        """
+        frame = MergeFrame(lora, strength)
+        self.frames.append(frame)
+        written = 0
+        exceptions = 0
+        elements = 0
+        with torch.no_grad():
+            for target in targets:
+                self.faults.hit("merge.layer")
+                w = target.weight.detach()
+                delta = target.delta(strength)
+                merged = w.to(torch.float32).add_(delta).to(w.dtype)
+                if not bool(torch.isfinite(merged).all()):
+                    raise LoRAValueError(
+                        f"merging LoRA {lora!r} at strength {strength} into {target.name!r} gives "
+                        "non-finite weights; lower the strength or check the LoRA"
+                    )
+                undo = self.strategy.capture(target, merged, delta)
+                w.copy_(merged)
+                frame.layers.append((target, undo))
+                written += w.numel() * w.element_size()
+                exceptions += undo.exceptions
+                elements += w.numel()
+        self.last_exception_fraction = exceptions / elements if elements else 0.0
+        return written
+
+    def pop_all(self) -> int:
+        """Undo every frame, newest first, each layer checked; returns weight bytes written."""
+        written = 0
+        with torch.no_grad():
+            while self.frames:
+                frame = self.frames[-1]
+                while frame.layers:
+                    target, undo = frame.layers[-1]
+                    self.faults.hit("restore.layer")
+                    self.strategy.undo(target, undo, frame.strength)
+                    if tensor_digest(target.weight) != undo.digest:
+                        raise RestoreMismatchError(
+                            f"undoing LoRA {frame.lora!r} on {target.name!r} did not give back the "
+                            f"pre-merge bits (restore strategy {self.strategy.name!r})"
+                        )
+                    frame.layers.pop()
+                    written += target.weight.numel() * target.weight.element_size()
+                self.frames.pop()
+        return written
+
+    def forget(self) -> None:
+        """Drop every capture without undoing (after a repair rewrote the weights)."""
+        self.frames.clear()

@@ -1,0 +1,67 @@
+"""A request's handle on the shared DiT: phase order and per-request strengths."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+from torch import nn
+
+from .domain import Phase, parse_enum
+from .errors import PhaseOrderError, RequestStateError
+
+if TYPE_CHECKING:
+    from .manager import ResidencyManager
+
+_ids = itertools.count(1)
+
+#: The phases a request may enter next, given the last one it entered.
+NEXT_PHASES: Mapping[Phase | None, tuple[Phase, ...]] = {
+    None: (Phase.STAGE1,),
+    Phase.STAGE1: (Phase.STAGE2,),
+    Phase.STAGE2: (),
+}
+
+
+class Request:
+    """Returned by ``with manager.request() as req``; valid until the ``with`` block ends."""
+
+    def __init__(self, manager: ResidencyManager) -> None:
+        self.id = next(_ids)
+        self._manager = manager
+        self._thread = threading.get_ident()
+        self.phase: Phase | None = None
+        self.entered: list[Phase] = []
+        self.strengths: dict[Phase, dict[str, float]] = {}
+        self.closed = False
+        self.mutated = False  # set once a phase merged into the shared weights
+
+    def enter(self, phase: Phase | str,
+              strengths: Mapping[str, float] | None = None) -> nn.Module:
+        """Switch the DiT's weights to ``phase`` and return the module to run for it.
+
+        ``strengths`` overrides the LoRAs' configured strengths for this phase of this
+        request only, e.g. ``{"distilled": 0.5}``.
+        """
+        if self.closed:
+            raise RequestStateError(f"request {self.id} is closed; open a new one with "
+                                    "`with manager.request() as req:`")
+        if threading.get_ident() != self._thread:
+            raise RequestStateError(f"request {self.id} belongs to another thread; each thread "
+                                    "opens its own request")
+        target = parse_enum(Phase, phase, "phase")
+        allowed = NEXT_PHASES[self.phase]
+        if target not in allowed:
+            done = ", ".join(p.value for p in self.entered) or "none"
+            legal = ", ".join(p.value for p in allowed) or "none (the request is complete)"
+            raise PhaseOrderError(
+                f"request {self.id} cannot enter {target.value!r}: phases entered so far: {done}; "
+                f"next legal phase: {legal}. Phases run stage1 then stage2, once each; open a "
+                "new request for the next video."
+            )
+        return self._manager._enter_phase(self, target, strengths)
+
+    def __repr__(self) -> str:
+        return f"Request(id={self.id}, phase={self.phase and self.phase.value}, closed={self.closed})"

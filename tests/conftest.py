@@ -1,0 +1,96 @@
+"""Shared fixtures: tiny LTX-2 DiTs, realistic LoRA files written as real safetensors,
+hypothesis profiles.
+
+Profiles: ``ci`` (derandomized, bounded; chosen automatically when CI is set), ``dev``
+(the default locally), ``soak`` (long; ``HYPOTHESIS_PROFILE=soak``).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
+
+from ltx2_pipeline.tiny import tiny_inputs, tiny_transformer
+from ltx2_residency.testing import linear_names, save_lora, synthetic_lora, weight_bits
+
+_common = dict(suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+               deadline=None)
+settings.register_profile("ci", derandomize=True, max_examples=40, stateful_step_count=25,
+                          print_blob=True, **_common)
+settings.register_profile("dev", max_examples=25, stateful_step_count=25, **_common)
+settings.register_profile("soak", max_examples=2000, stateful_step_count=60, **_common)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
+
+torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (run through the device machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def base_model() -> torch.nn.Module:
+    """One seeded tiny DiT; tests take deep copies (``fresh_model``) and never mutate this one."""
+    return tiny_transformer(seed=0)
+
+
+@pytest.fixture
+def fresh_model(base_model: torch.nn.Module) -> Callable[[], torch.nn.Module]:
+    return lambda: copy.deepcopy(base_model)
+
+
+@pytest.fixture
+def model(fresh_model: Callable[[], torch.nn.Module]) -> torch.nn.Module:
+    return fresh_model()
+
+
+@pytest.fixture(scope="session")
+def block_linears(base_model: torch.nn.Module) -> list[str]:
+    return linear_names(base_model)
+
+
+@pytest.fixture(scope="session")
+def lora_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("loras")
+
+
+@pytest.fixture(scope="session")
+def distilled_path(base_model: torch.nn.Module, block_linears: list[str], lora_dir: Path) -> str:
+    """A rank-8 LoRA on every block linear with ‖ΔW‖ = 10 % of ‖W‖, as a real file."""
+    tensors = synthetic_lora(base_model, block_linears, rank=8, relative_norm=0.10, seed=1)
+    return save_lora(lora_dir / "distilled.safetensors", tensors)
+
+
+@pytest.fixture(scope="session")
+def user_lora_path(base_model: torch.nn.Module, block_linears: list[str], lora_dir: Path) -> str:
+    """A second LoRA (attention only, rank 4, alpha 8, ‖ΔW‖ = 15 %) to stack on the distilled one."""
+    attn = [n for n in block_linears if ".attn1." in n or ".attn2." in n]
+    tensors = synthetic_lora(base_model, attn, rank=4, relative_norm=0.15, seed=2, alpha=8.0)
+    return save_lora(lora_dir / "user.safetensors", tensors)
+
+
+@pytest.fixture
+def inputs(base_model: torch.nn.Module) -> dict:
+    return tiny_inputs(base_model, seed=0)
+
+
+@pytest.fixture
+def bits_of() -> Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+    return weight_bits
+
+
+def assert_same_bits(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    bad = [n for n in a if not torch.equal(a[n], b[n])]
+    assert not bad, f"{len(bad)} weights differ, e.g. {bad[:3]}"
