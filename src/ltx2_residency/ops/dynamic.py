@@ -13,6 +13,7 @@ each LoRA lives on the device, whichever way a phase applies it.
 from __future__ import annotations
 
 import re
+import warnings
 from collections import Counter
 from collections.abc import Mapping
 
@@ -53,7 +54,10 @@ class PeftAdapters:
         self.names = [lo.name for lo in loras]
         self._targets: dict[str, list[str]] = {}
         for lora in loras:
-            inject_adapter_in_model(_config(lora), model, adapter_name=lora.name)
+            with warnings.catch_warnings():
+                # several named adapters on one model is the point here, not an accident
+                warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+                inject_adapter_in_model(_config(lora), model, adapter_name=lora.name)
             state = {}
             for module, t in lora.targets.items():
                 state[f"{module}.lora_A.weight"] = t.lora_A

@@ -1,0 +1,32 @@
+import ltx2_residency
+
+PINNED = {
+    "TABLES", "ApplyKind", "ConfigError", "DirtyWeightsError", "FaultInjector", "Fingerprint",
+    "ForwardGuardError", "IllegalTransitionError", "LoRAFormatError", "LoRAKeyError",
+    "LoRAShapeError", "LoRASpec", "LoRAValidationError", "LoRAValueError", "MergePolicyName",
+    "ModeNotAvailableError", "ModeTable", "Phase", "PhaseOrderError", "QuarantinedError",
+    "RepairError", "Request", "RequestStateError", "RequestTimeoutError", "ResidencyError",
+    "ResidencyManager", "ResidencyMode", "StrengthError", "TransitionRecord", "WeightState",
+    "mermaid",
+}
+
+
+def test_public_names_are_pinned() -> None:
+    # Serving code relies on these names: changing the set is a deliberate API change.
+    assert set(ltx2_residency.__all__) == PINNED
+    for name in PINNED:
+        assert getattr(ltx2_residency, name) is not None
+
+
+def test_errors_share_one_family() -> None:
+    errors = [getattr(ltx2_residency, n) for n in PINNED if n.endswith("Error")]
+    assert all(issubclass(e, ltx2_residency.ResidencyError) for e in errors)
+
+
+def test_core_does_not_import_diffusers() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys, ltx2_residency, ltx2_residency.testing, ltx2_residency.diagrams; "
+            "sys.exit(1 if any(m == 'diffusers' or m.startswith('diffusers.') for m in sys.modules) else 0)")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
