@@ -288,3 +288,22 @@ def test_enum_and_string_forms_are_accepted(model, distilled_path) -> None:
         req.enter(Phase.STAGE1)
         req.enter("Stage2")
         assert mgr.state == "stage2_merged"
+
+
+def test_a_failed_switch_poisons_the_request_not_the_manager(model, distilled_path, inputs) -> None:
+    faults = FaultInjector()
+    mgr = make(model, distilled_path, "merge", HQ, faults=faults)
+    clean = weight_bits(mgr.managed_weights)
+    faults.arm("merge.layer", lambda: RuntimeError("cuda error: misaligned address"), on_hit=60)
+    with pytest.raises(RuntimeError, match="misaligned"), torch.no_grad(), mgr.request() as req:
+        req.enter("stage1")(**inputs)  # 56 layers: the 60th hit strikes inside stage 2's merge
+        try:
+            req.enter("stage2")
+        finally:
+            assert mgr.state is WeightState.CLEAN
+            with pytest.raises(ForwardGuardError, match="outside a request phase"):
+                model(**inputs)  # stage 1's weights are gone: nothing may run on them
+            with pytest.raises(RequestStateError, match="failed while switching"):
+                req.enter("stage2")
+    assert_same_bits(clean, weight_bits(mgr.managed_weights))
+    run_request(mgr, inputs)

@@ -65,6 +65,8 @@ class ResidencyManager:
         native_ltx23: the model is the native LTX-2.3 variant (the sglang policy merges then).
         restore: exact-undo strategy of the merge path: ``"recompute"`` (default, least
             memory), ``"copy"`` (a same-device copy) or ``"copy_host"``.
+        check_layers: also check every undone layer against its pre-merge digest (catches a
+            bad undo at the layer it happens; costs one more pass at merge and at restore).
         strict: the forward guard also refuses runs outside a request's phase.
         verify: fingerprint the DiT when a request ends: ``"after_merge"`` (when the request
             merged into the weights), ``"always"`` or ``"never"``.
@@ -83,6 +85,7 @@ class ResidencyManager:
         *,
         native_ltx23: bool = False,
         restore: str = "recompute",
+        check_layers: bool = False,
         strict: bool = True,
         verify: Verify = "after_merge",
         clean_source: Literal["host_copy"] | None = "host_copy",
@@ -128,7 +131,7 @@ class ResidencyManager:
         self._weights = self._adapters.base_weights()
         self._clean = Fingerprint.of(self._weights.items())
         self._clean_source = HostCopy(self._weights) if clean_source == "host_copy" else None
-        self._stack = MergeStack(RESTORE_STRATEGIES[restore](), self.faults)
+        self._stack = MergeStack(RESTORE_STRATEGIES[restore](), self.faults, check_layers)
         self.machine = WeightMachine(TABLES[self.mode], {
             "merge": self._effect_merge,
             "attach": self._effect_attach,
@@ -231,9 +234,10 @@ class ResidencyManager:
         stage1 = req.strengths.get(Phase.STAGE1, strengths if phase is Phase.STAGE1 else {})
         kind = self.policy.decide(PhaseContext(self.mode, phase, strengths, stage1, self.native_ltx23))
         self._context = (req.id, phase.value)
-        if self.state is not WeightState.CLEAN:
-            self._restore_or_quarantine()
+        req.phase = None  # no phase may run until this switch has completed
         try:
+            if self.state is not WeightState.CLEAN:
+                self._restore_or_quarantine()
             if kind is ApplyKind.MERGED:
                 self._fire("merge", plan=[(n, s) for n, s in strengths.items() if s != 0.0])
                 req.mutated = True
@@ -241,8 +245,10 @@ class ResidencyManager:
             elif kind is ApplyKind.DYNAMIC:
                 self._fire("attach", strengths=strengths)
                 self._fire(f"attached_{phase.value}")
-        except BaseException:
-            self._restore_or_quarantine()
+        except BaseException as exc:
+            req.failed = exc
+            if self.state not in (WeightState.CLEAN, WeightState.QUARANTINED):
+                self._restore_or_quarantine()
             raise
         assert self.state is PHASE_TARGET[(phase, kind)]
         req.phase = phase

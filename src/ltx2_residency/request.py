@@ -37,6 +37,7 @@ class Request:
         self.strengths: dict[Phase, dict[str, float]] = {}
         self.closed = False
         self.mutated = False  # set once a phase merged into the shared weights
+        self.failed: BaseException | None = None  # a weight operation of this request failed
 
     def enter(self, phase: Phase | str,
               strengths: Mapping[str, float] | None = None) -> nn.Module:
@@ -48,6 +49,11 @@ class Request:
         if self.closed:
             raise RequestStateError(f"request {self.id} is closed; open a new one with "
                                     "`with manager.request() as req:`")
+        if self.failed is not None:
+            raise RequestStateError(
+                f"request {self.id} failed while switching weights ({self.failed!r}); the DiT was "
+                "rolled back, so this request's phases are gone. Open a new request."
+            )
         if threading.get_ident() != self._thread:
             raise RequestStateError(f"request {self.id} belongs to another thread; each thread "
                                     "opens its own request")

@@ -31,25 +31,28 @@ def synthetic_lora(
     prefix: str = "transformer.",
 ) -> dict[str, torch.Tensor]:
     """PEFT/diffusers-format LoRA tensors with ‖scale·B·A‖ = ``relative_norm``·‖W‖ per target."""
-    gen = torch.Generator().manual_seed(seed)
+    gens: dict[torch.device, torch.Generator] = {}
     out: dict[str, torch.Tensor] = {}
-    for name in targets:
-        w = model.get_submodule(name).weight.detach().float().cpu()
-        r = min(rank, *w.shape)
-        a = torch.randn(r, w.shape[1], generator=gen) / w.shape[1] ** 0.5
-        b = torch.randn(w.shape[0], r, generator=gen)
-        scale = (alpha / r) if alpha is not None else 1.0
-        delta_norm = (scale * (b @ a)).norm()
-        b *= relative_norm * w.norm() / delta_norm.clamp_min(1e-12)
-        out[f"{prefix}{name}.lora_A.weight"] = a.to(dtype)
-        out[f"{prefix}{name}.lora_B.weight"] = b.to(dtype)
-        if alpha is not None:
-            out[f"{prefix}{name}.alpha"] = torch.tensor(float(alpha))
+    with torch.no_grad():
+        for name in targets:
+            # generated where the weight lives: a 19 B-parameter DiT stays on its GPU
+            w = model.get_submodule(name).weight.detach()
+            gen = gens.setdefault(w.device, torch.Generator(device=w.device).manual_seed(seed))
+            r = min(rank, *w.shape)
+            a = torch.randn(r, w.shape[1], generator=gen, device=w.device) / w.shape[1] ** 0.5
+            b = torch.randn(w.shape[0], r, generator=gen, device=w.device)
+            scale = (alpha / r) if alpha is not None else 1.0
+            delta_norm = (scale * (b @ a)).norm()
+            b *= relative_norm * w.float().norm() / delta_norm.clamp_min(1e-12)
+            out[f"{prefix}{name}.lora_A.weight"] = a.to(dtype)
+            out[f"{prefix}{name}.lora_B.weight"] = b.to(dtype)
+            if alpha is not None:
+                out[f"{prefix}{name}.alpha"] = torch.tensor(float(alpha))
     return out
 
 
 def save_lora(path: str | os.PathLike[str], tensors: dict[str, torch.Tensor]) -> str:
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
+    save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(path))
     return str(path)
 
 

@@ -57,17 +57,25 @@ class PeftAdapters:
             with warnings.catch_warnings():
                 # several named adapters on one model is the point here, not an accident
                 warnings.filterwarnings("ignore", message="Already found a `peft_config`")
-                inject_adapter_in_model(_config(lora), model, adapter_name=lora.name)
+                # low_cpu_mem_usage: adapters start on the meta device and take our tensors as
+                # they are, instead of PEFT initialising rank-384 Linears on the CPU first.
+                inject_adapter_in_model(_config(lora), model, adapter_name=lora.name,
+                                        low_cpu_mem_usage=True)
             state = {}
             for module, t in lora.targets.items():
-                state[f"{module}.lora_A.weight"] = t.lora_A
-                state[f"{module}.lora_B.weight"] = t.lora_B
-            result = set_peft_model_state_dict(model, state, adapter_name=lora.name)
+                # PEFT's own path casts adapters to the base layer's device and dtype: do the same
+                w = model.get_submodule(module).get_base_layer().weight
+                state[f"{module}.lora_A.weight"] = t.lora_A.to(device=w.device, dtype=w.dtype)
+                state[f"{module}.lora_B.weight"] = t.lora_B.to(device=w.device, dtype=w.dtype)
+            result = set_peft_model_state_dict(model, state, adapter_name=lora.name,
+                                               low_cpu_mem_usage=True)
             unexpected = list(getattr(result, "unexpected_keys", []) or [])
-            if unexpected:
+            left_on_meta = [n for n, p in model.named_parameters()
+                            if p.is_meta and f".{lora.name}." in n]
+            if unexpected or left_on_meta:
                 raise LoRAValidationError(
-                    f"LoRA {lora.name!r}: PEFT did not place {len(unexpected)} tensors "
-                    f"(first: {unexpected[0]!r})"
+                    f"LoRA {lora.name!r}: PEFT did not place {len(unexpected) + len(left_on_meta)} "
+                    f"tensors (first: {(unexpected or left_on_meta)[0]!r})"
                 )
             self._targets[lora.name] = sorted(lora.targets)
         self.layers: dict[str, LoraLayer] = {

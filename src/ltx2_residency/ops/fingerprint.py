@@ -1,11 +1,12 @@
 """Exact weight fingerprints over bit patterns.
 
 Each tensor's bytes are read as 16-bit words ``x_i`` and folded into three integer sums:
-``Σ x_i``, ``Σ x_i·(i mod 2^16 + 1)`` and ``Σ x_i·(i div 2^16 + 1)``. Integers, not floats:
+``Σ x_i``, ``Σ x_i·(i mod 2^15 + 1)`` and ``Σ x_i·(i div 2^15 + 1)``. Integers, not floats:
 ``-0.0`` and ``0.0`` differ, NaN payloads differ, and nothing rounds. A change of one or two
 words always changes a digest (the three sums pin down the value and the position of each
 change); patterns of three or more changes escape only through an exact cancellation in all
-three sums at once. Chunks keep every partial sum far from int64 overflow.
+three sums at once. The words stay 16-bit and each product fits int32 (|x·w| < 2^30), so a
+pass reads about 14 bytes per element; sums accumulate in int64.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-_CHUNK = 1 << 16  # words per chunk: keeps |x·w| sums below 2^15 · 2^16 · 2^16 = 2^47
+_CHUNK = 1 << 15  # words per block: |x·w| <= 2^15 · 2^15 = 2^30 fits an int32 product
 _weights_cache: dict[torch.device, torch.Tensor] = {}
 
 Digest = tuple[int, int, int]
@@ -25,14 +26,14 @@ def _words(t: torch.Tensor) -> torch.Tensor:
     flat = t.detach().contiguous().view(-1)
     raw = flat.view(torch.uint8)
     if raw.numel() % 2:
-        return raw.to(torch.int64)
-    return raw.view(torch.int16).to(torch.int64)
+        return raw.to(torch.int16)
+    return raw.view(torch.int16)
 
 
 def _low_weights(device: torch.device) -> torch.Tensor:
     low = _weights_cache.get(device)
     if low is None:
-        low = _weights_cache[device] = torch.arange(1, _CHUNK + 1, dtype=torch.int64, device=device)
+        low = _weights_cache[device] = torch.arange(1, _CHUNK + 1, dtype=torch.int32, device=device)
     return low
 
 
@@ -42,19 +43,22 @@ def tensor_digest(t: torch.Tensor) -> Digest:
     n = words.numel()
     low = _low_weights(words.device)
     full, tail = divmod(n, _CHUNK)
-    s0 = int(words.sum())
-    s1 = 0
-    s2 = 0
+    i64 = torch.int64
+    sums = [words.sum(dtype=i64)]
+    s1 = torch.zeros((), dtype=i64, device=words.device)
+    s2 = torch.zeros((), dtype=i64, device=words.device)
     if full:
         blocks = words[: full * _CHUNK].view(full, _CHUNK)
-        s1 += int((blocks * low).sum())
-        high = torch.arange(1, full + 1, dtype=torch.int64, device=words.device)
-        s2 += int((blocks.sum(dim=1) * high).sum())
+        s1 = s1 + (blocks * low).sum(dtype=i64)  # int16 x int32 -> int32, no int64 copy
+        high = torch.arange(1, full + 1, dtype=i64, device=words.device)
+        s2 = s2 + (blocks.sum(dim=1, dtype=i64) * high).sum()
     if tail:
         rest = words[full * _CHUNK:]
-        s1 += int((rest * low[:tail]).sum())
-        s2 += int(rest.sum()) * (full + 1)
-    return (s0, s1, s2)
+        s1 = s1 + (rest * low[:tail]).sum(dtype=i64)
+        s2 = s2 + rest.sum(dtype=i64) * (full + 1)
+    sums += [s1, s2]
+    s0, s1v, s2v = torch.stack(sums).tolist()  # one device sync per tensor
+    return (s0, s1v, s2v)
 
 
 @dataclass(frozen=True)

@@ -15,8 +15,14 @@ captures, before it commits, what its undo needs; the capture strategy is chosen
     A copy of the layer's weight (on a chosen device, pinned on the host when it is a CUDA
     weight); undo copies it back. Memory: one full copy of the merged layers.
 
-Every undo is checked against the layer's pre-merge digest, so a non-deterministic delta or a
-damaged capture raises instead of silently leaving drift behind.
+With ``check_layers=True`` every undo is checked against the layer's pre-merge digest (one
+more pass over the weights at merge and at restore); by default the manager instead checks
+the whole DiT once, against its clean fingerprint, when the request ends. Either way a
+non-deterministic delta or a damaged capture is caught instead of silently leaving drift.
+
+Each pass is fused where torch allows it (``torch.add(delta, W, out=W')`` computes in float32
+and rounds once into bfloat16) because a merge is memory-bound: the floor is one read and one
+write of ``W``.
 """
 
 from __future__ import annotations
@@ -55,7 +61,7 @@ class LayerTarget:
 
 @dataclass
 class LayerUndo:
-    digest: Digest  # the layer before this merge
+    digest: Digest | None  # the layer before this merge (None: layer checks are off)
     tensors: tuple[torch.Tensor, ...] = ()
     exceptions: int = 0
 
@@ -71,25 +77,22 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
 class RecomputeRestore:
     name = "recompute"
 
-    def capture(self, target: LayerTarget, merged: torch.Tensor, delta: torch.Tensor) -> LayerUndo:
+    def capture(self, target: LayerTarget, merged: torch.Tensor, delta: torch.Tensor,
+                digest: Digest | None) -> LayerUndo:
         w = target.weight.detach()
-        redo = self._subtract(merged, delta)
+        # exactly the arithmetic undo() will run, so the misses recorded are the misses it makes
+        redo = torch.sub(merged, delta, out=torch.empty_like(merged))
         miss = (_bits(redo) != _bits(w)).view(-1).nonzero().view(-1)
         if w.numel() < 2**31:
             miss = miss.to(torch.int32)
-        values = w.reshape(-1)[miss].clone()
-        return LayerUndo(tensor_digest(w), (miss, values), int(miss.numel()))
+        values = w.reshape(-1)[miss]
+        return LayerUndo(digest, (miss, values), int(miss.numel()))
 
     def undo(self, target: LayerTarget, undo: LayerUndo, strength: float) -> None:
         w = target.weight.detach()
-        restored = self._subtract(w, target.delta(strength))
+        torch.sub(w, target.delta(strength), out=w)
         miss, values = undo.tensors
-        restored.view(-1)[miss.to(torch.int64)] = values
-        w.copy_(restored)
-
-    @staticmethod
-    def _subtract(merged: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-        return merged.to(torch.float32).sub_(delta).to(merged.dtype)
+        w.view(-1)[miss.to(torch.int64)] = values
 
 
 class CopyRestore:
@@ -98,13 +101,14 @@ class CopyRestore:
     def __init__(self, device: str | torch.device | None = None) -> None:
         self.device = device
 
-    def capture(self, target: LayerTarget, merged: torch.Tensor, delta: torch.Tensor) -> LayerUndo:
+    def capture(self, target: LayerTarget, merged: torch.Tensor, delta: torch.Tensor,
+                digest: Digest | None) -> LayerUndo:
         w = target.weight.detach()
         device = torch.device(self.device) if self.device is not None else w.device
         pin = device.type == "cpu" and w.device.type == "cuda"
         backup = torch.empty(w.shape, dtype=w.dtype, device=device, pin_memory=pin)
         backup.copy_(w)
-        return LayerUndo(tensor_digest(w), (backup,))
+        return LayerUndo(digest, (backup,))
 
     def undo(self, target: LayerTarget, undo: LayerUndo, strength: float) -> None:
         target.weight.detach().copy_(undo.tensors[0], non_blocking=False)
@@ -135,9 +139,11 @@ class MergeFrame:
 class MergeStack:
     """Merged deltas on the shared weights, undone last-in-first-out (like PEFT's LoraLayer)."""
 
-    def __init__(self, strategy: RestoreStrategy, faults: FaultInjector) -> None:
+    def __init__(self, strategy: RestoreStrategy, faults: FaultInjector,
+                 check_layers: bool = False) -> None:
         self.strategy = strategy
         self.faults = faults
+        self.check_layers = check_layers
         self.frames: list[MergeFrame] = []
         self.last_exception_fraction = 0.0
 
@@ -165,13 +171,14 @@ class MergeStack:
                 self.faults.hit("merge.layer")
                 w = target.weight.detach()
                 delta = target.delta(strength)
-                merged = w.to(torch.float32).add_(delta).to(w.dtype)
+                merged = torch.add(delta, w, out=torch.empty_like(w))
                 if not bool(torch.isfinite(merged).all()):
                     raise LoRAValueError(
                         f"merging LoRA {lora!r} at strength {strength} into {target.name!r} gives "
                         "non-finite weights; lower the strength or check the LoRA"
                     )
-                undo = self.strategy.capture(target, merged, delta)
+                digest = tensor_digest(w) if self.check_layers else None
+                undo = self.strategy.capture(target, merged, delta, digest)
                 w.copy_(merged)
                 frame.layers.append((target, undo))
                 written += w.numel() * w.element_size()
@@ -190,7 +197,7 @@ class MergeStack:
                     target, undo = frame.layers[-1]
                     self.faults.hit("restore.layer")
                     self.strategy.undo(target, undo, frame.strength)
-                    if tensor_digest(target.weight) != undo.digest:
+                    if undo.digest is not None and tensor_digest(target.weight) != undo.digest:
                         raise RestoreMismatchError(
                             f"undoing LoRA {frame.lora!r} on {target.name!r} did not give back the "
                             f"pre-merge bits (restore strategy {self.strategy.name!r})"

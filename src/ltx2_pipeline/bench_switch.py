@@ -1,0 +1,138 @@
+"""Phase-switch benchmark: our exact merge/restore against PEFT's merge/unmerge, one model,
+one process, side by side; plus drift after repeated cycles and the fingerprint cost.
+
+    python -m ltx2_pipeline.bench_switch --preset tiny            # CPU, seconds
+    python -m ltx2_pipeline.bench_switch --preset full --json o.json   # GPU, real LTX-2 shapes
+
+Prints ratios (ours / PEFT); absolute times belong to the card they came from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from peft.tuners.lora import LoraLayer
+
+from ltx2_residency import LoRASpec, ResidencyManager
+from ltx2_residency.ops.fingerprint import Fingerprint
+from ltx2_residency.testing import linear_names, synthetic_lora
+
+PRESETS = {
+    # rank, relative delta norm, requests
+    "tiny": dict(rank=8),
+    "full": dict(rank=384),
+}
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _timed(fn: Callable[[], object]) -> float:
+    _sync()
+    start = time.perf_counter()
+    fn()
+    _sync()
+    return (time.perf_counter() - start) * 1e3
+
+
+def run(preset: str, relative_norm: float, requests: int, restore: str, device: str) -> dict:
+    if preset == "full":
+        from .realshape import real_shape_transformer
+        model = real_shape_transformer(device)
+    else:
+        from .tiny import tiny_transformer
+        model = tiny_transformer().to(device)
+    targets = linear_names(model)
+    tensors = synthetic_lora(model, targets, rank=PRESETS[preset]["rank"], relative_norm=relative_norm)
+    res: dict = {
+        "preset": preset, "device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu",
+        "torch": torch.__version__, "lora_layers": len(targets), "rank": PRESETS[preset]["rank"],
+        "relative_norm": relative_norm, "restore": restore,
+    }
+    mgr = ResidencyManager(model, loras=[LoRASpec("distilled", tensors=tensors,
+                                                  strengths={"stage1": 0.0, "stage2": 1.0})],
+                           merge_policy="merge", restore=restore, strict=False, verify="always",
+                           clean_source=None)
+    del tensors
+    mem = mgr.memory()
+    res["adapted_weight_gib"] = mem["managed_weight_bytes"] / 2**30
+    res["lora_gib"] = mem["lora_adapter_bytes"] / 2**30
+
+    merge_ms, restore_ms, capture, frac = [], [], [], []
+    for _ in range(requests):
+        with mgr.request() as req:
+            req.enter("stage1")
+            req.enter("stage2")
+            capture.append(mgr.memory()["restore_capture_bytes"])
+            frac.append(mgr.memory()["last_merge_exception_fraction"])
+        recs = {r.event: r.duration_ms for r in mgr.trace.for_request(mgr.trace[-1].request_id or 0)}
+        merge_ms.append(recs["merge"])
+        restore_ms.append(recs["restore"])
+    res["ours_requests_verified_clean"] = requests
+    res["ours_merge_ms"] = statistics.median(merge_ms)
+    res["ours_restore_ms"] = statistics.median(restore_ms)
+    res["ours_capture_gib"] = max(capture) / 2**30
+    res["ours_capture_fraction_of_copy"] = max(capture) / mem["managed_weight_bytes"]
+    res["ours_exception_fraction"] = max(frac)
+    weights = mgr.managed_weights
+    res["fingerprint_ms"] = statistics.median(
+        _timed(lambda: Fingerprint.of(weights.items())) for _ in range(3))
+    clean = Fingerprint.of(weights.items())
+
+    # PEFT's own merge/unmerge on the very same adapters (the manager's are PEFT LoraLayers)
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    for m in layers:
+        m.enable_adapters(True)
+        m.set_adapter(["distilled"], inference_mode=True)
+
+    def peft_merge() -> None:
+        for m in layers:
+            m.merge(adapter_names=["distilled"])
+
+    def peft_unmerge() -> None:
+        for m in layers:
+            m.unmerge()
+
+    pm, pu = [], []
+    with torch.no_grad():
+        for _ in range(4):
+            pm.append(_timed(peft_merge))
+            pu.append(_timed(peft_unmerge))
+    res["peft_merge_ms"] = statistics.median(pm)
+    res["peft_unmerge_ms"] = statistics.median(pu)
+    drifted = clean.differing(Fingerprint.of(weights.items()))
+    res["peft_layers_drifted_after_4_cycles"] = len(drifted)
+    res["ratio_merge_ours_over_peft"] = res["ours_merge_ms"] / res["peft_merge_ms"]
+    res["ratio_restore_ours_over_peft_unmerge"] = res["ours_restore_ms"] / res["peft_unmerge_ms"]
+    if device == "cuda":
+        res["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    ap.add_argument("--relative-norm", type=float, default=0.10)
+    ap.add_argument("--requests", type=int, default=3)
+    ap.add_argument("--restore", default="recompute")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    res = run(args.preset, args.relative_norm, args.requests, args.restore, args.device)
+    text = json.dumps(res, indent=1)
+    print(text)
+    if args.json:
+        with open(args.json, "w") as fh:
+            fh.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
