@@ -46,7 +46,8 @@ class FaultInjector:
 
     def arm(self, point: str, make: Callable[[], BaseException], *, on_hit: int = 1,
             times: int = 1) -> None:
-        """Raise ``make()`` from the ``on_hit``-th hit of ``point`` on, ``times`` times."""
+        """Raise ``make()`` at the ``on_hit``-th hit of ``point`` counted from now, and at the
+        hits after it until it has raised ``times`` times."""
         if point not in POINTS:
             raise ValueError(f"unknown fault point {point!r}; known: {', '.join(POINTS)}")
         with self._lock:
