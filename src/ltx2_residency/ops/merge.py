@@ -39,6 +39,9 @@ from ..faults import FaultInjector
 from .fingerprint import Digest, tensor_digest
 
 
+_HALF = (torch.bfloat16, torch.float16)
+
+
 class RestoreMismatchError(ResidencyError, RuntimeError):
     """An undo did not reproduce the pre-merge bits of a layer."""
 
@@ -56,9 +59,15 @@ class LayerTarget:
     def delta(self, strength: float) -> torch.Tensor:
         """``strength · scale · B @ A`` in float32. Deterministic: undo recomputes it."""
         w = self.weight
-        b = self.lora_B.detach().to(device=w.device, dtype=torch.float32)
-        a = self.lora_A.detach().to(device=w.device, dtype=torch.float32)
-        return torch.mm(b, a).mul_(strength * self.scale)
+        b = self.lora_B.detach().to(device=w.device)
+        a = self.lora_A.detach().to(device=w.device)
+        if w.is_cuda and a.dtype in _HALF and b.dtype == a.dtype:
+            # tensor cores with float32 accumulation: the products of half-precision factors are
+            # exact in float32, so this is the float32 product at a fraction of the cost
+            product = torch.mm(b, a, out_dtype=torch.float32)
+        else:
+            product = torch.mm(b.to(torch.float32), a.to(torch.float32))
+        return product.mul_(strength * self.scale)
 
 
 @dataclass
