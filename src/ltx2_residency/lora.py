@@ -24,8 +24,10 @@ from .errors import (
     LoRAKeyError,
     LoRAShapeError,
     LoRAValueError,
+    StrengthError,
 )
 
+_MODULE_DICT = nn.ModuleDict()
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
 _PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle"}
 # Prefixes that wrap module names in the files users have: diffusers' pipeline-level
@@ -44,7 +46,8 @@ class LoRASpec:
 
     ``path`` names a ``.safetensors`` file in PEFT/diffusers key format; ``tensors`` gives the
     same keys in memory instead (converters and tests). Strengths default to the distilled
-    LoRA's normal variant: 0 in stage 1, 1.0 in stage 2.
+    LoRA's normal variant: 0 in stage 1, 1.0 in stage 2; a phase missing from a given mapping
+    has strength 0.
     """
 
     name: str
@@ -58,11 +61,24 @@ class LoRASpec:
                 f"LoRA name {self.name!r} is not usable as an adapter name; use letters, digits, "
                 "'_' or '-', starting with a letter or '_' (e.g. 'distilled')"
             )
+        if hasattr(_MODULE_DICT, self.name):
+            # PEFT keeps adapters in nn.ModuleDicts keyed by name: a name that is an attribute
+            # of ModuleDict ("update", "training", ...) breaks PEFT mid-injection
+            raise ConfigError(f"LoRA name {self.name!r} clashes with a torch ModuleDict attribute "
+                              "that PEFT relies on; pick another name (e.g. 'user_lora')")
         if (self.path is None) == (self.tensors is None):
             raise ConfigError(f"LoRA {self.name!r}: give exactly one of path= or tensors=")
+        if not isinstance(self.strengths, Mapping):
+            raise StrengthError(
+                f"LoRA {self.name!r}: strengths must be a mapping of phase to strength, e.g. "
+                f"{{'stage1': 0.0, 'stage2': 1.0}}; got {self.strengths!r}"
+            )
         parsed: dict[Phase, float] = {Phase.STAGE1: 0.0, Phase.STAGE2: 0.0}
         for key, value in dict(self.strengths).items():
-            phase = parse_enum(Phase, key, f"phase in strengths of LoRA {self.name!r}")
+            try:
+                phase = parse_enum(Phase, key, f"phase in strengths of LoRA {self.name!r}")
+            except ConfigError as exc:
+                raise StrengthError(str(exc)) from None
             parsed[phase] = check_strength(value, f"LoRA {self.name!r} {phase.value}")
         object.__setattr__(self, "strengths", parsed)
 
@@ -105,32 +121,53 @@ class LoadedLoRA:
         )
 
 
+def _looks_like_safetensors(head: bytes, size: int) -> bool:
+    # safetensors: an 8-byte little-endian header length, then a JSON header starting with '{'
+    if len(head) < 9 or head[8:9] != b"{":
+        return False
+    return 0 < int.from_bytes(head[:8], "little") <= size - 8
+
+
+def _looks_like_pickle(head: bytes, suffix: str) -> bool:
+    zipped = head[:4] == b"PK\x03\x04"  # torch.save's zip container
+    protocol = head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")
+    return zipped or protocol or suffix in _PICKLE_SUFFIXES
+
+
 def read_safetensors(path: str | os.PathLike[str], what: str) -> dict[str, torch.Tensor]:
-    """Read every tensor of a safetensors file; refuse pickles and explain unreadable files."""
+    """Read every tensor of a safetensors file; refuse pickles unread, explain unreadable files.
+
+    The content decides, not the name: a valid safetensors header is read whatever the suffix;
+    a zip container, a pickle protocol header or a pickle suffix is refused without opening it.
+    """
     p = Path(path)
     if not p.exists():
-        raise LoRAFormatError(f"{what}: file {str(p)!r} does not exist")
+        raise LoRAFormatError(f"{what}: file {str(p)!r} does not exist (resolved against "
+                              f"{str(Path.cwd())!r}); check the path or download the LoRA first")
     if not p.is_file():
-        raise LoRAFormatError(f"{what}: {str(p)!r} is not a file")
-    with p.open("rb") as fh:
-        head = fh.read(8)
+        inside = sorted(c.name for c in p.glob("*.safetensors"))[:3] if p.is_dir() else []
+        hint = (f"pass one of the .safetensors files inside it: {', '.join(inside)}" if inside
+                else "pass the path of a .safetensors file")
+        raise LoRAFormatError(f"{what}: {str(p)!r} is not a file; {hint}")
     size = p.stat().st_size
-    is_pickle = p.suffix.lower() in _PICKLE_SUFFIXES or head[:2] == b"PK" or head[:1] == b"\x80"
-    if is_pickle:
+    if size == 0:
+        raise LoRAFormatError(f"{what}: {str(p)!r} is empty (0 bytes); re-download or re-export it")
+    with p.open("rb") as fh:
+        head = fh.read(9)
+    if not _looks_like_safetensors(head, size) and _looks_like_pickle(head, p.suffix.lower()):
         raise LoRAFormatError(
             f"{what}: {str(p)!r} looks like a pickle checkpoint (torch.save / zip); pickles can run "
             "code when loaded and are refused unread. Convert it to .safetensors "
             "(safetensors.torch.save_file) and pass that file."
         )
-    if size == 0:
-        raise LoRAFormatError(f"{what}: {str(p)!r} is empty (0 bytes); re-download or re-export it")
     try:
         with safe_open(str(p), framework="pt", device="cpu") as f:
             return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no items()
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise LoRAFormatError(
             f"{what}: {str(p)!r} ({size} bytes) is not a readable safetensors file "
-            f"(truncated or corrupt?): {exc}"
+            f"(truncated or corrupt?): {exc}. Re-download it, or re-export it with "
+            "safetensors.torch.save_file."
         ) from exc
 
 
@@ -166,6 +203,12 @@ def validate_lora(spec: LoRASpec, model: nn.Module) -> LoadedLoRA:
     for key, tensor in raw.items():
         if not isinstance(tensor, torch.Tensor):
             raise LoRAValueError(f"{what}: key {key!r} holds a {type(tensor).__name__}, not a tensor")
+        if key.startswith(("diffusion_model.", "model.diffusion_model.")):
+            raise LoRAKeyError(
+                f"{what}: key {key!r} is in the original LTX-2 format ('diffusion_model.*'); "
+                "convert the file to the diffusers/PEFT format first (diffusers' LTX-2 LoRA "
+                "conversion, used by ltx2_pipeline's loader) and pass the converted tensors"
+            )
         m = _KEY.match(_strip_prefix(key))
         if m is None:
             raise LoRAKeyError(
@@ -175,7 +218,14 @@ def validate_lora(spec: LoRASpec, model: nn.Module) -> LoadedLoRA:
                 "files, convert them with ltx2_pipeline's converter first."
             )
         part = "alpha" if m["part"] in ("alpha", "lora_alpha") else m["part"].split(".")[0]
-        parts.setdefault(m["module"], {})[part] = tensor
+        group = parts.setdefault(m["module"], {})
+        if part in group:
+            raise LoRAKeyError(
+                f"{what}: module {m['module']!r} has its {part} twice (key {key!r} repeats another "
+                "key once prefixes like 'transformer.' are stripped, or gives both alpha and "
+                "lora_alpha); keep one"
+            )
+        group[part] = tensor
 
     targets: dict[str, TargetLoRA] = {}
     for module_name, group in sorted(parts.items()):
@@ -212,7 +262,9 @@ def validate_lora(spec: LoRASpec, model: nn.Module) -> LoadedLoRA:
         alpha: float | None = None
         if "alpha" in group:
             at = group["alpha"]
-            if at.numel() != 1 or at.dtype.is_complex or at.dtype == torch.bool:
+            if at.dtype.is_complex or at.dtype == torch.bool:
+                raise LoRAValueError(f"{where}: alpha must be a real number, got dtype {at.dtype}")
+            if at.numel() != 1:
                 raise LoRAShapeError(f"{where}: alpha must be a single number, got shape {tuple(at.shape)}")
             alpha = float(at.reshape(()).item())
             if not (alpha > 0 and alpha < float("inf")):

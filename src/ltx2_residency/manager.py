@@ -102,6 +102,8 @@ class ResidencyManager:
                 f"weight mechanics are not in this release; use mode='original'"
             )
         self.policy: MergePolicy = make_policy(merge_policy)
+        restore = restore.strip().lower() if isinstance(restore, str) else restore
+        verify = verify.strip().lower() if isinstance(verify, str) else verify  # type: ignore[assignment]
         if restore not in RESTORE_STRATEGIES:
             raise ConfigError(f"unknown restore strategy {restore!r}; expected one of "
                               f"{', '.join(map(repr, RESTORE_STRATEGIES))}")
@@ -109,8 +111,14 @@ class ResidencyManager:
             raise ConfigError(f"unknown verify setting {verify!r}; expected one of {_VERIFY}")
         if clean_source not in ("host_copy", None):
             raise ConfigError(f"unknown clean_source {clean_source!r}; expected 'host_copy' or None")
-        if request_timeout is not None and not request_timeout > 0:
+        if request_timeout is not None and (
+            isinstance(request_timeout, bool) or not isinstance(request_timeout, (int, float))
+            or not request_timeout > 0
+        ):
             raise ConfigError(f"request_timeout must be positive seconds or None, got {request_timeout!r}")
+        if isinstance(loras, LoRASpec) or not isinstance(loras, (list, tuple)):
+            raise ConfigError(f"loras must be a list of LoRASpec (wrap a single spec in a list: "
+                              f"loras=[spec]); got {type(loras).__name__}")
         specs = list(loras)
         for s in specs:
             if not isinstance(s, LoRASpec):

@@ -37,7 +37,9 @@ def _config(lora: LoadedLoRA) -> LoraConfig:
     return LoraConfig(
         r=rank,
         lora_alpha=alpha,
-        target_modules=sorted(lora.targets),
+        # a string is matched with re.fullmatch against each module path; a list would also
+        # match by suffix and wrap modules that validation never saw ("a.lin" in "b.a.lin")
+        target_modules="|".join(re.escape(m) for m in sorted(lora.targets)),
         rank_pattern={re.escape(m): t.rank for m, t in lora.targets.items() if t.rank != rank},
         alpha_pattern={re.escape(m): a for m, a in alphas.items() if a != alpha},
         lora_dropout=0.0,
@@ -53,31 +55,12 @@ class PeftAdapters:
         self.faults = faults
         self.names = [lo.name for lo in loras]
         self._targets: dict[str, list[str]] = {}
-        for lora in loras:
-            with warnings.catch_warnings():
-                # several named adapters on one model is the point here, not an accident
-                warnings.filterwarnings("ignore", message="Already found a `peft_config`")
-                # low_cpu_mem_usage: adapters start on the meta device and take our tensors as
-                # they are, instead of PEFT initialising rank-384 Linears on the CPU first.
-                inject_adapter_in_model(_config(lora), model, adapter_name=lora.name,
-                                        low_cpu_mem_usage=True)
-            state = {}
-            for module, t in lora.targets.items():
-                # PEFT's own path casts adapters to the base layer's device and dtype: do the same
-                w = model.get_submodule(module).get_base_layer().weight
-                state[f"{module}.lora_A.weight"] = t.lora_A.to(device=w.device, dtype=w.dtype)
-                state[f"{module}.lora_B.weight"] = t.lora_B.to(device=w.device, dtype=w.dtype)
-            result = set_peft_model_state_dict(model, state, adapter_name=lora.name,
-                                               low_cpu_mem_usage=True)
-            unexpected = list(getattr(result, "unexpected_keys", []) or [])
-            left_on_meta = [n for n, p in model.named_parameters()
-                            if p.is_meta and f".{lora.name}." in n]
-            if unexpected or left_on_meta:
-                raise LoRAValidationError(
-                    f"LoRA {lora.name!r}: PEFT did not place {len(unexpected) + len(left_on_meta)} "
-                    f"tensors (first: {(unexpected or left_on_meta)[0]!r})"
-                )
-            self._targets[lora.name] = sorted(lora.targets)
+        try:
+            for lora in loras:
+                self._inject(model, lora)
+        except BaseException:
+            _unwrap(model, self.names)  # leave the model as it was given to us
+            raise
         self.layers: dict[str, LoraLayer] = {
             name: m for name, m in model.named_modules() if isinstance(m, LoraLayer)
         }
@@ -85,6 +68,35 @@ class PeftAdapters:
             p.requires_grad_(False)
         self.active: dict[str, float] = {}
         self.deactivate()
+
+    def _inject(self, model: nn.Module, lora: LoadedLoRA) -> None:
+        with warnings.catch_warnings():
+            # several named adapters on one model is the point here, not an accident
+            warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+            # low_cpu_mem_usage: adapters start on the meta device and take our tensors as
+            # they are, instead of PEFT initialising rank-384 Linears on the CPU first.
+            inject_adapter_in_model(_config(lora), model, adapter_name=lora.name,
+                                    low_cpu_mem_usage=True)
+        state = {}
+        for module, t in lora.targets.items():
+            # PEFT's own path casts adapters to the base layer's device and dtype: do the same
+            w = model.get_submodule(module).get_base_layer().weight
+            state[f"{module}.lora_A.weight"] = t.lora_A.to(device=w.device, dtype=w.dtype)
+            state[f"{module}.lora_B.weight"] = t.lora_B.to(device=w.device, dtype=w.dtype)
+        result = set_peft_model_state_dict(model, state, adapter_name=lora.name,
+                                           low_cpu_mem_usage=True)
+        unexpected = list(getattr(result, "unexpected_keys", []) or [])
+        wrapped = sorted(n for n, m in model.named_modules()
+                         if isinstance(m, LoraLayer) and lora.name in m.lora_A)
+        left_on_meta = [n for n, p in model.named_parameters() if p.is_meta and f".{lora.name}." in n]
+        if unexpected or left_on_meta or wrapped != sorted(lora.targets):
+            raise LoRAValidationError(
+                f"LoRA {lora.name!r}: PEFT placed the adapter differently from what was validated "
+                f"({len(unexpected)} unexpected keys, {len(left_on_meta)} tensors left unloaded, "
+                f"{len(wrapped)} modules wrapped for {len(lora.targets)} targets); the model was "
+                "left unchanged"
+            )
+        self._targets[lora.name] = sorted(lora.targets)
 
     def targets(self, lora: str) -> list[LayerTarget]:
         """The merge path's view of ``lora``: base weights plus the adapter's own A/B tensors."""
@@ -140,3 +152,25 @@ class PeftAdapters:
                     for p in (layer.lora_A[n].weight, layer.lora_B[n].weight):
                         total += p.numel() * p.element_size()
         return total
+
+
+def _unwrap(model: nn.Module, names: list[str]) -> None:
+    """Undo a partial injection: put back the base layer of every LoraLayer holding only our
+    adapters, and forget our entries in ``model.peft_config``."""
+    for path, module in list(model.named_modules()):
+        if not isinstance(module, LoraLayer):
+            continue
+        if set(module.lora_A) - set(names):
+            for n in names:
+                if n in module.lora_A:
+                    module.delete_adapter(n)
+            continue
+        parent_path, _, child = path.rpartition(".")
+        parent = model.get_submodule(parent_path) if parent_path else model
+        setattr(parent, child, module.get_base_layer())
+    config = getattr(model, "peft_config", None)
+    if isinstance(config, dict):
+        for n in names:
+            config.pop(n, None)
+        if not config:
+            del model.peft_config

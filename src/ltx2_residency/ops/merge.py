@@ -38,7 +38,6 @@ from ..errors import LoRAValueError, ResidencyError
 from ..faults import FaultInjector
 from .fingerprint import Digest, tensor_digest
 
-
 _HALF = (torch.bfloat16, torch.float16)
 
 
