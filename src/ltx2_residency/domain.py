@@ -85,7 +85,7 @@ def parse_enum(kind: type[E], value: object, what: str) -> E:
         except ValueError:
             pass
     choices = ", ".join(repr(m.value) for m in kind)  # type: ignore[attr-defined]
-    raise ConfigError(f"unknown {what} {value!r}; expected one of {choices}")
+    raise ConfigError(f"unknown {what}: {value!r}; expected one of {choices}")
 
 
 def check_strength(value: object, where: str) -> float:

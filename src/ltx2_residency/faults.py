@@ -20,6 +20,8 @@ POINTS: tuple[str, ...] = (
     "attach.before",
     "attach.layer",
     "attach.after",
+    "detach.before",
+    "detach.layer",
     "restore.before",
     "restore.layer",  # before each layer's restored weight is written
     "restore.after",
@@ -43,6 +45,7 @@ class FaultInjector:
         self._arms: dict[str, _Arm] = {}
         self._lock = threading.Lock()
         self.hits: dict[str, int] = {}
+        self.fired: list[str] = []  # points that raised, in order
 
     def arm(self, point: str, make: Callable[[], BaseException], *, on_hit: int = 1,
             times: int = 1) -> None:
@@ -54,8 +57,10 @@ class FaultInjector:
             self._arms[point] = _Arm(make, on_hit, times)
 
     def disarm(self) -> None:
+        """Drop every armed fault and forget which fired (hit counts stay)."""
         with self._lock:
             self._arms.clear()
+            self.fired.clear()
 
     def hit(self, point: str) -> None:
         with self._lock:
@@ -67,6 +72,7 @@ class FaultInjector:
             if arm.seen < arm.on_hit or arm.times <= 0:
                 return
             arm.times -= 1
+            self.fired.append(point)
             exc = arm.make()
         raise exc
 

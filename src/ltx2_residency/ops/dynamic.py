@@ -137,7 +137,10 @@ class PeftAdapters:
 
     def deactivate(self) -> None:
         """Disable every adapter and reset scales: the model runs its base weights."""
+        self.faults.hit("detach.before")
         for layer in self.layers.values():
+            if not layer.disable_adapters:
+                self.faults.hit("detach.layer")
             layer.enable_adapters(False)
             for n in self.names:
                 layer.set_scale(n, 1.0)
