@@ -44,7 +44,9 @@ def test_hostile_inputs_raise_typed_errors_and_touch_nothing() -> None:
 
 
 def test_soak_slice_has_zero_drift(fixture) -> None:
-    report = reliability.soak(fixture, requests=120, seed=7, fault_rate=0.25)
+    faults = reliability.FaultInjector()
+    managers = reliability.tiny_soak_managers(fixture, faults)
+    report = reliability.soak(managers, faults, requests=120, seed=7, fault_rate=0.25)
     assert report.drifted_checks == 0
     assert report.bit_checks == 120
     assert report.failed_as_injected + report.quarantines_repaired > 0, "no fault fired: the slice tests nothing"

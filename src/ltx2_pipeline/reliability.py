@@ -31,6 +31,7 @@ from ltx2_residency import (
     WeightState,
 )
 from ltx2_residency.faults import POINTS
+from ltx2_residency.ops.fingerprint import Fingerprint
 from ltx2_residency.testing import linear_names, save_lora, synthetic_lora, weight_bits
 
 from .tiny import tiny_inputs, tiny_transformer
@@ -204,28 +205,52 @@ class SoakReport:
     rss_start_mib: float
     rss_end_mib: float
     seconds: float
+    merges: int = 0
+    vram_start_mib: float | None = None
+    vram_end_mib: float | None = None
+    vram_peak_mib: float | None = None
 
 
-def soak(fx: Fixture, requests: int, seed: int = 0, fault_rate: float = 0.1,
-         check_every: int = 1) -> SoakReport:
-    """Randomised requests over three managers (one per policy): phases, strengths, faults."""
+def _vram() -> float | None:
+    return torch.cuda.memory_allocated() / 2**20 if torch.cuda.is_available() else None
+
+
+def soak(managers: dict[str, ResidencyManager], faults: FaultInjector, requests: int, seed: int = 0,
+         fault_rate: float = 0.1, check_every: int = 1, stage1_off: float = 1 / 3) -> SoakReport:
+    """Randomised requests over ``managers`` (one per policy): phases, strengths, faults.
+
+    Clean is checked against an independent reference taken at the start: a host copy of the
+    bits on the CPU, a separately computed fingerprint on a GPU (where no host copy fits).
+    """
     rng = random.Random(seed)
-    faults = FaultInjector()
-    managers = {p: fx.manager(p, faults, native_ltx23=True, trace_maxlen=256)
-                for p in ("sglang", "dynamic", "merge")}
-    cleans = {p: weight_bits(m.managed_weights) for p, m in managers.items()}
+    cuda = any(w.is_cuda for m in managers.values() for w in m.managed_weights.values())
+
+    def snapshot(m: ResidencyManager) -> object:
+        if cuda:
+            return Fingerprint.of(m.managed_weights.items()).digests
+        return weight_bits(m.managed_weights)
+
+    def same(a: object, b: object) -> bool:
+        return a == b if cuda else _same(a, b)  # type: ignore[arg-type]
+
+    cleans = {p: snapshot(m) for p, m in managers.items()}
     points = [p for p in POINTS if p != "repair.layer"]
-    rss0 = rss_mib()
+    rss0, vram0 = rss_mib(), _vram()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    done = failed = repaired = drifted = checks = 0
+    done = failed = repaired = drifted = checks = merges = 0
     for i in range(requests):
         policy = rng.choice(list(managers))
         mgr = managers[policy]
         if rng.random() < fault_rate:
             faults.arm(rng.choice(points), FAULT_KINDS[rng.choice(list(FAULT_KINDS))],
                        on_hit=rng.randint(1, 4))
-        s1 = {"distilled": rng.choice([0.0, 0.25, rng.uniform(0, 1)])}
-        s2 = {"distilled": rng.choice([1.0, 0.5, rng.uniform(0, 1.5)]), "user": rng.choice([0.0, 0.5])}
+        s1 = {"distilled": 0.0 if rng.random() < stage1_off else rng.choice([0.25, rng.uniform(0, 1)])}
+        s2 = {"distilled": rng.choice([1.0, 0.5, rng.uniform(0, 1.5)])}
+        if "user" in mgr.specs:
+            s2["user"] = rng.choice([0.0, 0.5])
+        records_before = mgr.trace.total
         try:
             with torch.no_grad(), mgr.request(timeout=5) as req:
                 req.enter("stage1", strengths=s1)
@@ -238,15 +263,35 @@ def soak(fx: Fixture, requests: int, seed: int = 0, fault_rate: float = 0.1,
         except (ResidencyError, RuntimeError, KeyboardInterrupt, torch.OutOfMemoryError):
             failed += 1
         faults.disarm()
+        new = mgr.trace.total - records_before  # this request's records, at the ring's end
+        merges += sum(r.event == "merge" for r in list(mgr.trace)[len(mgr.trace) - new:])
         if mgr.state is WeightState.QUARANTINED:
             mgr.repair()
             repaired += 1
         if i % check_every == 0:
             checks += 1
-            if not _same(cleans[policy], weight_bits(mgr.managed_weights)):
+            if not same(cleans[policy], snapshot(mgr)):
                 drifted += 1
+    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else None
     return SoakReport(requests, done, failed, repaired, drifted, checks, rss0, rss_mib(),
-                      time.perf_counter() - start)
+                      time.perf_counter() - start, merges, vram0, _vram(), peak)
+
+
+def tiny_soak_managers(fx: Fixture, faults: FaultInjector) -> dict[str, ResidencyManager]:
+    return {p: fx.manager(p, faults, native_ltx23=True, trace_maxlen=256)
+            for p in ("sglang", "dynamic", "merge")}
+
+
+def full_soak_manager(faults: FaultInjector) -> dict[str, ResidencyManager]:
+    """One real-shape DiT on the GPU (only one fits an 80 GB card alongside its LoRA): the
+    sglang policy with the native flag, so HQ stage 1 merges and stage 2 runs dynamic."""
+    from .realshape import real_shape_transformer
+
+    model = real_shape_transformer("cuda")
+    tensors = synthetic_lora(model, linear_names(model), rank=384, relative_norm=0.10)
+    spec = LoRASpec("distilled", tensors=tensors, strengths={"stage1": 0.0, "stage2": 1.0})
+    return {"sglang": ResidencyManager(model, loras=[spec], merge_policy="sglang", native_ltx23=True,
+                                       faults=faults, trace_maxlen=256)}
 
 
 def render_soak(r: SoakReport, command: str) -> str:
@@ -273,10 +318,15 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--fault-rate", type=float, default=0.1)
     s.add_argument("--write", type=Path, help="replace the soak block of this markdown file")
+    s.add_argument("--preset", choices=["tiny", "full"], default="tiny",
+                   help="full: one real-shape DiT on the GPU")
+    s.add_argument("--check-every", type=int, default=1)
+    s.add_argument("--stage1-off", type=float, default=1 / 3,
+                   help="share of requests whose stage 1 runs on base weights")
     args = ap.parse_args(argv)
     import tempfile
     with tempfile.TemporaryDirectory() as tmp:
-        fx = make_fixture(Path(tmp), num_layers=1)
+        fx = make_fixture(Path(tmp), num_layers=1)  # cheap; the full preset builds its own DiT
         if args.cmd == "matrix":
             cells = fault_matrix(fx)
             table = render_matrix(cells)
@@ -284,7 +334,11 @@ def main(argv: list[str] | None = None) -> int:
             if args.write:
                 args.write.write_text(replace_block(args.write.read_text(), "fault-matrix", table))
             return 0 if all(c.outcome in ("CLEAN", "QUARANTINED") for c in cells) else 1
-        report = soak(fx, args.requests, args.seed, args.fault_rate)
+        faults = FaultInjector()
+        managers = (full_soak_manager(faults) if args.preset == "full"
+                    else tiny_soak_managers(fx, faults))
+        report = soak(managers, faults, args.requests, args.seed, args.fault_rate, args.check_every,
+                      args.stage1_off)
         print(json.dumps(asdict(report), indent=1))
         if args.write:
             command = f"python -m ltx2_pipeline.reliability soak --requests {args.requests}"
