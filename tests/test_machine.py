@@ -17,7 +17,8 @@ def _noop_effects(log: list[str]) -> dict:
     def effect(edge, ctx):
         log.append(edge.effect)
         return 7
-    return {name: effect for name in ("merge", "attach", "restore", "repair", "offload", "prefetch", "swap")}
+    names = {e.effect for t in TABLES.values() for e in t.edges if e.effect}
+    return {name: effect for name in names}
 
 
 @pytest.mark.parametrize("mode", list(ResidencyMode))

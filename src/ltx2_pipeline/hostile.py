@@ -134,7 +134,7 @@ CASES: list[Case] = [
     Case("unknown mode", lambda e: e.manager(mode="turbo")),
     Case("unknown merge policy", lambda e: e.manager(merge_policy="auto")),
     Case("unknown restore strategy", lambda e: e.manager(restore="undo")),
-    Case("mode not built yet (snapshot)", lambda e: e.manager(mode="snapshot")),
+    Case("misspelt mode", lambda e: e.manager(mode="snap-shot")),
     Case("one spec instead of a list", lambda e: ResidencyManager(e.model, loras=e.spec())),  # type: ignore[arg-type]
     Case("LoRA name PEFT cannot use", lambda e: e.spec(name="update")),
     Case("unknown phase in enter()", lambda e: _request(e, e.manager(), lambda r: r.enter("stage3"))),

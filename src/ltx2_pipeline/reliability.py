@@ -52,7 +52,10 @@ POINT_POLICY = {
     "detach.before": "dynamic", "detach.layer": "dynamic",
     "restore.before": "merge", "restore.layer": "merge", "restore.after": "merge",
     "repair.layer": "merge", "forward": "dynamic",
+    "prefetch.before": "merge", "prefetch.after": "merge",
 }
+#: Points that only a residency mode with a second DiT passes, and the mode used for them.
+POINT_MODE = {"prefetch.before": "snapshot", "prefetch.after": "snapshot"}
 assert set(POINT_POLICY) == set(POINTS), "every fault point needs a scenario"
 
 
@@ -62,8 +65,9 @@ class Fixture:
     specs: list[LoRASpec]
     inputs: dict
 
-    def manager(self, policy: str, faults: FaultInjector | None = None, **kw) -> ResidencyManager:
-        return ResidencyManager(copy.deepcopy(self.base), loras=self.specs, merge_policy=policy,
+    def manager(self, policy: str, faults: FaultInjector | None = None, mode: str = "original",
+                **kw) -> ResidencyManager:
+        return ResidencyManager(copy.deepcopy(self.base), mode=mode, loras=self.specs, merge_policy=policy,
                                 faults=faults, **kw)
 
 
@@ -100,13 +104,13 @@ def _request(mgr: ResidencyManager, inputs: dict) -> None:
 def hit_counts(fx: Fixture) -> dict[str, int]:
     """How often each point is hit by its scenario, from a dry run with nothing armed."""
     counts: dict[str, int] = {}
-    for policy in sorted(set(POINT_POLICY.values())):
+    for mode, policy in sorted({(POINT_MODE.get(p, "original"), pol) for p, pol in POINT_POLICY.items()}):
         faults = FaultInjector()
-        mgr = fx.manager(policy, faults)
+        mgr = fx.manager(policy, faults, mode=mode)
         at_start = dict(faults.hits)  # building the manager passes some points too
         _request(mgr, fx.inputs)
-        counts.update({p: faults.hits.get(p, 0) - at_start.get(p, 0)
-                       for p, pol in POINT_POLICY.items() if pol == policy})
+        counts.update({p: faults.hits.get(p, 0) - at_start.get(p, 0) for p, pol in POINT_POLICY.items()
+                       if pol == policy and POINT_MODE.get(p, "original") == mode})
     # a repair is run by hand in its scenario: one hit per managed weight
     counts["repair.layer"] = len(fx.manager("merge").managed_weights)
     return counts
@@ -115,7 +119,7 @@ def hit_counts(fx: Fixture) -> dict[str, int]:
 def run_cell(fx: Fixture, point: str, kind: str, hit: int) -> Cell:
     faults = FaultInjector()
     policy = POINT_POLICY[point]
-    mgr = fx.manager(policy, faults)
+    mgr = fx.manager(policy, faults, mode=POINT_MODE.get(point, "original"))
     clean = weight_bits(mgr.managed_weights)
     if point == "repair.layer":
         # reach QUARANTINED first (a failed restore), then fail the repair itself
@@ -137,6 +141,9 @@ def run_cell(fx: Fixture, point: str, kind: str, hit: int) -> Cell:
     same = _same(clean, weight_bits(mgr.managed_weights))
     if not fired:
         return Cell(point, kind, hit, policy, raised, "NOT FIRED", "the scenario never reached it")
+    half_moved = [n for n, where in mgr.residency().items() if where == "prefetching"]
+    if half_moved and state is not WeightState.OFFLOADED:
+        return Cell(point, kind, hit, policy, raised, "VIOLATION", f"DiTs left mid-prefetch: {half_moved}")
     if state is WeightState.CLEAN and same:
         outcome, detail = "CLEAN", "bit-exact"
     elif state is WeightState.QUARANTINED:
@@ -179,7 +186,8 @@ def render_matrix(cells: list[Cell]) -> str:
             pair = [c for c in row if c.kind == k]
             per_kind.append(" / ".join(c.outcome for c in sorted(pair, key=lambda c: c.hit)))
         hits = max(c.hit for c in row)
-        lines.append(f"| `{point}` | {row[0].policy} | {hits} | " + " | ".join(per_kind) + " |")
+        where = row[0].policy + (f" ({POINT_MODE[point]} mode)" if point in POINT_MODE else "")
+        lines.append(f"| `{point}` | {where} | {hits} | " + " | ".join(per_kind) + " |")
     counts = {o: sum(c.outcome == o for c in cells) for o in OUTCOMES}
     lines.append("")
     lines.append(f"{len(cells)} faults injected: {counts['CLEAN']} ended CLEAN (bit-exact), "

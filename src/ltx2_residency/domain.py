@@ -36,6 +36,14 @@ class WeightState(str, Enum):
     QUARANTINED = "quarantined"
 
 
+class Residency(str, Enum):
+    """Where one DiT's weights are. Stored per DiT, never inferred from ``param.device``."""
+
+    RESIDENT = "resident"  # on the compute device, ready to run
+    OFFLOADED = "offloaded"  # bound to the pinned host snapshot; the device copy is freed
+    PREFETCHING = "prefetching"  # a host-to-device copy is in flight on the side stream
+
+
 class ResidencyMode(str, Enum):
     """How a serving engine holds the DiT (see docs/architecture.md)."""
 

@@ -26,6 +26,8 @@ POINTS: tuple[str, ...] = (
     "restore.layer",  # before each layer's restored weight is written
     "restore.after",
     "repair.layer",
+    "prefetch.before",  # snapshot mode: before a host-to-device copy starts
+    "prefetch.after",  # after it was queued on the side stream
     "forward",
 )
 

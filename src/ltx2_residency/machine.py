@@ -91,28 +91,39 @@ ORIGINAL = ModeTable(
     ),
 )
 
-# Snapshot and resident mode hold a second, pre-merged stage-2 DiT; switching to it is a
+def _stage1_edges() -> tuple[Edge, ...]:
+    # stage 1 always runs on the base DiT, as in original mode
+    return (
+        Edge("merge", S.CLEAN, S.MERGING, "merge"),
+        Edge("merged_stage1", S.MERGING, S.STAGE1_MERGED),
+        Edge("attach", S.CLEAN, S.ATTACHING, "attach"),
+        Edge("attached_stage1", S.ATTACHING, S.STAGE1_DYNAMIC),
+        # a stage-2 strength the pre-merged copy was not built with: dynamic on the base
+        Edge("attached_stage2", S.ATTACHING, S.STAGE2_DYNAMIC),
+    )
+
+
+# Snapshot and resident mode hold a second, pre-merged stage-2 DiT; activating it is a
 # prefetch (snapshot) or a pointer swap (resident), never a merge into the base weights.
 SNAPSHOT = ModeTable(
     mode=ResidencyMode.SNAPSHOT,
     initial=S.CLEAN,
-    summary="pinned CPU snapshots of the base and a pre-merged stage-2 DiT; the next phase's "
-    "DiT is prefetched on a side stream",
+    summary="pinned host snapshots of the base and a pre-merged stage-2 DiT; stage 2's DiT is "
+    "prefetched on a side stream while stage 1 runs (low-VRAM: the base is evicted first)",
     edges=(
-        Edge("offload", S.CLEAN, S.OFFLOADED, "offload"),
-        Edge("prefetch_base", S.OFFLOADED, S.PREFETCHING, "prefetch"),
-        Edge("prefetch_stage2", S.CLEAN, S.PREFETCHING, "prefetch"),
-        Edge("prefetch_stage2", S.OFFLOADED, S.PREFETCHING, "prefetch"),
-        Edge("prefetched_base", S.PREFETCHING, S.CLEAN),
-        Edge("prefetched_stage2", S.PREFETCHING, S.STAGE2_MERGED),
-        Edge("attach", S.CLEAN, S.ATTACHING, "attach"),
-        Edge("attach", S.STAGE2_MERGED, S.ATTACHING, "attach"),
-        Edge("attached_stage1", S.ATTACHING, S.STAGE1_DYNAMIC),
-        Edge("attached_stage2", S.ATTACHING, S.STAGE2_DYNAMIC),
-        *_restore_edges((S.STAGE2_MERGED, S.STAGE1_DYNAMIC, S.STAGE2_DYNAMIC, S.ATTACHING,
-                         S.PREFETCHING)),
+        *_stage1_edges(),
+        Edge("activate_stage2", S.CLEAN, S.PREFETCHING, "activate"),
+        Edge("activate_stage2", S.OFFLOADED, S.PREFETCHING, "activate"),
+        Edge("activated", S.PREFETCHING, S.STAGE2_MERGED),
+        Edge("load_base", S.OFFLOADED, S.PREFETCHING, "load"),
+        Edge("loaded", S.PREFETCHING, S.CLEAN),
+        *_restore_edges((S.STAGE1_MERGED, S.STAGE2_MERGED, S.STAGE1_DYNAMIC, S.STAGE2_DYNAMIC,
+                         S.MERGING, S.ATTACHING, S.PREFETCHING)),
         Edge("restored", S.RESTORING, S.CLEAN),
+        Edge("offloaded", S.RESTORING, S.OFFLOADED),
         Edge("quarantine", S.CLEAN, S.QUARANTINED),
+        Edge("quarantine", S.OFFLOADED, S.QUARANTINED),
+        Edge("quarantine", S.MERGING, S.QUARANTINED),
         Edge("quarantine", S.ATTACHING, S.QUARANTINED),
         Edge("quarantine", S.PREFETCHING, S.QUARANTINED),
         Edge("quarantine", S.RESTORING, S.QUARANTINED),
@@ -123,16 +134,16 @@ SNAPSHOT = ModeTable(
 RESIDENT = ModeTable(
     mode=ResidencyMode.RESIDENT,
     initial=S.CLEAN,
-    summary="base and pre-merged stage-2 DiT both on the GPU; a switch rebinds a pointer",
+    summary="base and pre-merged stage-2 DiT both on the device; activating stage 2 rebinds a "
+    "pointer",
     edges=(
-        Edge("swap_stage2", S.CLEAN, S.STAGE2_MERGED, "swap"),
-        Edge("attach", S.CLEAN, S.ATTACHING, "attach"),
-        Edge("attach", S.STAGE2_MERGED, S.ATTACHING, "attach"),
-        Edge("attached_stage1", S.ATTACHING, S.STAGE1_DYNAMIC),
-        Edge("attached_stage2", S.ATTACHING, S.STAGE2_DYNAMIC),
-        *_restore_edges((S.STAGE2_MERGED, S.STAGE1_DYNAMIC, S.STAGE2_DYNAMIC, S.ATTACHING)),
+        *_stage1_edges(),
+        Edge("activate_stage2", S.CLEAN, S.STAGE2_MERGED, "activate"),
+        *_restore_edges((S.STAGE1_MERGED, S.STAGE2_MERGED, S.STAGE1_DYNAMIC, S.STAGE2_DYNAMIC,
+                         S.MERGING, S.ATTACHING)),
         Edge("restored", S.RESTORING, S.CLEAN),
         Edge("quarantine", S.CLEAN, S.QUARANTINED),
+        Edge("quarantine", S.MERGING, S.QUARANTINED),
         Edge("quarantine", S.ATTACHING, S.QUARANTINED),
         Edge("quarantine", S.RESTORING, S.QUARANTINED),
         Edge("repair", S.QUARANTINED, S.RESTORING, "repair"),

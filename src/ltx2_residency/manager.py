@@ -22,6 +22,7 @@ from .domain import (
     TRANSIENT_STATES,
     ApplyKind,
     Phase,
+    Residency,
     ResidencyMode,
     WeightState,
     check_strength,
@@ -31,7 +32,6 @@ from .errors import (
     ConfigError,
     DirtyWeightsError,
     ForwardGuardError,
-    ModeNotAvailableError,
     QuarantinedError,
     RepairError,
     RequestStateError,
@@ -41,6 +41,7 @@ from .errors import (
 from .faults import NO_FAULTS, FaultInjector
 from .lora import LoadedLoRA, LoRASpec, validate_all
 from .machine import TABLES, Edge, WeightMachine
+from .modes import MODE_STRATEGIES, choose_auto
 from .ops.clean_source import HostCopy
 from .ops.dynamic import PeftAdapters
 from .ops.fingerprint import Fingerprint
@@ -51,7 +52,6 @@ from .trace import Trace, TransitionRecord
 
 Verify = Literal["always", "after_merge", "never"]
 _VERIFY = ("always", "after_merge", "never")
-_IMPLEMENTED_MODES = (ResidencyMode.ORIGINAL,)
 
 
 class ResidencyManager:
@@ -74,6 +74,10 @@ class ResidencyManager:
             :meth:`repair`; ``None`` keeps none (repair is then impossible).
         request_timeout: seconds a request waits for the DiT (``None``: forever).
         faults: a :class:`FaultInjector` for tests and drills.
+        low_vram: snapshot mode only: evict the base before prefetching stage 2 (never both on
+            the device). ``None``: on when the device has less than 130 GiB.
+        activation_reserve_gib: ``mode="auto"`` keeps this much device memory free for
+            activations when deciding whether two DiTs fit.
     """
 
     def __init__(
@@ -92,15 +96,13 @@ class ResidencyManager:
         request_timeout: float | None = 300.0,
         trace_maxlen: int = 10_000,
         faults: FaultInjector | None = None,
+        low_vram: bool | None = None,
+        activation_reserve_gib: float = 16.0,
     ) -> None:
         if not isinstance(transformer, nn.Module):
             raise ConfigError(f"transformer must be a torch.nn.Module, got {type(transformer).__name__}")
-        self.mode = parse_enum(ResidencyMode, mode, "residency mode")
-        if self.mode not in _IMPLEMENTED_MODES:
-            raise ModeNotAvailableError(
-                f"residency mode {self.mode.value!r} is declared (see docs/architecture.md) but its "
-                f"weight mechanics are not in this release; use mode='original'"
-            )
+        auto = isinstance(mode, str) and mode.strip().lower() == "auto"
+        self.mode = ResidencyMode.ORIGINAL if auto else parse_enum(ResidencyMode, mode, "residency mode")
         self.policy: MergePolicy = make_policy(merge_policy)
         restore = restore.strip().lower() if isinstance(restore, str) else restore
         verify = verify.strip().lower() if isinstance(verify, str) else verify  # type: ignore[assignment]
@@ -135,6 +137,14 @@ class ResidencyManager:
 
         # Validate everything before the first mutation (PEFT injection wraps modules).
         self.loras: list[LoadedLoRA] = validate_all(specs, transformer)
+        self.mode_reason = f"mode={self.mode.value!r} was asked for"
+        if auto:
+            lora_bytes = sum(lo.nbytes for lo in self.loras)
+            self.mode, self.mode_reason = choose_auto(transformer, lora_bytes,
+                                                      int(activation_reserve_gib * 2**30))
+        # the pre-merged stage-2 DiT is copied from the base before anything wraps or hooks it
+        stage2 = {name: spec.strength(Phase.STAGE2) for name, spec in self.specs.items()}
+        self._mode = MODE_STRATEGIES[self.mode](transformer, self.loras, stage2, self.faults, low_vram)
         self._adapters = PeftAdapters(transformer, self.loras, self.faults)
         self._weights = self._adapters.base_weights()
         self._clean = Fingerprint.of(self._weights.items())
@@ -145,16 +155,15 @@ class ResidencyManager:
             "attach": self._effect_attach,
             "restore": self._effect_restore,
             "repair": self._effect_repair,
-            # snapshot/resident effects arrive with their modes; original never fires these
-            "offload": self._effect_unavailable,
-            "prefetch": self._effect_unavailable,
-            "swap": self._effect_unavailable,
+            "activate": lambda edge, ctx: self._mode.activate_stage2(),
+            "load": self._effect_load,
         })
+        self._base_resident = True
         self._cond = threading.Condition(threading.Lock())
         self._owner: int | None = None
         self._request: Request | None = None
         self._context: tuple[int | None, str | None] = (None, None)
-        self._guard = transformer.register_forward_pre_hook(self._forward_guard)
+        self._guards = [d.module.register_forward_pre_hook(self._forward_guard) for d in self._mode.dits]
 
     # ------------------------------------------------------------------ public surface
     @property
@@ -227,11 +236,22 @@ class ResidencyManager:
             "restore_capture_bytes": self._stack.nbytes_held,
             "clean_source_host_bytes": self._clean_source.nbytes if self._clean_source else 0,
             "last_merge_exception_fraction": self._stack.last_exception_fraction,
+            "expected_peak_device_bytes": self._mode.expected_peak_bytes(self._adapters.nbytes),
+            **{f"{d.name}_{place}_bytes": n for d in self._mode.dits for place, n in d.bytes_by_place().items()},
         }
 
     def close(self) -> None:
-        """Remove the forward guard (the PEFT adapters stay, disabled)."""
-        self._guard.remove()
+        """Remove the forward guards (the PEFT adapters stay, disabled)."""
+        for guard in self._guards:
+            guard.remove()
+
+    @property
+    def low_vram(self) -> bool:
+        return self._mode.low_vram
+
+    def residency(self) -> dict[str, str]:
+        """Where each DiT is: ``{"base": "resident", "stage2": "offloaded"}``."""
+        return {d.name: d.residency.value for d in self._mode.dits}
 
     # ------------------------------------------------------------------ request internals
     def _enter_phase(self, req: Request, phase: Phase,
@@ -240,29 +260,45 @@ class ResidencyManager:
             raise QuarantinedError(self._quarantine_message())
         strengths = self._resolve_strengths(phase, overrides)
         stage1 = req.strengths.get(Phase.STAGE1, strengths if phase is Phase.STAGE1 else {})
+        premerged = phase is Phase.STAGE2 and self._mode.uses_premerged(strengths)
         kind = self.policy.decide(PhaseContext(self.mode, phase, strengths, stage1, self.native_ltx23))
+        if phase is Phase.STAGE2 and self._mode.stage2 is not None:
+            # a second DiT serves stage 2 at its pre-merged strengths; any other strength runs
+            # dynamic on the base, whose weights stay untouched
+            kind = ApplyKind.MERGED if premerged else (ApplyKind.NONE if kind is ApplyKind.NONE
+                                                         else ApplyKind.DYNAMIC)
         self._context = (req.id, phase.value)
         req.phase = None  # no phase may run until this switch has completed
         try:
-            if self.state is not WeightState.CLEAN:
+            if self.state not in (WeightState.CLEAN, WeightState.OFFLOADED):
                 self._restore_or_quarantine()
-            if kind is ApplyKind.MERGED:
-                self._fire("merge", plan=[(n, s) for n, s in strengths.items() if s != 0.0])
-                req.mutated = True
-                self._fire(f"merged_{phase.value}")
-            elif kind is ApplyKind.DYNAMIC:
-                self._fire("attach", strengths=strengths)
-                self._fire(f"attached_{phase.value}")
+            if premerged:
+                self._fire("activate_stage2")
+                if self.machine.can("activated"):
+                    self._fire("activated")
+            else:
+                if self.state is WeightState.OFFLOADED:
+                    self._fire("load_base")
+                    self._fire("loaded")
+                if kind is ApplyKind.MERGED:
+                    self._fire("merge", plan=[(n, s) for n, s in strengths.items() if s != 0.0])
+                    req.mutated = True
+                    self._fire(f"merged_{phase.value}")
+                elif kind is ApplyKind.DYNAMIC:
+                    self._fire("attach", strengths=strengths)
+                    self._fire(f"attached_{phase.value}")
+                if phase is Phase.STAGE1:
+                    self._mode.after_stage1()
         except BaseException as exc:
             req.failed = exc
-            if self.state not in (WeightState.CLEAN, WeightState.QUARANTINED):
+            if self.state not in (WeightState.CLEAN, WeightState.OFFLOADED, WeightState.QUARANTINED):
                 self._restore_or_quarantine()
             raise
-        assert self.state is PHASE_TARGET[(phase, kind)]
+        assert self.state is PHASE_TARGET[(phase, kind)], (self.state, phase, kind)
         req.phase = phase
         req.entered.append(phase)
         req.strengths[phase] = strengths
-        return self.transformer
+        return self._mode.active.module
 
     def _resolve_strengths(self, phase: Phase, overrides: Mapping[str, float] | None) -> dict[str, float]:
         strengths = {name: spec.strength(phase) for name, spec in self.specs.items()}
@@ -281,9 +317,9 @@ class ResidencyManager:
     def _finish(self, req: Request) -> None:
         self._context = (req.id, None)
         try:
-            if self.state not in (WeightState.CLEAN, WeightState.QUARANTINED):
+            if self.state not in (WeightState.CLEAN, WeightState.OFFLOADED, WeightState.QUARANTINED):
                 self._restore_or_quarantine()
-            if self.state is WeightState.CLEAN and (
+            if self.state in (WeightState.CLEAN, WeightState.OFFLOADED) and (
                 self.verify == "always" or (self.verify == "after_merge" and req.mutated)
             ):
                 self._check_clean()
@@ -294,7 +330,7 @@ class ResidencyManager:
         """Undo whatever the weights hold; if the undo itself fails, quarantine and raise."""
         try:
             self._fire("restore")
-            self._fire("restored")
+            self._fire("restored" if self._base_resident else "offloaded")
         except BaseException as exc:
             if self.machine.can("quarantine"):
                 self._fire("quarantine")
@@ -305,6 +341,9 @@ class ResidencyManager:
     def _check_clean(self) -> None:
         now = Fingerprint.of(self._weights.items())
         differing = self._clean.differing(now)
+        stage2 = self._mode.stage2_fingerprint()
+        if stage2 is not None:
+            differing += [f"stage2:{n}" for n in self._mode.clean_stage2.differing(stage2)]  # type: ignore[attr-defined]
         if differing:
             if self.machine.can("quarantine"):
                 self._fire("quarantine")
@@ -342,14 +381,21 @@ class ResidencyManager:
         self.faults.hit("restore.before")
         self._adapters.deactivate()
         written = self._stack.pop_all()
+        self._base_resident = self._mode.deactivate()
         self.faults.hit("restore.after")
         return written
+
+    def _effect_load(self, edge: Edge, ctx: Mapping[str, Any]) -> int:
+        self._mode.prepare_base()
+        return self._mode.base.nbytes()
 
     def _effect_repair(self, edge: Edge, ctx: Mapping[str, Any]) -> int:
         if self._clean_source is None:
             raise RepairError("no clean source: the manager was built with clean_source=None; "
                               "reload the model from its checkpoint and build a new manager")
         self._adapters.deactivate()
+        self._mode.reset()
+        self._base_resident = True
         written = self._clean_source.restore(self._weights, self.faults)
         self._stack.forget()
         differing = self._clean.differing(Fingerprint.of(self._weights.items()))
@@ -357,9 +403,6 @@ class ResidencyManager:
             raise RepairError(f"the clean source does not match the clean fingerprint "
                               f"({len(differing)} weights differ, e.g. {differing[0]!r})")
         return written
-
-    def _effect_unavailable(self, edge: Edge, ctx: Mapping[str, Any]) -> int:
-        raise ModeNotAvailableError(f"effect {edge.effect!r} belongs to a mode not built yet")
 
     # ------------------------------------------------------------------ ownership and guard
     def _acquire(self, timeout: float | None, what: str) -> None:
@@ -393,6 +436,13 @@ class ResidencyManager:
                                     "(a weight operation is under way)")
         if state is WeightState.QUARANTINED:
             raise ForwardGuardError("the DiT is quarantined and refuses to run. " + self._repair_hint())
+        active = self._mode.active
+        if module is not active.module or active.residency is not Residency.RESIDENT:
+            raise ForwardGuardError(
+                f"the {'stage-2' if module is not self._mode.base.module else 'base'} DiT ran while "
+                f"the active DiT is {active.name!r} ({active.residency.value}); run the module "
+                "`req.enter(phase)` returned"
+            )
         if self.strict:
             req = self._request
             if req is None or self._owner != threading.get_ident() or req.phase is None:

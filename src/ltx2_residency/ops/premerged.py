@@ -1,0 +1,52 @@
+"""The pre-merged stage-2 DiT of snapshot and resident mode: built once, never unmerged.
+
+It is a copy of the base DiT (same module tree, its own tensors) whose adapted weights hold
+``bf16(W + s·scale·B·A)`` for each LoRA at its configured stage-2 strength, in the same
+arithmetic as the in-place merge (one float32 delta, one rounding per LoRA, in list order),
+so stage 2 on the copy gives the same bits as stage 2 merged in place in original mode.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from ..lora import LoadedLoRA
+from .merge import LayerTarget
+
+
+def build_premerged(base: nn.Module, loras: list[LoadedLoRA], strengths: Mapping[str, float],
+                    place: torch.device) -> nn.Module:
+    """A copy of ``base`` with its tensors on ``place`` (pinned when that is the host of a CUDA
+    DiT) and the LoRAs merged in at ``strengths``. Call before anything hooks or wraps ``base``."""
+    params = [*base.parameters(), *base.buffers()]
+    compute = params[0].device if params else torch.device("cpu")
+    pin = place.type == "cpu" and compute.type == "cuda"
+    memo: dict[int, object] = {}
+    with torch.no_grad():
+        for t in params:
+            if id(t) in memo:
+                continue
+            new = torch.empty(t.shape, dtype=t.dtype, device=place, pin_memory=pin)
+            new.copy_(t.detach())
+            memo[id(t)] = nn.Parameter(new, requires_grad=False) if isinstance(t, nn.Parameter) else new
+        stage2 = copy.deepcopy(base, memo)
+        for name in sorted({m for lo in loras for m in lo.targets}):
+            w_base = base.get_submodule(name).weight.detach()
+            merged = w_base.clone()
+            for lora in loras:
+                target = lora.targets.get(name)
+                strength = strengths.get(lora.name, 0.0)
+                if target is None or strength == 0.0:
+                    continue
+                # the LoRA factors in the base weight's dtype, as PEFT holds them for the merge path
+                view = LayerTarget(name, merged, target.lora_A.to(w_base.dtype), target.lora_B.to(w_base.dtype),
+                                   (target.alpha if target.alpha is not None else target.rank) / target.rank)
+                merged = torch.add(view.delta(strength), merged, out=torch.empty_like(merged))
+            stage2.get_submodule(name).weight.detach().copy_(merged)
+    for p in stage2.parameters():
+        p.requires_grad_(False)
+    return stage2.eval()
