@@ -307,3 +307,20 @@ def test_a_failed_switch_poisons_the_request_not_the_manager(model, distilled_pa
                 req.enter("stage2")
     assert_same_bits(clean, weight_bits(mgr.managed_weights))
     run_request(mgr, inputs)
+
+
+def test_ctrl_c_stays_ctrl_c_when_the_undo_fails(model, distilled_path) -> None:
+    faults = FaultInjector()
+    mgr = make(model, distilled_path, "merge", HQ, faults=faults)
+    faults.arm("restore.layer", lambda: RuntimeError("device lost"))
+    with pytest.raises(KeyboardInterrupt) as info, mgr.request() as req:
+        req.enter("stage1")
+        raise KeyboardInterrupt
+    assert any("quarantined" in n and "device lost" in n for n in info.value.__notes__)
+    assert mgr.state is WeightState.QUARANTINED
+    faults.arm("restore.layer", KeyboardInterrupt)
+    mgr.repair()
+    with pytest.raises(KeyboardInterrupt) as info2, mgr.request() as req:
+        req.enter("stage1")
+    assert any("repair()" in n for n in info2.value.__notes__)
+    assert mgr.state is WeightState.QUARANTINED

@@ -341,7 +341,8 @@ class ManagerMachine(RuleBasedStateMachine):
         """The armed fault fired once, on the hit it was armed for, and surfaced."""
         assert len(made) == 1, f"fault at {point} fired {len(made)} times"
         injected = made[0]
-        assert raised is injected or raised.__cause__ is injected
+        noted = any(repr(injected) in note for note in getattr(raised, "__notes__", []))
+        assert raised is injected or raised.__cause__ is injected or noted
         # the operation stopped at the failing hit (a rollback never passes the same point)
         assert self.faults.hits.get(point, 0) - hits_before == on_hit
         return injected
@@ -621,7 +622,13 @@ class ManagerMachine(RuleBasedStateMachine):
             self.faults.disarm()
         injected = self._consumed(point, hits_before, on_hit, made, info.value)
         records = self._new_records(total_before)
-        if point.startswith(("restore.", "detach.")):
+        if point.startswith(("restore.", "detach.")) and not isinstance(injected, Exception):
+            # a Ctrl-C inside the undo stays a Ctrl-C; the quarantine is noted on it
+            assert info.value is injected
+            assert any("repair()" in note for note in getattr(injected, "__notes__", []))
+            failed_event = "restore"
+            self.expected = S.QUARANTINED
+        elif point.startswith(("restore.", "detach.")):
             assert isinstance(info.value, QuarantinedError)
             assert info.value.__cause__ is injected
             assert "repair()" in str(info.value)
@@ -648,17 +655,25 @@ class ManagerMachine(RuleBasedStateMachine):
         hits_before = self.faults.hits.get(point, 0)
         total_before = self.mgr.trace.total
         made = self._arm(point, kind, on_hit)
+        body = KeyboardInterrupt() if how == "keyboard_interrupt" else BodyError("the body failed")
         try:
-            with pytest.raises(QuarantinedError) as info:
+            with pytest.raises(BaseException) as info:
                 if how == "normal":
                     self.cm.__exit__(None, None, None)
                 else:
-                    _exit_with(self.cm, KeyboardInterrupt() if how == "keyboard_interrupt"
-                               else BodyError("the body failed"))
+                    _exit_with(self.cm, body)
         finally:
             self.faults.disarm()
         injected = self._consumed(point, hits_before, on_hit, made, info.value)
-        assert "repair()" in str(info.value)
+        if not isinstance(injected, Exception):
+            assert info.value is injected  # a Ctrl-C inside the undo stays a Ctrl-C
+            assert any("repair()" in note for note in getattr(injected, "__notes__", []))
+        elif how == "keyboard_interrupt":
+            assert info.value is body  # the body's Ctrl-C keeps propagating, quarantine noted
+            assert any("repair()" in note for note in getattr(body, "__notes__", []))
+        else:
+            assert isinstance(info.value, QuarantinedError)
+            assert "repair()" in str(info.value)
         records = self._new_records(total_before)
         assert any(not r.ok and r.event == "restore" and r.error == repr(injected) for r in records)
         self.expected = S.QUARANTINED

@@ -60,9 +60,7 @@ def _busy(ms: float) -> None:
         torch.cuda.synchronize()
 
 
-def _release(mgr: ResidencyManager) -> None:
-    mgr.close()
-    del mgr
+def _cleanup() -> None:
     gc.collect()
     torch.cuda.empty_cache()
     host_empty = getattr(torch._C, "_host_emptyCache", None)
@@ -71,8 +69,8 @@ def _release(mgr: ResidencyManager) -> None:
 
 
 def snapshot_case(low_vram: bool, h2d: float, requests: int = 3) -> dict:
-    torch.cuda.reset_peak_memory_stats()
     mgr = _manager("snapshot", low_vram=low_vram)
+    torch.cuda.reset_peak_memory_stats()  # requests only, not the build
     dit_bytes = mgr._mode.stage2.nbytes()
     transfer_ms = dit_bytes / GIB / h2d * 1e3
     out: dict = {"low_vram": low_vram, "dit_gib": dit_bytes / GIB, "transfer_ms_at_pinned_bw": transfer_ms}
@@ -97,13 +95,13 @@ def snapshot_case(low_vram: bool, h2d: float, requests: int = 3) -> dict:
         out["stall_fraction_of_transfer"] = out["stage2_switch_ms"] / transfer_ms
     out["peak_device_gib"] = torch.cuda.max_memory_allocated() / GIB
     out["expected_peak_device_gib"] = mgr.memory()["expected_peak_device_bytes"] / GIB
-    _release(mgr)
+    mgr.close()
     return out
 
 
 def resident_case(requests: int = 20) -> dict:
-    torch.cuda.reset_peak_memory_stats()
     mgr = _manager("resident")
+    torch.cuda.reset_peak_memory_stats()
     times = []
     for _ in range(requests):
         with torch.no_grad(), mgr.request() as req:
@@ -115,14 +113,14 @@ def resident_case(requests: int = 20) -> dict:
     out = {"stage2_switch_ms": statistics.median(times), "activate_event_ms": statistics.median(trace),
            "peak_device_gib": torch.cuda.max_memory_allocated() / GIB,
            "expected_peak_device_gib": mgr.memory()["expected_peak_device_bytes"] / GIB}
-    _release(mgr)
+    mgr.close()
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", default=None)
-    ap.add_argument("--cases", nargs="+", default=["snapshot_low_vram", "snapshot", "resident"])
+    ap.add_argument("--cases", nargs="+", default=["resident", "snapshot", "snapshot_low_vram"])
     args = ap.parse_args(argv)
     total = torch.cuda.get_device_properties(0).total_memory
     res: dict = {"device": torch.cuda.get_device_name(0), "device_gib": total / GIB, "torch": torch.__version__}
@@ -137,10 +135,7 @@ def main(argv: list[str] | None = None) -> int:
                 res[case] = resident_case()
         except Exception as exc:  # report what did not fit instead of losing the other cases
             res[case] = {"error": repr(exc)[:300]}
-            gc.collect()
-            torch.cuda.empty_cache()
-            if getattr(torch._C, "_host_emptyCache", None) is not None:
-                torch._C._host_emptyCache()
+        _cleanup()  # the case's manager is unreachable now: free its device and pinned memory
         print(case, json.dumps(res[case]), flush=True)
     text = json.dumps(res, indent=1)
     print(text)

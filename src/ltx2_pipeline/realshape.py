@@ -20,7 +20,8 @@ def real_shape_transformer(device: str | torch.device = "cuda", dtype: torch.dty
     try:
         with torch.device("meta"):
             model = LTX2VideoTransformer3DModel(**overrides)
-        model = model.to_empty(device=device).to(dtype)
+        # cast on the meta device first: materialising in float32 would need twice the memory
+        model = model.to(dtype).to_empty(device=device)
     finally:
         dlogging.set_verbosity(verbosity)
     gen = torch.Generator(device=device).manual_seed(seed)

@@ -181,13 +181,22 @@ class ResidencyManager:
         self._acquire(wait, "request()")
         req = Request(self)
         self._request = req
+        interrupted: BaseException | None = None
         try:
             if self.state is WeightState.QUARANTINED:
                 raise QuarantinedError(self._quarantine_message())
             yield req
+        except BaseException as exc:
+            interrupted = None if isinstance(exc, Exception) else exc
+            raise
         finally:
             try:
                 self._finish(req)
+            except Exception as exc:
+                if interrupted is None:
+                    raise
+                # the body's Ctrl-C keeps propagating; the quarantine rides along as a note
+                interrupted.add_note(str(exc))
             finally:
                 req.closed = True
                 self._request = None
@@ -334,9 +343,12 @@ class ResidencyManager:
         except BaseException as exc:
             if self.machine.can("quarantine"):
                 self._fire("quarantine")
-            raise QuarantinedError(
-                f"restoring the DiT failed ({exc!r}); it is quarantined. " + self._repair_hint()
-            ) from exc
+            message = f"restoring the DiT failed ({exc!r}); it is quarantined. " + self._repair_hint()
+            if not isinstance(exc, Exception):
+                # Ctrl-C and SystemExit stay what they are, so `except Exception` cannot eat them
+                exc.add_note(message)
+                raise
+            raise QuarantinedError(message) from exc
 
     def _check_clean(self) -> None:
         now = Fingerprint.of(self._weights.items())
