@@ -125,6 +125,11 @@ class ResidentMode(OriginalMode):
         return 0
 
     def stage2_fingerprint(self) -> Fingerprint | None:
+        """The copy's digest while it is on the device (None when away: nothing of ours writes to
+        a host snapshot, and digesting 35 GiB on the host would cost seconds)."""
+        assert self.stage2 is not None
+        if self.stage2.residency is not Residency.RESIDENT:
+            return None
         return Fingerprint.of(self._stage2_weights(self._loras))
 
     @property
