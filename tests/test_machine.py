@@ -21,28 +21,24 @@ def _noop_effects(log: list[str]) -> dict:
     return {name: effect for name in names}
 
 
-@pytest.mark.parametrize("mode", list(ResidencyMode))
-def test_every_state_is_reachable_and_can_get_back_to_clean(mode: ResidencyMode) -> None:
-    table = TABLES[mode]
-    seen = {table.initial}
-    todo = deque([table.initial])
+def _reachable(table, start):
+    seen, todo = {start}, deque([start])
     while todo:
         s = todo.popleft()
         for e in table.edges:
             if e.source is s and e.dest not in seen:
                 seen.add(e.dest)
                 todo.append(e.dest)
-    assert seen == set(table.states)
+    return seen
+
+
+@pytest.mark.parametrize("mode", list(ResidencyMode))
+def test_every_state_is_reachable_and_can_get_back_to_clean(mode: ResidencyMode) -> None:
+    table = TABLES[mode]
+    assert _reachable(table, table.initial) == set(table.states)
     # from every state some path leads back to clean: no trap states
     for start in table.states:
-        reach, todo = {start}, deque([start])
-        while todo:
-            s = todo.popleft()
-            for e in table.edges:
-                if e.source is s and e.dest not in reach:
-                    reach.add(e.dest)
-                    todo.append(e.dest)
-        assert WeightState.CLEAN in reach, f"{mode.value}: no way back to clean from {start.value}"
+        assert WeightState.CLEAN in _reachable(table, start), f"{mode.value}: no way back from {start.value}"
 
 
 @pytest.mark.parametrize("mode", list(ResidencyMode))
