@@ -153,3 +153,14 @@ def test_auto_mode_reports_its_choice(fresh_model, distilled_path) -> None:
     mgr = ResidencyManager(fresh_model(), mode="auto", loras=[LoRASpec("distilled", distilled_path)])
     assert mgr.mode.value == "original"
     assert "not a CUDA device" in mgr.mode_reason
+
+
+def test_undoing_stage1_keeps_stage2s_early_prefetch(fresh_model, distilled_path) -> None:
+    faults = FaultInjector()
+    mgr = make(fresh_model(), distilled_path, "snapshot", low_vram=False, faults=faults)
+    with mgr.request() as req:
+        req.enter("stage1")  # HQ: stage 1 merges, so entering stage 2 first undoes it
+        assert mgr.state is WeightState.STAGE1_MERGED
+        req.enter("stage2")
+    assert faults.hits["prefetch.before"] == 1, "the early prefetch was thrown away and redone"
+    assert [r.bytes_touched for r in mgr.trace if r.event == "activate_stage2"] == [0]

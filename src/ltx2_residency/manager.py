@@ -280,7 +280,7 @@ class ResidencyManager:
         req.phase = None  # no phase may run until this switch has completed
         try:
             if self.state not in (WeightState.CLEAN, WeightState.OFFLOADED):
-                self._restore_or_quarantine()
+                self._restore_or_quarantine(final=False)
             if premerged:
                 self._fire("activate_stage2")
                 if self.machine.can("activated"):
@@ -335,10 +335,11 @@ class ResidencyManager:
         finally:
             self._context = (None, None)
 
-    def _restore_or_quarantine(self) -> None:
-        """Undo whatever the weights hold; if the undo itself fails, quarantine and raise."""
+    def _restore_or_quarantine(self, final: bool = True) -> None:
+        """Undo whatever the weights hold; if the undo itself fails, quarantine and raise.
+        ``final=False``: only moving between phases (a prefetch for the next phase survives)."""
         try:
-            self._fire("restore")
+            self._fire("restore", final=final)
             self._fire("restored" if self._base_resident else "offloaded")
         except BaseException as exc:
             if self.machine.can("quarantine"):
@@ -393,7 +394,7 @@ class ResidencyManager:
         self.faults.hit("restore.before")
         self._adapters.deactivate()
         written = self._stack.pop_all()
-        self._base_resident = self._mode.deactivate()
+        self._base_resident = self._mode.deactivate(final=ctx.get("final", True))
         self.faults.hit("restore.after")
         return written
 

@@ -66,8 +66,9 @@ class OriginalMode:
     def activate_stage2(self) -> int:
         raise AssertionError("original mode has no stage-2 DiT")
 
-    def deactivate(self) -> bool:
-        """Back to the base DiT; returns whether the base is resident afterwards."""
+    def deactivate(self, final: bool = True) -> bool:
+        """Back to the base DiT; returns whether the base is resident afterwards. ``final``: the
+        request is over (not just moving from stage 1 to stage 2)."""
         self.active = self.base
         return self.base.residency is Residency.RESIDENT
 
@@ -176,12 +177,13 @@ class SnapshotMode(ResidentMode):
         self.active = self.stage2
         return moved
 
-    def deactivate(self) -> bool:
+    def deactivate(self, final: bool = True) -> bool:
         assert self.stage2 is not None
-        if self.stage2.residency is not Residency.OFFLOADED:
+        # undoing stage 1 on the way to stage 2 must not throw away stage 2's early prefetch
+        if (final or self.active is self.stage2) and self.stage2.residency is not Residency.OFFLOADED:
             self.stage2.release()
         self.active = self.base
-        if self.low_vram and self.base.residency is Residency.OFFLOADED:
+        if final and self.low_vram and self.base.residency is Residency.OFFLOADED:
             self.base.prefetch(self.stream)  # back for the next request, off the critical path
         return self.base.residency is Residency.RESIDENT
 
