@@ -286,6 +286,8 @@ class ResidencyManager:
                 if self.machine.can("activated"):
                     self._fire("activated")
             else:
+                if phase is Phase.STAGE2:
+                    self._mode.skip_stage2()
                 if self.state is WeightState.OFFLOADED:
                     self._fire("load_base")
                     self._fire("loaded")

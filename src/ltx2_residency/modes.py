@@ -66,6 +66,9 @@ class OriginalMode:
     def activate_stage2(self) -> int:
         raise AssertionError("original mode has no stage-2 DiT")
 
+    def skip_stage2(self) -> None:
+        """Stage 2 runs on the base this time (an override): the second DiT is not needed."""
+
     def deactivate(self, final: bool = True) -> bool:
         """Back to the base DiT; returns whether the base is resident afterwards. ``final``: the
         request is over (not just moving from stage 1 to stage 2)."""
@@ -186,6 +189,11 @@ class SnapshotMode(ResidentMode):
         if final and self.low_vram and self.base.residency is Residency.OFFLOADED:
             self.base.prefetch(self.stream)  # back for the next request, off the critical path
         return self.base.residency is Residency.RESIDENT
+
+    def skip_stage2(self) -> None:
+        assert self.stage2 is not None
+        if self.stage2.residency is not Residency.OFFLOADED:
+            self.stage2.release()  # cancels the early prefetch: its device memory is not needed
 
     def reset(self) -> None:
         super().reset()
