@@ -23,6 +23,7 @@ import torch
 from ltx2_residency import LoRASpec, ResidencyManager
 from ltx2_residency.testing import linear_names, synthetic_lora
 
+from .bench_switch import report
 from .realshape import real_shape_transformer
 
 GIB = 2**30
@@ -137,11 +138,7 @@ def main(argv: list[str] | None = None) -> int:
             res[case] = {"error": repr(exc)[:300]}
         _cleanup()  # the case's manager is unreachable now: free its device and pinned memory
         print(case, json.dumps(res[case]), flush=True)
-    text = json.dumps(res, indent=1)
-    print(text)
-    if args.json:
-        with open(args.json, "w") as fh:
-            fh.write(text)
+    report(res, args.json)
     return 0
 
 

@@ -23,7 +23,6 @@ from ltx2_residency.ops.fingerprint import Fingerprint
 from ltx2_residency.testing import linear_names, synthetic_lora
 
 PRESETS = {
-    # rank, relative delta norm, requests
     "tiny": dict(rank=8),
     "full": dict(rank=384),
 }
@@ -125,13 +124,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
-    res = run(args.preset, args.relative_norm, args.requests, args.restore, args.device)
+    report(run(args.preset, args.relative_norm, args.requests, args.restore, args.device), args.json)
+    return 0
+
+
+def report(res: dict, path: str | None) -> None:
+    """Print a benchmark's results as JSON, and write them to ``path`` when given."""
     text = json.dumps(res, indent=1)
     print(text)
-    if args.json:
-        with open(args.json, "w") as fh:
+    if path:
+        with open(path, "w") as fh:
             fh.write(text)
-    return 0
 
 
 if __name__ == "__main__":

@@ -46,6 +46,3 @@ class Trace:
 
     def for_request(self, request_id: int) -> list[TransitionRecord]:
         return [r for r in self._records if r.request_id == request_id]
-
-    def clear(self) -> None:
-        self._records.clear()

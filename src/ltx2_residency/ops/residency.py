@@ -55,10 +55,6 @@ class DiTCopy:
                 snap.append(host)
         self._snapshot = snap
 
-    @property
-    def has_snapshot(self) -> bool:
-        return self._snapshot is not None
-
     def adopt_snapshot(self) -> None:
         """The module's tensors already live on the host (built there): they are the snapshot."""
         self._snapshot = [t.detach() for t in self._slots]
