@@ -7,7 +7,15 @@ import pytest
 import torch
 
 from conftest import assert_same_bits
-from ltx2_residency import FaultInjector, ForwardGuardError, LoRASpec, ResidencyManager, WeightState
+from ltx2_residency import (
+    DirtyWeightsError,
+    FaultInjector,
+    ForwardGuardError,
+    LoRASpec,
+    QuarantinedError,
+    ResidencyManager,
+    WeightState,
+)
 from ltx2_residency.testing import weight_bits
 
 HQ = {"stage1": 0.25, "stage2": 1.0}
@@ -144,9 +152,65 @@ def test_tampered_stage2_copy_is_caught(fresh_model, distilled_path) -> None:
     w = mgr._mode.stage2.module.get_submodule("transformer_blocks.0.attn1.to_q").weight
     with torch.no_grad():
         w.view(-1)[0] += 1
-    with pytest.raises(Exception, match="stage2:transformer_blocks.0.attn1.to_q"):
+    with pytest.raises(DirtyWeightsError, match="stage2:transformer_blocks.0.attn1.to_q"):
         mgr.verify_clean()
     assert mgr.state is WeightState.QUARANTINED
+
+
+def test_repair_rebuilds_a_damaged_stage2_copy(fresh_model, distilled_path, inputs) -> None:
+    reference = outputs(make(fresh_model(), distilled_path, "resident"), inputs)
+    mgr = make(fresh_model(), distilled_path, "resident", clean_source=None)  # the base is not damaged
+    stage2 = mgr._mode.stage2.module
+    clean = weight_bits({n: p for n, p in stage2.named_parameters()})
+    w = stage2.get_submodule("transformer_blocks.1.ff.net.0.proj").weight
+    with torch.no_grad():
+        w.mul_(1.5)  # every element of one adapted weight
+    with pytest.raises(DirtyWeightsError):
+        mgr.verify_clean()
+    mgr.repair()
+    assert mgr.state is WeightState.CLEAN
+    assert_same_bits(clean, weight_bits({n: p for n, p in stage2.named_parameters()}))
+    rebuilt = [r for r in mgr.trace if r.event == "repair"][-1]
+    assert rebuilt.bytes_touched == mgr.memory()["managed_weight_bytes"]  # every adapted weight, rebuilt
+    mgr.verify_clean()
+    for got, want in zip(outputs(mgr, inputs), reference, strict=True):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("low_vram", [False, True])
+def test_snapshot_repairs_from_its_base_snapshot(fresh_model, distilled_path, low_vram) -> None:
+    mgr = make(fresh_model(), distilled_path, "snapshot", low_vram)
+    mem = mgr.memory()
+    assert mem["clean_source_host_bytes"] == 0, "no third host copy: the base snapshot serves repair()"
+    assert mem["clean_source_shared_host_bytes"] == mem["managed_weight_bytes"]
+    clean = weight_bits(mgr.managed_weights)
+    with mgr.request() as req:  # the low-VRAM variant leaves the base streaming back
+        req.enter("stage1")
+        req.enter("stage2")
+    name, w = next(iter(mgr.managed_weights.items()))
+    mgr.repair()  # a no-op between requests (the low-VRAM variant rests offloaded)
+    with pytest.raises(DirtyWeightsError, match=name), mgr.request() as req:
+        req.enter("stage1")  # HQ merges stage 1, so the request is verified when it ends
+        with torch.no_grad():
+            w.view(-1)[:7] = 0.0  # a stray write while the base is on the device
+    assert mgr.state is WeightState.QUARANTINED
+    mgr.repair()
+    assert_same_bits(clean, weight_bits(mgr.managed_weights))
+    mgr.verify_clean()
+
+
+def test_repair_without_clean_source_clears_a_quarantine_of_clean_weights(model, distilled_path) -> None:
+    faults = FaultInjector()
+    mgr = make(model, distilled_path, "original", policy="dynamic", clean_source=None, faults=faults)
+    clean = weight_bits(mgr.managed_weights)
+    faults.arm("detach.before", lambda: RuntimeError("adapter state lost"))
+    with pytest.raises(QuarantinedError), mgr.request() as req:
+        req.enter("stage1")
+        req.enter("stage2")
+    assert mgr.state is WeightState.QUARANTINED
+    mgr.repair()  # dynamic phases never wrote the weights: nothing to restore from
+    assert mgr.state is WeightState.CLEAN
+    assert_same_bits(clean, weight_bits(mgr.managed_weights))
 
 
 def test_auto_mode_reports_its_choice(fresh_model, distilled_path) -> None:

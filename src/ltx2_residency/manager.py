@@ -148,7 +148,8 @@ class ResidencyManager:
         self._adapters = PeftAdapters(transformer, self.loras, self.faults)
         self._weights = self._adapters.base_weights()
         self._clean = Fingerprint.of(self._weights.items())
-        self._clean_source = HostCopy(self._weights) if clean_source == "host_copy" else None
+        self._clean_source = (HostCopy(self._weights, shared=self._mode.shared_clean_copies(self._weights))
+                              if clean_source == "host_copy" else None)
         self._stack = MergeStack(RESTORE_STRATEGIES[restore](), self.faults, check_layers)
         self.machine = WeightMachine(TABLES[self.mode], {
             "merge": self._effect_merge,
@@ -220,11 +221,11 @@ class ResidencyManager:
             self._release()
 
     def repair(self, timeout: float | None = ...) -> None:  # type: ignore[assignment]
-        """Bring a QUARANTINED DiT back to CLEAN from its clean source (a no-op when CLEAN)."""
+        """Bring a QUARANTINED DiT back to CLEAN from its clean source (a no-op when not quarantined)."""
         self._acquire(self.request_timeout if timeout is ... else timeout, "repair()")
         try:
-            if self.state is WeightState.CLEAN:
-                return
+            if self.state in (WeightState.CLEAN, WeightState.OFFLOADED):
+                return  # nothing to repair between requests (low-VRAM snapshot rests offloaded)
             try:
                 self._fire("repair")
                 self._fire("restored")
@@ -244,6 +245,7 @@ class ResidencyManager:
             "lora_adapter_bytes": self._adapters.nbytes,
             "restore_capture_bytes": self._stack.nbytes_held,
             "clean_source_host_bytes": self._clean_source.nbytes if self._clean_source else 0,
+            "clean_source_shared_host_bytes": self._clean_source.shared_nbytes if self._clean_source else 0,
             "last_merge_exception_fraction": self._stack.last_exception_fraction,
             "expected_peak_device_bytes": self._mode.expected_peak_bytes(self._adapters.nbytes),
             **{f"{d.name}_{place}_bytes": n for d in self._mode.dits for place, n in d.bytes_by_place().items()},
@@ -405,19 +407,22 @@ class ResidencyManager:
         return self._mode.base.nbytes()
 
     def _effect_repair(self, edge: Edge, ctx: Mapping[str, Any]) -> int:
-        if self._clean_source is None:
-            raise RepairError("no clean source: the manager was built with clean_source=None; "
-                              "reload the model from its checkpoint and build a new manager")
         self._adapters.deactivate()
         self._mode.reset()
         self._base_resident = True
-        written = self._clean_source.restore(self._weights, self.faults)
-        self._stack.forget()
+        written = 0
+        if self._clean_source is not None:
+            written = self._clean_source.restore(self._weights, self.faults)
         differing = self._clean.differing(Fingerprint.of(self._weights.items()))
+        if differing and self._clean_source is None:
+            raise RepairError(f"no clean source and {len(differing)} weights differ from clean (e.g. "
+                              f"{differing[0]!r}): the manager was built with clean_source=None; reload "
+                              "the model from its checkpoint and build a new manager")
         if differing:
             raise RepairError(f"the clean source does not match the clean fingerprint "
                               f"({len(differing)} weights differ, e.g. {differing[0]!r})")
-        return written
+        self._stack.forget()
+        return written + self._mode.repair_stage2(self._weights)
 
     # ------------------------------------------------------------------ ownership and guard
     def _acquire(self, timeout: float | None, what: str) -> None:
@@ -470,7 +475,8 @@ class ResidencyManager:
 
     def _repair_hint(self) -> str:
         if self._clean_source is None:
-            return "No clean source is kept (clean_source=None): reload the model."
+            return ("No clean source is kept (clean_source=None): manager.repair() can only clear it when the "
+                    "weights are still clean; otherwise reload the model.")
         return "Call manager.repair() to restore it from the clean host copy."
 
     def _quarantine_message(self) -> str:

@@ -20,11 +20,11 @@ import torch
 from torch import nn
 
 from .domain import Residency, ResidencyMode
-from .errors import ModeNotAvailableError
+from .errors import ModeNotAvailableError, RepairError
 from .faults import FaultInjector
 from .lora import LoadedLoRA
 from .ops.fingerprint import Fingerprint
-from .ops.premerged import build_premerged
+from .ops.premerged import build_premerged, rebuild_premerged
 from .ops.residency import DiTCopy
 
 GIB = 2**30
@@ -85,6 +85,15 @@ class OriginalMode:
     def stage2_fingerprint(self) -> Fingerprint | None:
         return None
 
+    def shared_clean_copies(self, weights: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Host tensors that already hold ``weights``' clean bits and that nothing writes: the
+        repair source may use them instead of a copy of its own."""
+        return {}
+
+    def repair_stage2(self, base_weights: Mapping[str, torch.Tensor]) -> int:
+        """After ``reset`` and with a clean base: bring the stage-2 DiT back too; returns bytes written."""
+        return 0
+
     def expected_peak_bytes(self, lora_bytes: int) -> int:
         return self.base.nbytes() + lora_bytes
 
@@ -136,6 +145,21 @@ class ResidentMode(OriginalMode):
             return None
         return Fingerprint.of(self._stage2_weights(self._loras))
 
+    def repair_stage2(self, base_weights: Mapping[str, torch.Tensor]) -> int:
+        # only a device copy can be damaged (nothing of ours writes a host snapshot, and reset
+        # releases snapshot mode's device copy); it is rebuilt from the clean base in place
+        now = self.stage2_fingerprint()
+        if now is None or not self._clean_stage2.differing(now):
+            return 0
+        assert self.stage2 is not None
+        written = rebuild_premerged(self.stage2.module, base_weights, self._loras, self.premerged_strengths)
+        after = self.stage2_fingerprint()
+        still = self._clean_stage2.differing(after) if after is not None else []
+        if still:
+            raise RepairError(f"rebuilding the stage-2 DiT from the clean base did not give its clean "
+                              f"fingerprint ({len(still)} weights differ, e.g. {still[0]!r})")
+        return written
+
     @property
     def clean_stage2(self) -> Fingerprint:
         return self._clean_stage2
@@ -160,6 +184,9 @@ class SnapshotMode(ResidentMode):
 
     def _stage2_place(self) -> torch.device:
         return torch.device("cpu")
+
+    def shared_clean_copies(self, weights: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return self.base.snapshot_of(weights)  # captured clean, never written
 
     def prepare_base(self) -> None:
         self.base.ensure_resident(self.stream)

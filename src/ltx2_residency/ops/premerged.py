@@ -35,18 +35,39 @@ def build_premerged(base: nn.Module, loras: list[LoadedLoRA], strengths: Mapping
             memo[id(t)] = nn.Parameter(new, requires_grad=False) if isinstance(t, nn.Parameter) else new
         stage2 = copy.deepcopy(base, memo)
         for name in sorted({m for lo in loras for m in lo.targets}):
-            w_base = base.get_submodule(name).weight.detach()
-            merged = w_base.clone()
-            for lora in loras:
-                target = lora.targets.get(name)
-                strength = strengths.get(lora.name, 0.0)
-                if target is None or strength == 0.0:
-                    continue
-                # the LoRA factors in the base weight's dtype, as PEFT holds them for the merge path
-                view = LayerTarget(name, merged, target.lora_A.to(w_base.dtype), target.lora_B.to(w_base.dtype),
-                                   (target.alpha if target.alpha is not None else target.rank) / target.rank)
-                merged = torch.add(view.delta(strength), merged, out=torch.empty_like(merged))
-            stage2.get_submodule(name).weight.detach().copy_(merged)
+            stage2.get_submodule(name).weight.detach().copy_(
+                merged_weight(base.get_submodule(name).weight.detach(), name, loras, strengths))
     for p in stage2.parameters():
         p.requires_grad_(False)
     return stage2.eval()
+
+
+def merged_weight(w_base: torch.Tensor, name: str, loras: list[LoadedLoRA],
+                  strengths: Mapping[str, float]) -> torch.Tensor:
+    """``w_base`` with every LoRA that targets ``name`` merged in, as a new tensor."""
+    merged = w_base.clone()
+    with torch.no_grad():
+        for lora in loras:
+            target = lora.targets.get(name)
+            strength = strengths.get(lora.name, 0.0)
+            if target is None or strength == 0.0:
+                continue
+            # the LoRA factors in the base weight's dtype, as PEFT holds them for the merge path
+            view = LayerTarget(name, merged, target.lora_A.to(w_base.dtype), target.lora_B.to(w_base.dtype),
+                               (target.alpha if target.alpha is not None else target.rank) / target.rank)
+            merged = torch.add(view.delta(strength), merged, out=torch.empty_like(merged))
+    return merged
+
+
+def rebuild_premerged(stage2: nn.Module, base_weights: Mapping[str, torch.Tensor], loras: list[LoadedLoRA],
+                      strengths: Mapping[str, float]) -> int:
+    """Rewrite the stage-2 copy's adapted weights from clean base weights; returns bytes written.
+    Only the adapted weights are rebuilt: the others are never written by any operation of ours."""
+    written = 0
+    with torch.no_grad():
+        for name in sorted({m for lo in loras for m in lo.targets}):
+            w = stage2.get_submodule(name).weight
+            # merged where the base lives (the arithmetic of the build), then copied into place
+            w.detach().copy_(merged_weight(base_weights[name].detach(), name, loras, strengths))
+            written += w.numel() * w.element_size()
+    return written

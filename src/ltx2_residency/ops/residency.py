@@ -13,6 +13,8 @@ operations themselves, and never read back from ``param.device``.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from torch import nn
 
@@ -59,6 +61,13 @@ class DiTCopy:
         """The module's tensors already live on the host (built there): they are the snapshot."""
         self._snapshot = [t.detach() for t in self._slots]
         self.residency = Residency.OFFLOADED
+
+    def snapshot_of(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The host snapshot tensor behind each of ``tensors`` that is one of this DiT's own."""
+        if self._snapshot is None:
+            return {}
+        by_slot = {id(s): h for s, h in zip(self._slots, self._snapshot, strict=True)}
+        return {name: by_slot[id(t)] for name, t in tensors.items() if id(t) in by_slot}
 
     # ------------------------------------------------------------------ moves
     def release(self) -> int:
