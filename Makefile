@@ -1,5 +1,5 @@
 # Two entry points, each doing the whole set-up on a fresh machine:
-#   make demo   - the scripted serving loop on the embedded tiny LTX-2 DiT
+#   make demo   - the two-stage pipeline on the embedded tiny LTX-2 model (mp4 + JSON report)
 #   make test   - the test suite (the command CI runs)
 PYTHON ?= python3
 VENV ?= .venv
@@ -23,7 +23,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	@touch $@
 
 demo: venv
-	$(PY) -m ltx2_pipeline.demo
+	$(VENV)/bin/ltx2 generate --preset tiny
 
 test: venv
 	$(PY) -m pytest

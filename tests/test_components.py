@@ -7,8 +7,6 @@ and reloading the tiny pipelines provably never reaches a hub.
 from __future__ import annotations
 
 import json
-import socket
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +29,7 @@ from ltx2_pipeline.components import (
     tiny_upsample_pipeline,
 )
 from ltx2_pipeline.tiny import tiny_transformer
+from offline import assert_offline, no_network  # noqa: F401 - autouse fixtures
 
 HEIGHT = WIDTH = 32
 FRAMES = 9
@@ -42,33 +41,6 @@ GUIDED: dict[str, Any] = dict(guidance_scale=3.0, stg_scale=1.0, modality_scale=
 #: Every guidance term off. Note `audio_guidance_scale` defaults to 7.0, so it has to be set as well.
 UNGUIDED: dict[str, Any] = dict(guidance_scale=1.0, audio_guidance_scale=1.0, stg_scale=0.0, audio_stg_scale=0.0,
                                 modality_scale=1.0, audio_modality_scale=1.0, guidance_rescale=0.0)
-
-
-_NETWORK_ATTEMPTS: list[Any] = []
-
-
-@pytest.fixture(scope="module", autouse=True)
-def no_network() -> Iterator[None]:
-    """Internet connections fail as they would offline, and every attempt is recorded."""
-    real_connect = socket.socket.connect
-
-    def guarded(self: socket.socket, address: Any) -> Any:
-        if self.family in (socket.AF_INET, socket.AF_INET6):
-            _NETWORK_ATTEMPTS.append(address)
-            raise OSError(f"network blocked by test_components: {address!r}")
-        return real_connect(self, address)
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(socket.socket, "connect", guarded)
-        yield
-
-
-@pytest.fixture(autouse=True)
-def assert_offline() -> Iterator[None]:
-    # Checked after the test: a library may swallow the OSError and fall back quietly.
-    _NETWORK_ATTEMPTS.clear()
-    yield
-    assert _NETWORK_ATTEMPTS == [], f"network access attempted: {_NETWORK_ATTEMPTS}"
 
 
 @pytest.fixture(scope="module")

@@ -99,7 +99,7 @@ def tiny_tokenizer(max_length: int = 128) -> GemmaTokenizer:
     return tok
 
 
-def _gemma3_config(vocab_size: int) -> Gemma3Config:
+def gemma3_config(vocab_size: int) -> Gemma3Config:
     vocab, _ = _tokenizer_vocab()
     text_config = dict(
         vocab_size=vocab_size, hidden_size=TEXT_HIDDEN, intermediate_size=2 * TEXT_HIDDEN,
@@ -170,6 +170,16 @@ def _audio_vae(seed: int) -> AutoencoderKLLTX2Audio:
     return audio_vae
 
 
+def _cast_keeping_rope_fp32(module: torch.nn.Module, dtype: torch.dtype) -> None:
+    """``module.to(dtype)``, except rotary ``inv_freq`` buffers, which stay float32 as
+    ``from_pretrained(dtype=...)`` leaves them: a saved and reloaded model then computes the same bits."""
+    keep = {n: b.clone() for n, b in module.named_buffers() if "inv_freq" in n}
+    module.to(dtype).eval()
+    for name, buf in keep.items():
+        owner, _, attr = name.rpartition(".")
+        getattr(module.get_submodule(owner), attr).data = buf
+
+
 def tiny_components(seed: int = 0, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
     """Every LTX-2 component at tiny size with weights seeded from ``seed`` (see the module doc).
 
@@ -187,7 +197,7 @@ def tiny_components(seed: int = 0, dtype: torch.dtype = torch.float32) -> dict[s
         tokenizer = tiny_tokenizer()
 
         torch.manual_seed(seed + 1)
-        text_encoder = Gemma3ForConditionalGeneration(_gemma3_config(len(tokenizer)))
+        text_encoder = Gemma3ForConditionalGeneration(gemma3_config(len(tokenizer)))
 
         torch.manual_seed(seed + 2)
         connectors = LTX2TextConnectors(
@@ -220,7 +230,7 @@ def tiny_components(seed: int = 0, dtype: torch.dtype = torch.float32) -> dict[s
         modules = dict(text_encoder=text_encoder, connectors=connectors, vae=vae, audio_vae=audio_vae,
                        vocoder=vocoder, latent_upsampler=latent_upsampler)
         for module in modules.values():
-            module.to(dtype).eval()
+            _cast_keeping_rope_fp32(module, dtype)
     return dict(scheduler=FlowMatchEulerDiscreteScheduler(**LTX2_SCHEDULER_CONFIG), tokenizer=tokenizer,
                 transformer=transformer, **modules)
 

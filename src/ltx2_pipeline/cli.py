@@ -1,0 +1,221 @@
+"""``ltx2``: generate a video with the two-stage pipeline, or print the state diagrams.
+
+    ltx2 generate --preset tiny                      # offline, CPU, well under two minutes
+    ltx2 generate --preset full --mode snapshot      # real shapes, random weights, on a GPU
+    ltx2 generate --model-path ./ltx2 --distilled-lora distilled.safetensors --lora style.safetensors@0,1
+    ltx2 diagram [--mode resident]
+
+``generate`` writes the mp4 (video + audio) and a JSON report next to it: per-stage times in the
+shape of sglang's perf baselines (``e2e_ms``, ``avg_denoise_ms``, ``stages_ms`` with both
+LoRA-switch stages), the per-step times, the transition trace and peak memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from ltx2_residency import MergePolicyName, ResidencyError, ResidencyMode
+from ltx2_residency.machine import TABLES, mermaid
+
+from .errors import GenerationInputError
+from .loras import load_lora
+from .two_stage import GenerationRequest, Guidance, LTX2TwoStageHQPipeline, LTX2TwoStagePipeline
+
+#: Request defaults per preset: the tiny one runs on a CPU in seconds; the full one is LTX-2's.
+PRESET_DEFAULTS: dict[str, dict[str, Any]] = {
+    "tiny": dict(height=64, width=64, num_frames=9, steps=4, max_sequence_length=32),
+    "full": dict(height=512, width=768, num_frames=121, steps=30, max_sequence_length=1024),
+}
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+class _RichProgress:
+    """One bar per stage; denoising stages advance per step."""
+
+    def __init__(self, progress: Progress) -> None:
+        self.bars = progress
+        self.tasks: dict[str, Any] = {}
+
+    def stage_started(self, stage: str, steps: int) -> None:
+        self.tasks[stage] = self.bars.add_task(stage, total=steps or 1)
+
+    def step(self, stage: str) -> None:
+        self.bars.advance(self.tasks[stage])
+
+    def stage_finished(self, stage: str, ms: float) -> None:
+        task = self.tasks[stage]
+        self.bars.update(task, completed=self.bars.tasks[task].total,
+                         description=f"{stage} [dim]{ms:,.1f} ms[/dim]")
+
+
+def _lora_arg(text: str) -> tuple[str, float, float]:
+    """``PATH`` or ``PATH@S1,S2`` (strengths in stage 1 and stage 2; default 1.0 in both)."""
+    path, _, strengths = text.rpartition("@") if "@" in text else (text, "", "")
+    if not strengths:
+        return text, 1.0, 1.0
+    try:
+        s1, s2 = (float(s) for s in strengths.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--lora {text!r}: expected PATH or PATH@S1,S2 "
+                                         "(e.g. style.safetensors@0.5,1.0)") from None
+    return path, s1, s2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ltx2", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="run the two-stage pipeline and write an mp4 + JSON report")
+    src = gen.add_mutually_exclusive_group()
+    src.add_argument("--preset", choices=sorted(PRESET_DEFAULTS), default=None,
+                     help="tiny (offline, CPU) or full (real shapes, random weights, GPU); default tiny")
+    src.add_argument("--model-path", type=Path, help="a local diffusers-format LTX-2 folder")
+    gen.add_argument("--distilled-lora", type=Path, help="distilled LoRA (.safetensors, diffusers or original keys)")
+    gen.add_argument("--lora", type=_lora_arg, action="append", default=[], metavar="PATH[@S1,S2]",
+                     help="a further LoRA, stacked after the distilled one (repeatable)")
+    gen.add_argument("--variant", choices=["normal", "hq"], default="normal",
+                     help="distilled strengths: normal 0/1.0, hq 0.25/0.5")
+    gen.add_argument("--mode", default="original", choices=[m.value for m in ResidencyMode] + ["auto"])
+    gen.add_argument("--merge-policy", default="sglang", choices=[p.value for p in MergePolicyName])
+    gen.add_argument("--low-vram", action=argparse.BooleanOptionalAction, default=None,
+                     help="snapshot mode: evict the base before the stage-2 prefetch (default: below 130 GiB)")
+    gen.add_argument("--prompt", default="a robot dancing in the rain, slow camera, warm light")
+    gen.add_argument("--negative-prompt", default="blurry, jittery, low quality")
+    gen.add_argument("--height", type=int)
+    gen.add_argument("--width", type=int)
+    gen.add_argument("--num-frames", type=int)
+    gen.add_argument("--frame-rate", type=float, default=24.0)
+    gen.add_argument("--steps", type=int, help="stage-1 denoising steps (stage 2 always runs 3)")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--max-sequence-length", type=int)
+    gen.add_argument("--stage1-strength", type=float, help="override the distilled LoRA's stage-1 strength")
+    gen.add_argument("--stage2-strength", type=float, help="override the distilled LoRA's stage-2 strength")
+    gen.add_argument("--no-guidance", action="store_true", help="stage 1 without CFG/STG/modality guidance")
+    gen.add_argument("--device", default=None, help="default: cuda for --preset full, else cpu")
+    gen.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    gen.add_argument("--output", type=Path, help="mp4 path (default outputs/ltx2_<preset>.mp4)")
+    gen.add_argument("--report", type=Path, help="JSON report path (default: the mp4 path with .json)")
+    gen.add_argument("--no-progress", action="store_true")
+    gen.add_argument("--text-layers", type=int, default=2,
+                     help="--preset full: Gemma 3 layers to build (48 is the real depth, 24 GB more)")
+
+    dia = sub.add_parser("diagram", help="print the mermaid state diagram of each residency mode")
+    dia.add_argument("--mode", choices=[m.value for m in ResidencyMode], help="only this mode")
+    return parser
+
+
+def _build(args: argparse.Namespace, progress: Any) -> LTX2TwoStagePipeline:
+    cls = LTX2TwoStageHQPipeline if args.variant == "hq" else LTX2TwoStagePipeline
+    loras = [load_lora(path, f"lora{i}" if i else "user", {"stage1": s1, "stage2": s2})
+             for i, (path, s1, s2) in enumerate(args.lora)]
+    manager = dict(mode=args.mode, merge_policy=args.merge_policy, loras=loras, progress=progress)
+    if args.low_vram is not None:
+        manager["low_vram"] = args.low_vram
+    dtype = DTYPES[args.dtype]
+    if args.model_path is not None:
+        return cls.from_pretrained(args.model_path, distilled_lora=args.distilled_lora, dtype=dtype,
+                                   device=args.device, **manager)
+    preset = args.preset or "tiny"
+    if args.distilled_lora is not None:
+        manager["distilled_lora"] = args.distilled_lora
+    options = {"text_layers": args.text_layers} if preset == "full" else None
+    device = args.device or ("cuda" if preset == "full" else None)
+    return cls.from_preset(preset, seed=args.seed, device=device, dtype=dtype, preset_options=options, **manager)
+
+
+def _request(args: argparse.Namespace) -> GenerationRequest:
+    defaults = PRESET_DEFAULTS["full" if args.model_path is not None else (args.preset or "tiny")]
+    strengths: dict[str, dict[str, float]] = {}
+    if args.stage1_strength is not None:
+        strengths["stage1"] = {"distilled": args.stage1_strength}
+    if args.stage2_strength is not None:
+        strengths["stage2"] = {"distilled": args.stage2_strength}
+    return GenerationRequest(
+        prompt=args.prompt, negative_prompt=args.negative_prompt,
+        height=args.height if args.height is not None else defaults["height"],
+        width=args.width if args.width is not None else defaults["width"],
+        num_frames=args.num_frames if args.num_frames is not None else defaults["num_frames"],
+        frame_rate=args.frame_rate, seed=args.seed,
+        num_inference_steps=args.steps if args.steps is not None else defaults["steps"],
+        max_sequence_length=args.max_sequence_length or defaults["max_sequence_length"],
+        guidance=Guidance.off() if args.no_guidance else Guidance(), strengths=strengths)
+
+
+def _check_paths(args: argparse.Namespace) -> None:
+    for flag, path in (("--model-path", args.model_path), ("--distilled-lora", args.distilled_lora),
+                       *(("--lora", Path(p)) for p, _, _ in args.lora)):
+        if path is not None and not Path(path).exists():
+            raise GenerationInputError(f"{flag} {str(path)!r} does not exist")
+    if args.preset == "full" and (args.device or "cuda").startswith("cuda") and not torch.cuda.is_available():
+        raise GenerationInputError("--preset full needs a CUDA device (19 B parameters); use --preset tiny on a CPU")
+
+
+def _summary(console: Console, report: dict[str, Any], mp4: Path, json_path: Path) -> None:
+    table = Table(title=f"{report['pipeline']} · mode {report['mode']} · policy {report['merge_policy']}")
+    table.add_column("stage")
+    table.add_column("ms", justify="right")
+    for name, ms in report["stages_ms"].items():
+        table.add_row(name, f"{ms:,.1f}")
+    table.add_row("[bold]e2e", f"[bold]{report['e2e_ms']:,.1f}")
+    console.print(table)
+    events = " → ".join(f"{r['event']}" for r in report["trace"]) or "(no weight operation)"
+    console.print(f"transitions: {events}")
+    console.print(f"DiT after the request: [bold]{report['dit_state_after']}[/bold]; "
+                  f"avg denoise step {report['avg_denoise_ms']:,.1f} ms")
+    console.print(f"wrote {mp4} and {json_path}")
+
+
+def _generate(args: argparse.Namespace, console: Console) -> int:
+    _check_paths(args)
+    request = _request(args)
+    mp4 = args.output or Path("outputs") / f"ltx2_{args.preset or ('model' if args.model_path else 'tiny')}.mp4"
+    json_path = args.report or mp4.with_suffix(".json")
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, disable=args.no_progress, transient=False) as bars:
+        pipe = _build(args, _RichProgress(bars))
+        pipe.check(request)
+        result = pipe(request)
+    result.save_mp4(mp4)
+    report = {**result.report, "output": {"mp4": str(mp4), "frames": int(result.video.shape[0]),
+                                          "height": int(result.video.shape[1]), "width": int(result.video.shape[2]),
+                                          "audio_sample_rate": result.audio_sample_rate}}
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(report, indent=2) + "\n")
+    _summary(console, report, mp4, json_path)
+    pipe.close()
+    return 0
+
+
+def _diagram(args: argparse.Namespace) -> int:
+    for mode in ResidencyMode:
+        if args.mode in (None, mode.value):
+            print(f"%% {mode.value}: {TABLES[mode].summary}")
+            print(mermaid(TABLES[mode]))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    console = Console(stderr=True)
+    try:
+        if args.command == "diagram":
+            return _diagram(args)
+        return _generate(args, console)
+    except (GenerationInputError, ResidencyError) as exc:
+        console.print(f"[bold red]error:[/bold red] {type(exc).__name__}: {exc}")
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

@@ -1,0 +1,412 @@
+"""The LTX-2 two-stage flow on diffusers components, every DiT weight change through a
+:class:`~ltx2_residency.ResidencyManager`.
+
+text encoding (once, reused by both stages) → stage 1 at half the target resolution
+(``LTX2Pipeline`` with the LTX-2 sigma schedule and its guidance) → ×2 latent upsample
+(``LTX2LatentUpsamplePipeline``: raw latent in, raw latent out; stage 2's ``latents=`` then
+normalises it) → stage 2 (``LTX2Pipeline`` on a scheduler that takes the distilled sigmas as
+given; ``noise_scale`` = 0.909375 is the ``lerp(upsampled, noise, 0.909375)``; guidance off;
+distilled LoRA at its stage-2 strength) → decode video and audio → mp4 with the audio track.
+
+The pipeline never touches a weight: it asks the manager for the DiT each phase runs on
+(``req.enter(phase)``) and hands that module to diffusers' pipeline for the stage. The request
+is closed (LoRA restored, the shared DiT back to clean) before the VAE decode, so a failure
+anywhere in the denoising leaves the DiT clean for the next request.
+
+Stage names follow sglang's LTX-2 stages, so ``stages_ms`` reads like its perf baselines.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import statistics
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler, LTX2LatentUpsamplePipeline, LTX2Pipeline
+from diffusers.pipelines.ltx2.utils import STAGE_2_DISTILLED_SIGMA_VALUES
+from diffusers.utils import encode_video
+from torch import nn
+
+from ltx2_residency import LoRASpec, Phase, ResidencyManager
+
+from .components import PIPELINE_COMPONENTS
+from .errors import GenerationInputError
+from .loras import VARIANT_STRENGTHS, load_lora, to_diffusers_format
+from .presets import DISTILLED_FILE, full_preset, load_components, tiny_preset
+
+STAGE2_SIGMAS: tuple[float, ...] = tuple(STAGE_2_DISTILLED_SIGMA_VALUES)
+STAGES = ("TextEncodingStage", "LTX2LoRASwitchStage_stage1", "LTX2AVDenoisingStage", "LTX2UpsampleStage",
+          "LTX2LoRASwitchStage_stage2", "LTX2RefinementStage", "LTX2LoRARestoreStage", "LTX2AVDecodingStage")
+#: A path (either key format), in-memory tensors, or a ready spec.
+DistilledLoRA = str | os.PathLike[str] | Mapping[str, torch.Tensor] | LoRASpec
+DENOISE_STAGES = {"LTX2AVDenoisingStage": "stage1", "LTX2RefinementStage": "stage2"}
+
+
+@dataclass(frozen=True)
+class Guidance:
+    """Stage 1's guidance, as diffusers' ``LTX2Pipeline`` takes it (its defaults).
+
+    ``stg_blocks=None``: diffusers' default block 28, or the last block of a DiT with fewer.
+    """
+
+    guidance_scale: float = 3.0
+    stg_scale: float = 1.0
+    modality_scale: float = 3.0
+    guidance_rescale: float = 0.7
+    audio_guidance_scale: float = 7.0
+    audio_stg_scale: float = 1.0
+    audio_modality_scale: float = 3.0
+    audio_guidance_rescale: float = 0.7
+    stg_blocks: tuple[int, ...] | None = None
+
+    @classmethod
+    def off(cls) -> Guidance:
+        """No guidance term at all (stage 2). ``audio_*`` must be set too: diffusers falls back
+        to the video value only for ``None``."""
+        return cls(1.0, 0.0, 1.0, 0.0, 1.0, 0.0, 1.0, 0.0, ())
+
+    def kwargs(self, num_layers: int) -> dict[str, Any]:
+        blocks = list(self.stg_blocks) if self.stg_blocks is not None else [min(28, num_layers - 1)]
+        out = {k: v for k, v in asdict(self).items() if k != "stg_blocks"}
+        return {**out, "spatio_temporal_guidance_blocks": blocks}
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One generation. ``height``/``width`` are the output size (stage 1 runs at half);
+    ``strengths`` overrides LoRA strengths per phase: ``{"stage2": {"distilled": 0.5}}``."""
+
+    prompt: str
+    negative_prompt: str = ""
+    height: int = 512
+    width: int = 768
+    num_frames: int = 121
+    frame_rate: float = 24.0
+    num_inference_steps: int = 30
+    seed: int = 0
+    guidance: Guidance = field(default_factory=Guidance)
+    strengths: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
+    max_sequence_length: int = 1024
+
+
+@dataclass
+class GenerationResult:
+    video: np.ndarray  # [frames, height, width, 3], float in [0, 1]
+    audio: torch.Tensor  # [channels, samples], float in [-1, 1]
+    audio_sample_rate: int
+    frame_rate: float
+    report: dict[str, Any]
+
+    def save_mp4(self, path: str | os.PathLike[str]) -> Path:
+        """H.264 video with the AAC audio track, via diffusers' own ``encode_video``."""
+        out = Path(path)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.redirect_stderr(io.StringIO()):  # encode_video's unconditional tqdm bar
+            encode_video(self.video, fps=round(self.frame_rate), output_path=str(out),
+                         audio=self.audio.float().cpu(), audio_sample_rate=self.audio_sample_rate)
+        return out
+
+
+class Progress(Protocol):
+    """What the pipeline tells a progress display (the CLI draws rich bars from it)."""
+
+    def stage_started(self, stage: str, steps: int) -> None: ...
+    def step(self, stage: str) -> None: ...
+    def stage_finished(self, stage: str, ms: float) -> None: ...
+
+
+class _Silent:
+    def stage_started(self, stage: str, steps: int) -> None: ...
+    def step(self, stage: str) -> None: ...
+    def stage_finished(self, stage: str, ms: float) -> None: ...
+
+
+class _Clock:
+    """Wall time per stage and per denoising step; synchronises CUDA so a stage's time is its own."""
+
+    def __init__(self, device: torch.device, progress: Progress) -> None:
+        self.cuda = device.type == "cuda"
+        self.progress = progress
+        self.stages_ms: dict[str, float] = {}
+        self.steps_ms: dict[str, list[float]] = {}
+        self._last = 0.0
+
+    def _now(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    @contextlib.contextmanager
+    def stage(self, name: str, steps: int = 0) -> Iterator[None]:
+        self.progress.stage_started(name, steps)
+        start = self._last = self._now()
+        yield
+        self.stages_ms[name] = (self._now() - start) * 1e3
+        self.progress.stage_finished(name, self.stages_ms[name])
+
+    def step(self, stage: str) -> None:
+        # a step runs from the previous step's end (the stage's start for the first step)
+        now = self._now()
+        self.steps_ms.setdefault(DENOISE_STAGES[stage], []).append((now - self._last) * 1e3)
+        self._last = now
+        self.progress.step(stage)
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    return next(iter(module.parameters())).device
+
+
+def _peak_rss_bytes() -> int | None:
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return None
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+
+
+class LTX2TwoStagePipeline:
+    """LTX-2 two-stage generation with the DiT held by a :class:`ResidencyManager`.
+
+    Args:
+        components: the ``LTX2Pipeline`` components plus ``latent_upsampler``
+            (see :mod:`ltx2_pipeline.presets`).
+        distilled_lora: the distilled LoRA: a safetensors path (PEFT/diffusers or original
+            ``diffusion_model.*`` keys), in-memory tensors, or a ready :class:`LoRASpec`
+            (used as given). Paths and tensors get the variant's strengths.
+        loras: further LoRAs (e.g. a user's style LoRA), stacked after the distilled one.
+        mode, merge_policy, **manager_options: passed to :class:`ResidencyManager`.
+        progress: receives stage and step events (the CLI's rich bars).
+    """
+
+    variant = "normal"
+
+    def __init__(self, components: Mapping[str, Any], distilled_lora: DistilledLoRA, *,
+                 loras: Sequence[LoRASpec] = (), mode: str = "original", merge_policy: str = "sglang",
+                 progress: Progress | None = None, **manager_options: Any) -> None:
+        missing = [k for k in (*PIPELINE_COMPONENTS, "latent_upsampler") if k not in components]
+        if missing:
+            raise GenerationInputError(f"components lack {', '.join(missing)}; build them with "
+                                       "ltx2_pipeline.presets (tiny_preset, full_preset, load_components)")
+        self.components = dict(components)
+        strengths = VARIANT_STRENGTHS[self.variant]
+        if isinstance(distilled_lora, LoRASpec):
+            distilled = distilled_lora
+        elif isinstance(distilled_lora, Mapping):
+            distilled = LoRASpec("distilled", tensors=to_diffusers_format(distilled_lora, "LoRA 'distilled'"),
+                                 strengths=strengths)
+        else:
+            distilled = load_lora(distilled_lora, "distilled", strengths)
+        self.manager = ResidencyManager(components["transformer"], mode=mode, loras=[distilled, *loras],
+                                        merge_policy=merge_policy, **manager_options)
+        self.progress: Progress = progress or _Silent()
+        shared = {k: components[k] for k in PIPELINE_COMPONENTS}
+        self.stage1 = LTX2Pipeline(**shared)
+        # stage 2 takes the distilled sigmas as given: the LTX-2 scheduler config would shift them
+        raw = FlowMatchEulerDiscreteScheduler.from_config(components["scheduler"].config,
+                                                          use_dynamic_shifting=False, shift_terminal=None)
+        self.stage2 = LTX2Pipeline(**{**shared, "scheduler": raw})
+        self.upsample = LTX2LatentUpsamplePipeline(vae=components["vae"],
+                                                   latent_upsampler=components["latent_upsampler"])
+        for pipe in (self.stage1, self.stage2, self.upsample):
+            pipe.set_progress_bar_config(disable=True)
+        self.base = components["transformer"]
+        self.device = _device_of(self.base)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_preset(cls, preset: str, *, seed: int = 0, device: str | torch.device | None = None,
+                    dtype: torch.dtype = torch.bfloat16, preset_options: Mapping[str, Any] | None = None,
+                    **kwargs: Any) -> LTX2TwoStagePipeline:
+        """``"tiny"`` (CPU-sized, offline) or ``"full"`` (real shapes, random weights, on ``device``)."""
+        if preset == "tiny":
+            components, lora = tiny_preset(seed, dtype)
+            if device is not None:
+                for module in components.values():
+                    if isinstance(module, nn.Module):
+                        module.to(device)
+                lora = {k: v.to(device) for k, v in lora.items()}
+        elif preset == "full":
+            components, lora = full_preset(device or "cuda", dtype, seed, **dict(preset_options or {}))
+        else:
+            raise GenerationInputError(f"unknown preset {preset!r}; expected 'tiny' or 'full' (or a --model-path)")
+        kwargs.setdefault("distilled_lora", lora)
+        return cls(components, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, model_path: str | os.PathLike[str], *, distilled_lora: Any = None,
+                        dtype: torch.dtype | None = torch.bfloat16, device: str | torch.device | None = None,
+                        **kwargs: Any) -> LTX2TwoStagePipeline:
+        """A local diffusers-format folder; the distilled LoRA defaults to its ``distilled_lora.safetensors``."""
+        components = load_components(model_path, dtype)
+        if distilled_lora is None:
+            candidate = Path(model_path) / DISTILLED_FILE
+            if not candidate.is_file():
+                raise GenerationInputError(f"no distilled LoRA: pass --distilled-lora, or put {DISTILLED_FILE} "
+                                           f"into {str(model_path)!r}")
+            distilled_lora = candidate
+        if device is not None:
+            for module in components.values():
+                if isinstance(module, nn.Module):
+                    module.to(device)
+        return cls(components, distilled_lora, **kwargs)
+
+    def close(self) -> None:
+        self.manager.close()
+
+    # ------------------------------------------------------------------ generation
+    def check(self, req: GenerationRequest) -> None:
+        """Raise :class:`GenerationInputError` for a request the flow cannot run (before any work)."""
+        vae = self.components["vae"]
+        spatial, temporal = vae.spatial_compression_ratio, vae.temporal_compression_ratio
+        if not isinstance(req.prompt, str):
+            raise GenerationInputError(f"prompt must be a string, got {type(req.prompt).__name__}")
+        # stage 1 runs at half size, which LTX2Pipeline takes in multiples of 32 (and of the VAE's cell)
+        step = 2 * max(32, spatial)
+        for name in ("height", "width"):
+            value = getattr(req, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0 or value % step:
+                lo = max(step, (value // step) * step) if isinstance(value, int) and value > 0 else step
+                raise GenerationInputError(
+                    f"{name}={value!r}: must be a positive multiple of {step} (stage 1 runs at half size, "
+                    f"which must be a multiple of {step // 2}); try {lo} or {lo + step}")
+        n = req.num_frames
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1 or (n - 1) % temporal:
+            near = max(1, ((n - 1) // temporal) * temporal + 1) if isinstance(n, int) and n > 1 else 1
+            raise GenerationInputError(f"num_frames={n!r}: must be {temporal}·k + 1 (the VAE compresses time by "
+                                       f"{temporal}); try {near} or {near + temporal}")
+        if isinstance(req.num_inference_steps, bool) or not isinstance(req.num_inference_steps, int) \
+                or req.num_inference_steps < 1:
+            raise GenerationInputError(f"num_inference_steps={req.num_inference_steps!r}: must be an integer ≥ 1")
+        if not isinstance(req.frame_rate, (int, float)) or not req.frame_rate > 0:
+            raise GenerationInputError(f"frame_rate={req.frame_rate!r}: must be a positive number")
+        for phase, overrides in req.strengths.items():
+            if phase not in (Phase.STAGE1.value, Phase.STAGE2.value):
+                raise GenerationInputError(f"strengths: unknown phase {phase!r}; use 'stage1' or 'stage2'")
+            unknown = sorted(set(overrides) - set(self.manager.specs))
+            if unknown:
+                raise GenerationInputError(f"strengths[{phase!r}]: unknown LoRA {unknown[0]!r}; managed LoRAs: "
+                                           f"{', '.join(map(repr, self.manager.specs))}")
+
+    def __call__(self, request: GenerationRequest | None = None, /, **kwargs: Any) -> GenerationResult:
+        req = request if request is not None else GenerationRequest(**kwargs)
+        self.check(req)
+        clock = _Clock(self.device, self.progress)
+        if clock.cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
+        gen = torch.Generator("cpu").manual_seed(req.seed)  # same noise on every device
+        layers = self.base.config.num_layers
+        start = clock._now()
+        with torch.no_grad():
+            with clock.stage("TextEncodingStage"):
+                embeds, mask, neg, neg_mask = self.stage1.encode_prompt(
+                    req.prompt, req.negative_prompt, do_classifier_free_guidance=True,
+                    max_sequence_length=req.max_sequence_length, device=self.device)
+            with self.manager.request() as mreq:
+                request_id = mreq.id
+                with clock.stage("LTX2LoRASwitchStage_stage1"):
+                    dit = mreq.enter(Phase.STAGE1, strengths=req.strengths.get("stage1"))
+                with clock.stage("LTX2AVDenoisingStage", req.num_inference_steps), self._runs_on(self.stage1, dit):
+                    s1 = self.stage1(
+                        prompt_embeds=embeds, prompt_attention_mask=mask, negative_prompt_embeds=neg,
+                        negative_prompt_attention_mask=neg_mask, height=req.height // 2, width=req.width // 2,
+                        num_frames=req.num_frames, frame_rate=req.frame_rate,
+                        num_inference_steps=req.num_inference_steps, generator=gen, output_type="latent",
+                        callback_on_step_end=self._on_step(clock, "LTX2AVDenoisingStage"),
+                        max_sequence_length=req.max_sequence_length, **req.guidance.kwargs(layers))
+                with clock.stage("LTX2UpsampleStage"):
+                    upsampled = self.upsample(
+                        latents=s1.frames, height=req.height // 2, width=req.width // 2, num_frames=req.num_frames,
+                        latents_normalized=False, adain_factor=0.0, tone_map_compression_ratio=0.0,
+                        output_type="latent").frames
+                with clock.stage("LTX2LoRASwitchStage_stage2"):
+                    dit = mreq.enter(Phase.STAGE2, strengths=req.strengths.get("stage2"))
+                with clock.stage("LTX2RefinementStage", len(STAGE2_SIGMAS)), self._runs_on(self.stage2, dit):
+                    s2 = self.stage2(
+                        prompt_embeds=embeds, prompt_attention_mask=mask, latents=upsampled, audio_latents=s1.audio,
+                        height=req.height, width=req.width, num_frames=req.num_frames, frame_rate=req.frame_rate,
+                        noise_scale=STAGE2_SIGMAS[0], sigmas=list(STAGE2_SIGMAS),
+                        num_inference_steps=len(STAGE2_SIGMAS), generator=gen, output_type="latent",
+                        callback_on_step_end=self._on_step(clock, "LTX2RefinementStage"),
+                        max_sequence_length=req.max_sequence_length, **Guidance.off().kwargs(layers))
+                restore = clock._now()
+            # the request is closed: the shared DiT is clean again before the decode starts
+            clock.stages_ms["LTX2LoRARestoreStage"] = (clock._now() - restore) * 1e3
+            with clock.stage("LTX2AVDecodingStage"):
+                video, audio = self.decode(s2.frames, s2.audio)
+        e2e_ms = (clock._now() - start) * 1e3
+        report = self._report(req, clock, e2e_ms, request_id)
+        return GenerationResult(video=video[0], audio=audio[0], frame_rate=req.frame_rate, report=report,
+                                audio_sample_rate=int(self.components["vocoder"].config.output_sampling_rate))
+
+    def decode(self, latents: torch.Tensor, audio_latents: torch.Tensor) -> tuple[np.ndarray, torch.Tensor]:
+        """Raw (un-normalised) latents → video frames in [0, 1] and the waveform, as ``LTX2Pipeline``
+        decodes them (decode timestep 0: no decode noise)."""
+        vae, audio_vae = self.components["vae"], self.components["audio_vae"]
+        latents = latents.to(vae.dtype)
+        timestep = None
+        if vae.config.timestep_conditioning:
+            timestep = torch.zeros(latents.shape[0], device=latents.device, dtype=latents.dtype)
+        with torch.no_grad():
+            frames = vae.decode(latents, timestep, return_dict=False)[0]
+            video = self.stage2.video_processor.postprocess_video(frames, output_type="np")
+            mel = audio_vae.decode(audio_latents.to(audio_vae.dtype), return_dict=False)[0]
+            audio = self.components["vocoder"](mel)
+        return video, audio
+
+    # ------------------------------------------------------------------ internals
+    @contextlib.contextmanager
+    def _runs_on(self, pipe: LTX2Pipeline, dit: nn.Module) -> Iterator[None]:
+        """Hand diffusers' pipeline the module the phase runs on; give the base back afterwards."""
+        pipe.transformer = dit
+        try:
+            yield
+        finally:
+            pipe.transformer = self.base
+
+    @staticmethod
+    def _on_step(clock: _Clock, stage: str) -> Any:
+        def callback(_pipe: Any, _i: int, _t: torch.Tensor, _kw: dict[str, Any]) -> dict[str, Any]:
+            clock.step(stage)
+            return {}
+        return callback
+
+    def _report(self, req: GenerationRequest, clock: _Clock, e2e_ms: float, request_id: int) -> dict[str, Any]:
+        steps = [ms for stage in ("stage1", "stage2") for ms in clock.steps_ms.get(stage, [])]
+        mgr = self.manager
+        peak_device = int(torch.cuda.max_memory_allocated(self.device)) if clock.cuda else None
+        return {
+            "pipeline": type(self).__name__,
+            "variant": self.variant,
+            "mode": mgr.mode.value,
+            "mode_reason": mgr.mode_reason,
+            "merge_policy": mgr.policy.name.value,
+            "device": torch.cuda.get_device_name(self.device) if clock.cuda else str(self.device),
+            "request": {"prompt": req.prompt, "height": req.height, "width": req.width,
+                        "num_frames": req.num_frames, "frame_rate": req.frame_rate,
+                        "num_inference_steps": req.num_inference_steps, "seed": req.seed,
+                        "strengths": {p: dict(s) for p, s in req.strengths.items()}},
+            "e2e_ms": e2e_ms,
+            "avg_denoise_ms": statistics.fmean(steps) if steps else 0.0,
+            "median_denoise_ms": statistics.median(steps) if steps else 0.0,
+            "stages_ms": {name: clock.stages_ms[name] for name in STAGES if name in clock.stages_ms},
+            "denoise_step_ms": clock.steps_ms,
+            "trace": [r.as_dict() for r in mgr.trace.for_request(request_id)],
+            "dit_state_after": mgr.state.value,
+            "memory": {"peak_device_bytes": peak_device, "peak_host_rss_bytes": _peak_rss_bytes(),
+                       "manager": mgr.memory()},
+        }
+
+
+class LTX2TwoStageHQPipeline(LTX2TwoStagePipeline):
+    """The HQ variant: the distilled LoRA at 0.25 in stage 1 and 0.5 in stage 2 (whether stage 1
+    merges is the merge policy's call)."""
+
+    variant = "hq"
