@@ -282,11 +282,16 @@ def test_non_finite_merge_raises_and_partial_stack_restores(restore: str) -> Non
     assert "lower the strength" in msg
     assert isinstance(info.value, ValueError)
 
-    # Two layers of the failing frame were written and recorded; layer2 was not touched.
+    # Two layers of the failing frame were written; layer2 was not touched. The torch strategies
+    # stop at layer2; the fused one launched all three and recorded layer2 with unwritten tiles.
     assert [f.lora for f in stack.frames] == ["distilled", "boost"]
-    assert [t.name for t, _ in stack.frames[1].layers] == ["layer0", "layer1"]
+    recorded = ["layer0", "layer1", "layer2"] if restore == "fused" else ["layer0", "layer1"]
+    assert [t.name for t, _ in stack.frames[1].layers] == recorded
     now = _bits(layers)
-    assert not torch.equal(now[0], after_first[0]) and not torch.equal(now[1], after_first[1])
+    if restore != "fused":
+        assert not torch.equal(now[0], after_first[0]) and not torch.equal(now[1], after_first[1])
+    # (fused: at this strength nearly every element needs a record, more than the first guess
+    # holds, and the non-finite layer is reported before the tiles without room are retried)
     assert torch.equal(now[2], after_first[2])
 
     stack.pop_all()
@@ -371,7 +376,8 @@ def test_tampered_capture_raises_instead_of_drifting(restore: str) -> None:
     _, undo = stack.frames[0].layers[1]
     # One stored bf16 value gets its lowest mantissa bit flipped: the exception values of a
     # recompute capture, the backup of a copy capture.
-    stored = undo.tensors[1] if isinstance(stack.strategy, RecomputeRestore) else undo.tensors[0]
+    # fused: (tile flags, indices, values).
+    stored = {"recompute": undo.tensors[1], "fused": undo.tensors[2]}.get(stack.strategy.name, undo.tensors[0])
     assert stored.numel() > 0
     stored.view(torch.int16).view(-1)[0] ^= 1
 
@@ -401,7 +407,8 @@ def test_tampered_capture_without_layer_checks_is_left_to_the_fingerprint(restor
     stack.push("distilled", _targets(layers, rel=0.10, seed=14), 1.0)
     _, undo = stack.frames[0].layers[1]
     assert undo.digest is None
-    stored = undo.tensors[1] if isinstance(stack.strategy, RecomputeRestore) else undo.tensors[0]
+    # fused: (tile flags, indices, values).
+    stored = {"recompute": undo.tensors[1], "fused": undo.tensors[2]}.get(stack.strategy.name, undo.tensors[0])
     stored.view(torch.int16).view(-1)[0] ^= 1
 
     stack.pop_all()

@@ -45,7 +45,7 @@ from .modes import MODE_STRATEGIES, choose_auto
 from .ops.clean_source import HostCopy
 from .ops.dynamic import PeftAdapters
 from .ops.fingerprint import Fingerprint
-from .ops.merge import RESTORE_STRATEGIES, MergeStack
+from .ops.merge import RESTORE_STRATEGIES, MergeStack, choose_restore
 from .policy import MergePolicy, PhaseContext, make_policy
 from .request import Request
 from .trace import Trace, TransitionRecord
@@ -63,7 +63,9 @@ class ResidencyManager:
         loras: the LoRAs to manage, e.g. the distilled LoRA plus a user LoRA.
         merge_policy: ``"sglang"``, ``"dynamic"`` or ``"merge"`` (see ``policy``).
         native_ltx23: the model is the native LTX-2.3 variant (the sglang policy merges then).
-        restore: exact-undo strategy of the merge path: ``"recompute"`` (default, least
+        restore: exact-undo strategy of the merge path: ``"auto"`` (``"fused"`` when the weights
+            are bf16 on a CUDA device and Triton is there, else ``"recompute"``), ``"fused"`` (the
+            recompute undo as one Triton kernel per layer), ``"recompute"`` (default, least
             memory), ``"copy"`` (a same-device copy) or ``"copy_host"``.
         check_layers: also check every undone layer against its pre-merge digest (catches a
             bad undo at the layer it happens; costs one more pass at merge and at restore).
@@ -106,8 +108,8 @@ class ResidencyManager:
         self.policy: MergePolicy = make_policy(merge_policy)
         restore = restore.strip().lower() if isinstance(restore, str) else restore
         verify = verify.strip().lower() if isinstance(verify, str) else verify  # type: ignore[assignment]
-        if restore not in RESTORE_STRATEGIES:
-            raise ConfigError(f"unknown restore strategy {restore!r}; expected one of "
+        if restore not in RESTORE_STRATEGIES and restore != "auto":
+            raise ConfigError(f"unknown restore strategy {restore!r}; expected 'auto' or one of "
                               f"{', '.join(map(repr, RESTORE_STRATEGIES))}")
         if verify not in _VERIFY:
             raise ConfigError(f"unknown verify setting {verify!r}; expected one of {_VERIFY}")
@@ -137,6 +139,8 @@ class ResidencyManager:
 
         # Validate everything before the first mutation (PEFT injection wraps modules).
         self.loras: list[LoadedLoRA] = validate_all(specs, transformer)
+        targets = sorted({m for lo in self.loras for m in lo.targets})
+        self.restore = choose_restore(restore, [transformer.get_submodule(n).weight for n in targets])
         self.mode_reason = f"mode={self.mode.value!r} was asked for"
         if auto:
             lora_bytes = sum(lo.nbytes for lo in self.loras)
@@ -150,7 +154,7 @@ class ResidencyManager:
         self._clean = Fingerprint.of(self._weights.items())
         self._clean_source = (HostCopy(self._weights, shared=self._mode.shared_clean_copies(self._weights))
                               if clean_source == "host_copy" else None)
-        self._stack = MergeStack(RESTORE_STRATEGIES[restore](), self.faults, check_layers)
+        self._stack = MergeStack(RESTORE_STRATEGIES[self.restore](), self.faults, check_layers)
         self.machine = WeightMachine(TABLES[self.mode], {
             "merge": self._effect_merge,
             "attach": self._effect_attach,

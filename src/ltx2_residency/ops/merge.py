@@ -29,8 +29,9 @@ write of ``W``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
@@ -74,6 +75,7 @@ class LayerUndo:
     digest: Digest | None  # the layer before this merge (None: layer checks are off)
     tensors: tuple[torch.Tensor, ...] = ()
     exceptions: int = 0
+    handle: object = None  # strategy-private state (the fused strategy's tile flags and records)
 
     @property
     def nbytes(self) -> int:
@@ -84,7 +86,47 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
 
 
-class RecomputeRestore:
+class NonFiniteMergeError(Exception):
+    """Internal: a layer's merge is not finite (the stack reports it as a LoRAValueError)."""
+
+    def __init__(self, layer: str) -> None:
+        super().__init__(layer)
+        self.layer = layer
+
+
+def _merge_checked(target: LayerTarget, strength: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(bf16(W + d), d)`` computed aside; raises before anything is written if not finite."""
+    w = target.weight.detach()
+    delta = target.delta(strength)
+    merged = torch.add(delta, w, out=torch.empty_like(w))
+    if not bool(torch.isfinite(merged).all()):
+        raise NonFiniteMergeError(target.name)
+    return merged, delta
+
+
+class _TorchStrategy:
+    """Per layer: compute the merge aside, check it, capture the undo, then write once."""
+
+    name = "torch"
+
+    def capture(self, target: LayerTarget, merged: torch.Tensor, delta: torch.Tensor,
+                digest: Digest | None) -> LayerUndo:
+        raise NotImplementedError
+
+    def merge(self, target: LayerTarget, strength: float, digest: Digest | None) -> LayerUndo:
+        merged, delta = _merge_checked(target, strength)
+        undo = self.capture(target, merged, delta, digest)
+        target.weight.detach().copy_(merged)
+        return undo
+
+    def begin(self, frame: MergeFrame, targets: list[LayerTarget]) -> None:
+        """A frame starts; the torch strategies keep nothing across layers."""
+
+    def finish(self, frame: MergeFrame) -> None:
+        """Every layer of a frame is merged; nothing is pending for the torch strategies."""
+
+
+class RecomputeRestore(_TorchStrategy):
     name = "recompute"
 
     def capture(self, target: LayerTarget, merged: torch.Tensor, delta: torch.Tensor,
@@ -105,7 +147,7 @@ class RecomputeRestore:
         w.view(-1)[miss.to(torch.int64)] = values
 
 
-class CopyRestore:
+class CopyRestore(_TorchStrategy):
     name = "copy"
 
     def __init__(self, device: str | torch.device | None = None) -> None:
@@ -124,12 +166,26 @@ class CopyRestore:
         target.weight.detach().copy_(undo.tensors[0], non_blocking=False)
 
 
-RestoreStrategy = RecomputeRestore | CopyRestore
+class RestoreStrategy(Protocol):
+    name: str
+
+    def begin(self, frame: MergeFrame, targets: list[LayerTarget]) -> None: ...
+    def merge(self, target: LayerTarget, strength: float, digest: Digest | None) -> LayerUndo: ...
+    def finish(self, frame: MergeFrame) -> None: ...
+    def undo(self, target: LayerTarget, undo: LayerUndo, strength: float) -> None: ...
+
+
+def _fused() -> RestoreStrategy:
+    from .fused import FusedRestore  # Triton is optional: imported when asked for
+
+    return FusedRestore()
+
 
 RESTORE_STRATEGIES: Mapping[str, Callable[[], RestoreStrategy]] = {
     "recompute": RecomputeRestore,
     "copy": CopyRestore,
     "copy_host": lambda: CopyRestore("cpu"),
+    "fused": _fused,
 }
 
 
@@ -174,26 +230,25 @@ class MergeStack:
         frame = MergeFrame(lora, strength)
         self.frames.append(frame)
         written = 0
-        exceptions = 0
         elements = 0
         with torch.no_grad():
-            for target in targets:
-                self.faults.hit("merge.layer")
-                w = target.weight.detach()
-                delta = target.delta(strength)
-                merged = torch.add(delta, w, out=torch.empty_like(w))
-                if not bool(torch.isfinite(merged).all()):
-                    raise LoRAValueError(
-                        f"merging LoRA {lora!r} at strength {strength} into {target.name!r} gives "
-                        "non-finite weights; lower the strength or check the LoRA"
-                    )
-                digest = tensor_digest(w) if self.check_layers else None
-                undo = self.strategy.capture(target, merged, delta, digest)
-                w.copy_(merged)
-                frame.layers.append((target, undo))
-                written += w.numel() * w.element_size()
-                exceptions += undo.exceptions
-                elements += w.numel()
+            try:
+                self.strategy.begin(frame, targets)
+                for target in targets:
+                    self.faults.hit("merge.layer")
+                    w = target.weight.detach()
+                    digest = tensor_digest(w) if self.check_layers else None
+                    undo = self.strategy.merge(target, strength, digest)
+                    frame.layers.append((target, undo))
+                    written += w.numel() * w.element_size()
+                    elements += w.numel()
+                self.strategy.finish(frame)
+            except NonFiniteMergeError as exc:
+                raise LoRAValueError(
+                    f"merging LoRA {lora!r} at strength {strength} into {exc.layer!r} gives "
+                    "non-finite weights; lower the strength or check the LoRA"
+                ) from None
+            exceptions = sum(u.exceptions for _, u in frame.layers)
         self.last_exception_fraction = exceptions / elements if elements else 0.0
         return written
 
@@ -220,3 +275,19 @@ class MergeStack:
     def forget(self) -> None:
         """Drop every capture without undoing (after a repair rewrote the weights)."""
         self.frames.clear()
+
+
+def choose_restore(name: str, weights: Iterable[torch.Tensor]) -> str:
+    """Resolve ``"auto"``; refuse ``"fused"`` where its kernels cannot run."""
+    from ..errors import ConfigError
+    from . import kernels
+
+    ws = list(weights)
+    fused_ok = bool(ws) and all(w.dtype == torch.bfloat16 and w.dim() == 2 and w.is_contiguous() for w in ws) and \
+        kernels.available(ws[0].device)
+    if name == "auto":
+        return "fused" if fused_ok and ws[0].device.type == "cuda" else "recompute"
+    if name == "fused" and not fused_ok:
+        raise ConfigError("restore='fused' needs Triton and contiguous 2-D bfloat16 weights on a CUDA device "
+                          "(or TRITON_INTERPRET=1); use restore='recompute'")
+    return name

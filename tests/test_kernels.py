@@ -1,0 +1,142 @@
+"""The Triton kernels against the torch paths: the fingerprint gives the same digests bit for
+bit, the fused merge the same merged bits as ``recompute`` (on the CPU interpreter, where both
+deltas are float32 matmuls) and an exact undo, also when its record pool overflows.
+
+Without a GPU the kernels run in Triton's interpreter (conftest sets ``TRITON_INTERPRET=1``
+before Triton is imported; these tests opt in with ``LTX2_RESIDENCY_KERNELS=interpret``). On the
+device machine the same tests run the compiled kernels on the GPU.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import assert_same_bits
+from ltx2_residency import ConfigError, FaultInjector, LoRASpec, ResidencyManager, WeightState
+from ltx2_residency.faults import NO_FAULTS
+from ltx2_residency.ops import fused, kernels
+from ltx2_residency.ops.fingerprint import Fingerprint, _kernel_digests, tensor_digest
+from ltx2_residency.ops.merge import LayerTarget, MergeStack, RecomputeRestore
+from ltx2_residency.testing import weight_bits
+
+pytest.importorskip("triton")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def _kernels_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    if DEVICE == "cpu":
+        monkeypatch.setenv("LTX2_RESIDENCY_KERNELS", "interpret")
+
+
+def _layers(seed: int, shapes=((96, 160), (64, 64), (130, 70))) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return [(torch.randn(*s, generator=gen) * 0.05).to(torch.bfloat16).to(DEVICE) for s in shapes]
+
+
+def _targets(layers: list[torch.Tensor], seed: int, rank: int = 8, rel: float = 0.10) -> list[LayerTarget]:
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for i, w in enumerate(layers):
+        a = torch.randn(rank, w.shape[1], generator=gen) / w.shape[1] ** 0.5
+        b = torch.randn(w.shape[0], rank, generator=gen)
+        b *= rel * w.float().norm().cpu() / (b @ a).norm()
+        out.append(LayerTarget(f"layer{i}", w, a.to(torch.bfloat16).to(DEVICE), b.to(torch.bfloat16).to(DEVICE),
+                               1.0))
+    return out
+
+
+def _bits(layers: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [w.detach().cpu().view(torch.int16).clone() for w in layers]
+
+
+def test_kernel_digests_equal_the_torch_digests() -> None:
+    gen = torch.Generator().manual_seed(0)
+    tensors = [torch.randn(n, generator=gen).to(dtype).to(DEVICE)
+               for n, dtype in [(1, torch.bfloat16), (32_768, torch.bfloat16), (70_001, torch.bfloat16),
+                                (100_000, torch.float32), (3, torch.float16)]]
+    tensors.append(torch.tensor([-0.0, float("nan"), float("inf")], dtype=torch.bfloat16, device=DEVICE))
+    assert kernels.digests(tensors) == [tensor_digest(t) for t in tensors]
+    named = [(f"t{i}", t) for i, t in enumerate(tensors)]
+    assert _kernel_digests(tensors) is not None, "Fingerprint.of takes the kernel path here"
+    clean = Fingerprint.of(named)
+    tensors[2].view(-1)[40_000] = -tensors[2].view(-1)[40_000]  # one word in the second block
+    assert clean.differing(Fingerprint.of(named)) == ["t2"]
+
+
+@pytest.mark.parametrize("rank", [8, 40])
+def test_fused_merge_gives_recomputes_bits_and_an_exact_undo(rank: int) -> None:
+    layers, twins = _layers(1), _layers(1)
+    original = _bits(layers)
+    ours = MergeStack(fused.FusedRestore(), NO_FAULTS)
+    reference = MergeStack(RecomputeRestore(), NO_FAULTS)
+    ours.push("distilled", _targets(layers, 2, rank), 1.0)
+    reference.push("distilled", _targets(twins, 2, rank), 1.0)
+    merged = _bits(layers)
+    if DEVICE == "cpu":  # the interpreter's float32 dot and torch's CPU matmul agree here
+        assert all(torch.equal(a, b) for a, b in zip(merged, _bits(twins), strict=True))
+    else:  # tensor-core accumulation order differs from torch.mm's: at most one bf16 ulp apart
+        assert all(int((a.int() - b.int()).abs().max()) <= 1 for a, b in zip(merged, _bits(twins), strict=True))
+    assert ours.last_exception_fraction == pytest.approx(reference.last_exception_fraction, abs=0.01)
+    assert 0.01 < ours.last_exception_fraction < 0.2
+    ours.pop_all()
+    assert all(torch.equal(a, b) for a, b in zip(_bits(layers), original, strict=True))
+
+
+def test_records_that_overflow_the_first_guess_are_merged_into_a_second_pool(monkeypatch) -> None:
+    monkeypatch.setattr(fused, "FIRST_GUESS", 0.0)  # capacity 1024 records: most tiles find no room
+    layers = _layers(3, shapes=((256, 192), (128, 128)))
+    original = _bits(layers)
+    strategy = fused.FusedRestore()
+    stack = MergeStack(strategy, NO_FAULTS)
+    stack.push("distilled", _targets(layers, 4), 1.0)
+    frame = stack.frames[0]
+    assert any(len(undo.handle.parts) == 1 for _, undo in frame.layers)  # trimmed to one pool
+    assert all(bool((undo.handle.flags == kernels.TILE_MERGED).all()) for _, undo in frame.layers)
+    needed = sum(undo.exceptions for _, undo in frame.layers)
+    assert needed > 1024 and strategy._known[("distilled", 1.0)] == needed
+    stack.pop_all()
+    assert all(torch.equal(a, b) for a, b in zip(_bits(layers), original, strict=True))
+    stack.push("distilled", _targets(layers, 4), 1.0)  # now sized exactly from the first merge
+    assert sum(u.exceptions for _, u in stack.frames[0].layers) == needed
+    stack.pop_all()
+    assert all(torch.equal(a, b) for a, b in zip(_bits(layers), original, strict=True))
+
+
+def test_a_fault_between_layer_launches_rolls_back_exactly() -> None:
+    faults = FaultInjector()
+    layers = _layers(5)
+    original = _bits(layers)
+    stack = MergeStack(fused.FusedRestore(), faults)
+    faults.arm("merge.layer", lambda: RuntimeError("boom"), on_hit=3)
+    with pytest.raises(RuntimeError, match="boom"):
+        stack.push("distilled", _targets(layers, 6), 1.0)
+    assert [t.name for t, _ in stack.frames[0].layers] == ["layer0", "layer1"]
+    stack.pop_all()  # the undo reads the records before finish() ever ran
+    assert all(torch.equal(a, b) for a, b in zip(_bits(layers), original, strict=True))
+
+
+def test_the_manager_runs_requests_on_the_fused_strategy(fresh_model, distilled_path, inputs) -> None:
+    model = fresh_model().to(DEVICE)
+    mgr = ResidencyManager(model, loras=[LoRASpec("distilled", distilled_path, {"stage1": 0.25, "stage2": 1.0})],
+                           merge_policy="merge", restore="fused")
+    assert mgr.restore == "fused"
+    clean = weight_bits(mgr.managed_weights)
+    with torch.no_grad(), mgr.request() as req:
+        req.enter("stage1")
+        req.enter("stage2")(**{k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()})
+        assert mgr.memory()["restore_capture_bytes"] > 0
+    assert mgr.state is WeightState.CLEAN
+    assert_same_bits(clean, weight_bits(mgr.managed_weights))
+
+
+def test_fused_is_refused_where_it_cannot_run(fresh_model, distilled_path, monkeypatch) -> None:
+    monkeypatch.setenv("LTX2_RESIDENCY_KERNELS", "0")
+    model = fresh_model()
+    before = weight_bits({n: p for n, p in model.named_parameters()})
+    with pytest.raises(ConfigError, match="restore='fused' needs Triton"):
+        ResidencyManager(model, loras=[LoRASpec("distilled", distilled_path)], restore="fused")
+    assert_same_bits(before, weight_bits({n: p for n, p in model.named_parameters()}))
+    auto = ResidencyManager(model, loras=[LoRASpec("distilled", distilled_path)], restore="auto")
+    assert auto.restore == "recompute"
