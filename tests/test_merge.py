@@ -377,7 +377,7 @@ def test_tampered_capture_raises_instead_of_drifting(restore: str) -> None:
     # One stored bf16 value gets its lowest mantissa bit flipped: the exception values of a
     # recompute capture, the backup of a copy capture.
     # fused: (tile flags, indices, values).
-    stored = {"recompute": undo.tensors[1], "fused": undo.tensors[2]}.get(stack.strategy.name, undo.tensors[0])
+    stored = undo.tensors[{"recompute": 1, "fused": 2}.get(stack.strategy.name, 0)]
     assert stored.numel() > 0
     stored.view(torch.int16).view(-1)[0] ^= 1
 
@@ -408,7 +408,7 @@ def test_tampered_capture_without_layer_checks_is_left_to_the_fingerprint(restor
     _, undo = stack.frames[0].layers[1]
     assert undo.digest is None
     # fused: (tile flags, indices, values).
-    stored = {"recompute": undo.tensors[1], "fused": undo.tensors[2]}.get(stack.strategy.name, undo.tensors[0])
+    stored = undo.tensors[{"recompute": 1, "fused": 2}.get(stack.strategy.name, 0)]
     stored.view(torch.int16).view(-1)[0] ^= 1
 
     stack.pop_all()

@@ -1,11 +1,12 @@
 """The ``fused`` restore strategy: the exact merge and undo of ``recompute``, each one Triton
-kernel per layer (see :mod:`.kernels`), launched back to back with one host sync per LoRA.
+launch for all the layers of a LoRA (see :mod:`.kernels`), with one host sync per merge.
 
-A layer's undo record is its tile flags plus its slice of a pool of (flat index, original bits)
-records shared by the frame. The pool is sized from the last merge of the same LoRA at the same
-strength (the count is deterministic), or from an estimate the first time, then trimmed to what
-was used; tiles that found no room are left unmerged and merged into a second pool after the
-sync shows them.
+``merge`` only registers a layer; ``finish`` launches the whole LoRA. A layer's undo record is
+its tiles' flags plus its region of a pool of (flat index, original bits) records. Each layer's
+region is sized from the last merge of the same LoRA at the same strength (the counts are
+deterministic), or from an estimate the first time; tiles that find no room are left unmerged,
+merged again into a second pool once the sync shows them, and the records are then packed so no
+slack is held while the LoRA stays merged.
 """
 
 from __future__ import annotations
@@ -19,50 +20,41 @@ from .fingerprint import Digest
 from .merge import LayerTarget, LayerUndo, MergeFrame, NonFiniteMergeError
 
 FIRST_GUESS = 0.125  # of the elements: 7.7 % need a record at ‖ΔW‖ = 10 % of ‖W‖, 12.5 % at 20 %
+MIN_REGION = 256
 
 
 @dataclass
-class _Pool:
-    """The records of one launch pass and, per layer, the reservation counter after it."""
+class _Frame:
+    """One LoRA's launch: the layers registered, the plan, the flags and the packed records."""
 
-    idx: torch.Tensor
-    val: torch.Tensor
-    counters: torch.Tensor  # int64 [reserved, valid end]
-    ends: list[torch.Tensor] = field(default_factory=list)
-    host_ends: list[int] | None = None
-
-    @classmethod
-    def new(cls, capacity: int, device: torch.device) -> _Pool:
-        return cls(torch.empty(capacity, dtype=torch.int32, device=device),
-                   torch.empty(capacity, dtype=torch.int16, device=device),
-                   torch.zeros(2, dtype=torch.int64, device=device))
-
-    def mark_end(self) -> int:
-        self.ends.append(self.counters[:1].clone())
-        return len(self.ends) - 1
-
-    def segment(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.host_ends is None:  # one sync for the whole pass
-            valid = int(self.counters[1])
-            self.host_ends = [min(int(v), valid) for v in torch.cat(self.ends).tolist()]
-        start = self.host_ends[i - 1] if i else 0
-        end = max(start, self.host_ends[i])
-        return self.idx[start:end], self.val[start:end]
+    strength: float
+    targets: list[LayerTarget] = field(default_factory=list)
+    undos: list[LayerUndo] = field(default_factory=list)
+    factors: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    plan: kernels.Plan | None = None
+    flags: torch.Tensor | None = None
+    idx: torch.Tensor | None = None
+    val: torch.Tensor | None = None
+    rec_start: torch.Tensor | None = None
+    count: torch.Tensor | None = None
+    host_count: list[int] | None = None
 
 
-@dataclass
-class _Layer:
-    flags: torch.Tensor
-    parts: list[tuple[_Pool, int]]
+def _exclusive_cumsum(values: list[int]) -> list[int]:
+    out, total = [], 0
+    for v in values:
+        out.append(total)
+        total += v
+    return out
 
 
 class FusedRestore:
     name = "fused"
+    batched = True
 
     def __init__(self) -> None:
-        self._known: dict[tuple[str, float], int] = {}  # (LoRA, strength) -> records it needed
-        self._pool: _Pool | None = None
-        self._pending: list[tuple[LayerTarget, LayerUndo, _Layer]] = []
+        self._known: dict[tuple[str, float], list[int]] = {}  # (LoRA, strength) -> records per layer
+        self._frame: _Frame | None = None
 
     @staticmethod
     def _factors(target: LayerTarget) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,11 +63,7 @@ class FusedRestore:
                 target.lora_A.detach().to(device=w.device, dtype=w.dtype).contiguous())
 
     def begin(self, frame: MergeFrame, targets: list[LayerTarget]) -> None:
-        elements = sum(t.weight.numel() for t in targets)
-        capacity = self._known.get((frame.lora, frame.strength), max(1024, int(elements * FIRST_GUESS)))
-        device = targets[0].weight.device if targets else torch.device("cpu")
-        self._pool = _Pool.new(capacity, device)
-        self._pending = []
+        self._frame = _Frame(frame.strength)
 
     def merge(self, target: LayerTarget, strength: float, digest: Digest | None) -> LayerUndo:
         w = target.weight.detach()
@@ -83,71 +71,101 @@ class FusedRestore:
         if not kernels.supports(w, a, b):
             raise TypeError(f"the fused restore needs contiguous 2-D bfloat16 weights and factors; "
                             f"{target.name!r} is {tuple(w.shape)} {w.dtype}; use restore='recompute'")
-        pool = self._pool
-        assert pool is not None, "begin() first"
-        rows, cols = kernels.tile_grid(w)
-        flags = torch.zeros(rows * cols, dtype=torch.int8, device=w.device)
-        kernels.lora_tiles(0, w, b, a, strength * target.scale, flags, pool.counters, pool.idx, pool.val)
-        layer = _Layer(flags, [(pool, pool.mark_end())])
-        undo = LayerUndo(digest, (flags,), handle=layer)
-        self._pending.append((target, undo, layer))
-        return undo
+        state = self._frame
+        assert state is not None, "begin() first"
+        undo = LayerUndo(digest, handle=(state, len(state.targets)))
+        state.targets.append(target)
+        state.undos.append(undo)
+        state.factors.append((b, a))
+        return undo  # written by finish(): a failure before it leaves every weight untouched
 
     def finish(self, frame: MergeFrame) -> None:
-        """One sync for the frame: report a non-finite layer, merge the tiles that found no room
-        into a pool sized by what the first pass asked for, and trim the records to size."""
-        pending, self._pending = self._pending, []
-        if not pending:
+        state, self._frame = self._frame, None
+        if state is None or not state.targets:
             return
-        flags = torch.cat([layer.flags for _, _, layer in pending])
-        non_finite, no_room = torch.stack([(flags == kernels.TILE_NON_FINITE).any(),
-                                           (flags == kernels.TILE_NO_ROOM).any()]).tolist()
+        weights = [t.weight.detach() for t in state.targets]
+        device = weights[0].device
+        p = kernels.plan(weights, state.factors, [frame.strength * t.scale for t in state.targets])
+        state.plan = p
+        n = p.layers
+        caps = self._known.get((frame.lora, frame.strength)) or [
+            max(MIN_REGION, int(w.numel() * FIRST_GUESS)) for w in weights]
+        state.flags = torch.zeros(p.tiles, dtype=torch.int8, device=device)
+        everyone = torch.ones(n, dtype=torch.int8, device=device)
+        counters, valid = (torch.zeros(n, dtype=torch.int64, device=device) for _ in range(2))
+        starts = _exclusive_cumsum(caps)
+        idx = torch.empty(sum(caps), dtype=torch.int32, device=device)
+        val = torch.empty(sum(caps), dtype=torch.int16, device=device)
+        rec_start = torch.tensor(starts, dtype=torch.int64, device=device)
+        state.idx, state.val, state.rec_start, state.count = idx, val, rec_start, valid
+        kernels.lora_tiles(0, p, everyone, state.flags, counters, valid, rec_start,
+                           torch.tensor(caps, dtype=torch.int64, device=device), idx, val)
+        # the one sync of the merge: non-finite tiles, tiles without room, records per layer
+        summary = torch.cat([torch.stack([(state.flags == kernels.TILE_NON_FINITE).any(),
+                                          (state.flags == kernels.TILE_NO_ROOM).any()]).to(torch.int64),
+                             valid, counters]).tolist()
+        non_finite, no_room = summary[:2]
+        got, asked = summary[2:2 + n], summary[2 + n:]
         if non_finite:
-            first = next(t for t, _, layer in pending if bool((layer.flags == kernels.TILE_NON_FINITE).any()))
-            raise NonFiniteMergeError(first.name)
+            bad = int(p.tile_layer[state.flags == kernels.TILE_NON_FINITE].min())
+            raise NonFiniteMergeError(state.targets[bad].name)
+        parts = [[(start, count)] for start, count in zip(starts, got, strict=True)]
+        pools = [(idx, val)]
         if no_room:
-            asked = int(pending[0][2].parts[0][0].counters[0])
-            retry = _Pool.new(max(1024, asked), flags.device)
-            for target, _, layer in pending:
-                if bool((layer.flags == kernels.TILE_NO_ROOM).any()):
-                    b, a = self._factors(target)
-                    kernels.lora_tiles(0, target.weight.detach(), b, a, frame.strength * target.scale, layer.flags,
-                                       retry.counters, retry.idx, retry.val)
-                    layer.parts.append((retry, retry.mark_end()))
-        segments = [[pool.segment(i) for pool, i in layer.parts] for _, _, layer in pending]
-        total = sum(idx.numel() for segs in segments for idx, _ in segs)
-        self._known[(frame.lora, frame.strength)] = total
-        pools = {id(pool): pool for _, _, layer in pending for pool, _ in layer.parts}
-        if len(pools) == 1 and next(iter(pools.values())).idx.numel() == total:
-            for _, undo, layer in pending:  # sized exactly (from the last merge): keep the pool as is
-                idx, val = layer.parts[0][0].segment(layer.parts[0][1])
-                undo.tensors = (layer.flags, idx, val)
-                undo.exceptions = idx.numel()
-            return
-        # one pool of exactly the records kept: no slack from the first guess is held while merged
-        idx_parts = [idx for segs in segments for idx, _ in segs]
-        val_parts = [val for segs in segments for _, val in segs]
-        trimmed = _Pool(torch.cat(idx_parts) if total else flags.new_empty(0, dtype=torch.int32),
-                        torch.cat(val_parts) if total else flags.new_empty(0, dtype=torch.int16),
-                        flags.new_zeros(2, dtype=torch.int64))
-        end = 0
-        trimmed.host_ends = []
-        for (_, undo, layer), segs in zip(pending, segments, strict=True):
-            end += sum(idx.numel() for idx, _ in segs)
-            layer.parts = [(trimmed, len(trimmed.host_ends))]
-            trimmed.host_ends.append(end)
-            idx, val = trimmed.segment(len(trimmed.host_ends) - 1)
-            undo.tensors = (layer.flags, idx, val)
-            undo.exceptions = idx.numel()
+            short = [int(asked[i]) if got[i] < asked[i] else 0 for i in range(n)]
+            starts2 = _exclusive_cumsum(short)
+            idx2 = torch.empty(max(1, sum(short)), dtype=torch.int32, device=device)
+            val2 = torch.empty(max(1, sum(short)), dtype=torch.int16, device=device)
+            valid2 = torch.zeros(n, dtype=torch.int64, device=device)
+            kernels.lora_tiles(0, p, torch.tensor([1 if s else 0 for s in short], dtype=torch.int8, device=device),
+                               state.flags, torch.zeros(n, dtype=torch.int64, device=device), valid2,
+                               torch.tensor(starts2, dtype=torch.int64, device=device),
+                               torch.tensor(short, dtype=torch.int64, device=device), idx2, val2)
+            for i, extra in enumerate(valid2.tolist()):
+                parts[i].append((starts2[i], extra))
+            pools.append((idx2, val2))
+        counts = [sum(c for _, c in layer_parts) for layer_parts in parts]
+        self._known[(frame.lora, frame.strength)] = counts
+        if not no_room and counts == caps:
+            packed = (idx, val)  # sized exactly from the last merge: nothing to pack
+        else:  # pack every layer's records into one pool of exactly the records kept
+            pieces = [(pools[j][0][s:s + c], pools[j][1][s:s + c]) for layer_parts in parts
+                      for j, (s, c) in enumerate(layer_parts) if c]
+            packed = (torch.cat([i for i, _ in pieces]) if pieces else idx[:0],
+                      torch.cat([v for _, v in pieces]) if pieces else val[:0])
+            starts = _exclusive_cumsum(counts)
+            state.rec_start = torch.tensor(starts, dtype=torch.int64, device=device)
+            state.count = torch.tensor(counts, dtype=torch.int64, device=device)
+        state.idx, state.val = packed
+        state.host_count = counts
+        for i, undo in enumerate(state.undos):
+            lo, hi = p.tile_offsets[i], p.tile_offsets[i + 1]
+            undo.tensors = (state.flags[lo:hi], packed[0][starts[i]:starts[i] + counts[i]],
+                            packed[1][starts[i]:starts[i] + counts[i]])
+            undo.exceptions = counts[i]
 
     def undo(self, target: LayerTarget, undo: LayerUndo, strength: float) -> None:
-        layer = undo.handle
-        assert isinstance(layer, _Layer)
-        w = target.weight.detach()
-        b, a = self._factors(target)
-        none = torch.empty(0, dtype=torch.int32, device=w.device)
-        kernels.lora_tiles(1, w, b, a, strength * target.scale, layer.flags,
-                           torch.zeros(2, dtype=torch.int64, device=w.device), none, none.to(torch.int16))
-        for pool, i in layer.parts:
-            idx, val = pool.segment(i)
-            kernels.scatter(w, idx, val)
+        self.undo_batch([(target, undo)], strength)
+
+    def undo_batch(self, batch: list[tuple[LayerTarget, LayerUndo]], strength: float) -> None:
+        """Undo these layers (all of one LoRA) with one restore launch and one scatter launch."""
+        if not batch:
+            return
+        state = batch[0][1].handle[0]  # type: ignore[index]
+        assert isinstance(state, _Frame)
+        p = state.plan
+        if p is None:
+            return  # finish() never launched: nothing was written
+        assert state.flags is not None and state.idx is not None and state.val is not None
+        assert state.rec_start is not None and state.count is not None
+        device = state.flags.device
+        chosen = [0] * p.layers
+        for _, undo in batch:
+            chosen[undo.handle[1]] = 1  # type: ignore[index]
+        active = torch.tensor(chosen, dtype=torch.int8, device=device)
+        none = torch.zeros(p.layers, dtype=torch.int64, device=device)
+        kernels.lora_tiles(1, p, active, state.flags, none, none, state.rec_start, none, state.idx, state.val)
+        if state.host_count is None:  # finish() raised after its launch: the records as they fell
+            state.host_count = [int(c) for c in state.count.tolist()]
+        most = max((state.host_count[i] for i, c in enumerate(chosen) if c), default=0)
+        kernels.scatter(p, active, state.rec_start, state.count, most, state.idx, state.val)

@@ -30,6 +30,7 @@ from __future__ import annotations
 import importlib.util
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -77,10 +78,45 @@ def _tiles() -> tuple[int, int, int, int, int]:
     return bn, bk, br, warps, stages
 
 
-def tile_grid(weight: torch.Tensor) -> tuple[int, int]:
+@dataclass
+class Plan:
+    """The device tables of one grouped launch: per layer its tensors' addresses, shape, rank and
+    scale; per tile its layer and its index within the layer."""
+
+    layers: int
+    tiles: int
+    tile_layer: torch.Tensor
+    tile_local: torch.Tensor
+    tables: tuple[torch.Tensor, ...]  # w, b, a, rows, cols, grid_k, scale, rank
+    max_rank: int
+    tile_offsets: list[int]
+
+
+def plan(weights: Sequence[torch.Tensor], factors: Sequence[tuple[torch.Tensor, torch.Tensor]],
+         scales: Sequence[float]) -> Plan:
     bn, bk, *_ = _tiles()
-    rows, cols = weight.shape
-    return (rows + bn - 1) // bn, (cols + bk - 1) // bk
+    device = weights[0].device
+    shapes = [tuple(w.shape) for w in weights]
+    grid_k = [(c + bk - 1) // bk for _, c in shapes]
+    counts = [((r + bn - 1) // bn) * gk for (r, _), gk in zip(shapes, grid_k, strict=True)]
+    offsets = [0]
+    for n in counts:
+        offsets.append(offsets[-1] + n)
+    ranks = [a.shape[0] for _, a in factors]
+
+    def table(values: Sequence[int | float], dtype: torch.dtype) -> torch.Tensor:
+        return torch.tensor(list(values), dtype=dtype, device=device)
+
+    counts_t = table(counts, torch.int64)
+    tile_layer = torch.repeat_interleave(torch.arange(len(weights), device=device), counts_t)
+    tile_local = torch.arange(offsets[-1], device=device) - table(offsets[:-1], torch.int64)[tile_layer]
+    tables = (table([w.data_ptr() for w in weights], torch.int64),
+              table([b.data_ptr() for b, _ in factors], torch.int64),
+              table([a.data_ptr() for _, a in factors], torch.int64),
+              table([r for r, _ in shapes], torch.int32), table([c for _, c in shapes], torch.int32),
+              table(grid_k, torch.int32), table(scales, torch.float32), table(ranks, torch.int32))
+    return Plan(len(weights), offsets[-1], tile_layer.to(torch.int32), tile_local.to(torch.int32), tables,
+                max(ranks), offsets)
 
 
 def supports(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor) -> bool:
@@ -90,25 +126,26 @@ def supports(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor) -
             and weight.numel() < 2**31)
 
 
-def lora_tiles(mode: int, weight: torch.Tensor, lora_b: torch.Tensor, lora_a: torch.Tensor, scale: float,
-               flags: torch.Tensor, counters: torch.Tensor, idx: torch.Tensor, val: torch.Tensor) -> None:
-    """Launch the merge (mode 0) or restore (mode 1) kernel on one layer; asynchronous.
-    ``counters``: int64 ``[reserved, valid_end]`` of the record pool ``idx``/``val``."""
-    module = _load()
+def lora_tiles(mode: int, p: Plan, active: torch.Tensor, flags: torch.Tensor, counters: torch.Tensor,
+               valid: torch.Tensor, rec_start: torch.Tensor, capacity: torch.Tensor, idx: torch.Tensor,
+               val: torch.Tensor) -> None:
+    """One launch over every tile of every layer: merge (mode 0) or restore (mode 1) the layers
+    whose ``active`` entry is set; asynchronous."""
     bn, bk, br, warps, stages = _tiles()
-    rank = lora_a.shape[0]
-    br = min(br, max(16, 1 << (rank - 1).bit_length()))  # tl.dot needs >= 16; no wider than the rank
-    rows, cols = weight.shape
-    module.lora_tile[tile_grid(weight)](
-        weight, lora_b, lora_a, flags, counters, counters[1:], idx, val, idx.numel(), rows, cols, float(scale),
-        RANK=rank, MODE=mode, F32_DOT=_interpreting(), BN=bn, BK=bk, BR=br, num_warps=warps, num_stages=stages)
+    br = min(br, max(16, 1 << (p.max_rank - 1).bit_length()))  # tl.dot needs >= 16; no wider than the rank
+    _load().lora_tiles[(p.tiles,)](
+        p.tile_layer, p.tile_local, *p.tables, active, flags, counters, valid, rec_start, capacity, idx, val,
+        RANK=p.max_rank, MODE=mode, F32_DOT=_interpreting(), BN=bn, BK=bk, BR=br, num_warps=warps,
+        num_stages=stages)
 
 
-def scatter(weight: torch.Tensor, idx: torch.Tensor, val: torch.Tensor) -> None:
-    """``weight.view(-1)[idx] = val`` bitwise, ``idx`` int32, in one launch; asynchronous."""
-    n = idx.numel()
-    if n:
-        _load().scatter16[((n + 4095) // 4096,)](weight.view(-1).view(torch.int16), idx, val, n, BLOCK=4096)
+def scatter(p: Plan, active: torch.Tensor, rec_start: torch.Tensor, count: torch.Tensor, max_count: int,
+            idx: torch.Tensor, val: torch.Tensor) -> None:
+    """Put the recorded original words of the ``active`` layers back, in one launch; asynchronous."""
+    if max_count:
+        block = 4096
+        _load().scatter_records[(p.layers, (max_count + block - 1) // block)](
+            p.tables[0], active, rec_start, count, idx, val, BLOCK=block)
 
 
 # ---------------------------------------------------------------------------- fingerprint

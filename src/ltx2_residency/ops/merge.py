@@ -253,23 +253,48 @@ class MergeStack:
         return written
 
     def pop_all(self) -> int:
-        """Undo every frame, newest first, each layer checked; returns weight bytes written."""
+        """Undo every frame, newest first, each layer checked; returns weight bytes written.
+
+        A batched strategy (``fused``) undoes the layers of a frame together; the per-layer fault
+        point still fires layer by layer, and the layers passed before a fault are undone first.
+        """
         written = 0
+        batched = getattr(self.strategy, "batched", False) and not self.check_layers
         with torch.no_grad():
             while self.frames:
                 frame = self.frames[-1]
-                while frame.layers:
-                    target, undo = frame.layers[-1]
-                    self.faults.hit("restore.layer")
-                    self.strategy.undo(target, undo, frame.strength)
-                    if undo.digest is not None and tensor_digest(target.weight) != undo.digest:
-                        raise RestoreMismatchError(
-                            f"undoing LoRA {frame.lora!r} on {target.name!r} did not give back the "
-                            f"pre-merge bits (restore strategy {self.strategy.name!r})"
-                        )
-                    frame.layers.pop()
-                    written += target.weight.numel() * target.weight.element_size()
+                batch: list[tuple[LayerTarget, LayerUndo]] = []
+                try:
+                    for target, undo in reversed(list(frame.layers)):
+                        self.faults.hit("restore.layer")
+                        batch.append((target, undo))
+                        if not batched:
+                            todo, batch = batch, []  # emptied first: a failing undo is not run twice
+                            written += self._undo(frame, todo)
+                finally:
+                    if batch:
+                        todo, batch = batch, []
+                        written += self._undo(frame, todo)
                 self.frames.pop()
+        return written
+
+    def _undo(self, frame: MergeFrame, batch: list[tuple[LayerTarget, LayerUndo]]) -> int:
+        """Undo ``batch`` (the newest layers of ``frame``, newest first), check, then pop them."""
+        undo_batch = getattr(self.strategy, "undo_batch", None)
+        if undo_batch is not None:
+            undo_batch(batch, frame.strength)
+        else:
+            for target, undo in batch:
+                self.strategy.undo(target, undo, frame.strength)
+        written = 0
+        for target, undo in batch:
+            if undo.digest is not None and tensor_digest(target.weight) != undo.digest:
+                raise RestoreMismatchError(
+                    f"undoing LoRA {frame.lora!r} on {target.name!r} did not give back the "
+                    f"pre-merge bits (restore strategy {self.strategy.name!r})"
+                )
+            frame.layers.pop()
+            written += target.weight.numel() * target.weight.element_size()
         return written
 
     def forget(self) -> None:
