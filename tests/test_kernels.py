@@ -141,3 +141,20 @@ def test_fused_is_refused_where_it_cannot_run(fresh_model, distilled_path, monke
     assert_same_bits(before, weight_bits({n: p for n, p in model.named_parameters()}))
     auto = ResidencyManager(model, loras=[LoRASpec("distilled", distilled_path)], restore="auto")
     assert auto.restore == "recompute"
+
+
+def test_a_popped_lora_frees_its_records_at_once() -> None:
+    # no reference cycle: the records (GiBs at real shapes) go with the last reference, not at a GC
+    import gc
+    import weakref
+
+    layers = _layers(7)
+    stack = MergeStack(fused.FusedRestore(), NO_FAULTS)
+    gc.disable()
+    try:
+        stack.push("distilled", _targets(layers, 8), 1.0)
+        state = weakref.ref(stack.frames[0].layers[0][1].handle[0])
+        stack.pop_all()
+        assert state() is None
+    finally:
+        gc.enable()

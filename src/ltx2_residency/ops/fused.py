@@ -83,10 +83,17 @@ class FusedRestore:
         state, self._frame = self._frame, None
         if state is None or not state.targets:
             return
+        try:
+            self._launch(frame, state)
+        finally:
+            # each LayerUndo holds its frame state: dropping the reverse references leaves no cycle,
+            # so a popped frame's records (GiBs at real shapes) are freed at once, not by the GC
+            state.undos = []
+
+    def _launch(self, frame: MergeFrame, state: _Frame) -> None:
         weights = [t.weight.detach() for t in state.targets]
         device = weights[0].device
         p = kernels.plan(weights, state.factors, [frame.strength * t.scale for t in state.targets])
-        state.plan = p
         n = p.layers
         caps = self._known.get((frame.lora, frame.strength)) or [
             max(MIN_REGION, int(w.numel() * FIRST_GUESS)) for w in weights]
@@ -98,8 +105,9 @@ class FusedRestore:
         val = torch.empty(sum(caps), dtype=torch.int16, device=device)
         rec_start = torch.tensor(starts, dtype=torch.int64, device=device)
         state.idx, state.val, state.rec_start, state.count = idx, val, rec_start, valid
-        kernels.lora_tiles(0, p, everyone, state.flags, counters, valid, rec_start,
-                           torch.tensor(caps, dtype=torch.int64, device=device), idx, val)
+        capacity = torch.tensor(caps, dtype=torch.int64, device=device)
+        state.plan = p  # from here on an undo has something to undo
+        kernels.lora_tiles(0, p, everyone, state.flags, counters, valid, rec_start, capacity, idx, val)
         # the one sync of the merge: non-finite tiles, tiles without room, records per layer
         summary = torch.cat([torch.stack([(state.flags == kernels.TILE_NON_FINITE).any(),
                                           (state.flags == kernels.TILE_NO_ROOM).any()]).to(torch.int64),
