@@ -65,9 +65,11 @@ def test_kernel_digests_equal_the_torch_digests() -> None:
     assert clean.differing(Fingerprint.of(named)) == ["t2"]
 
 
-@pytest.mark.parametrize("rank", [8, 40])
-def test_fused_merge_gives_recomputes_bits_and_an_exact_undo(rank: int) -> None:
-    layers, twins = _layers(1), _layers(1)
+@pytest.mark.parametrize(("rank", "shapes"), [(8, ((96, 160), (64, 64), (130, 70))),
+                                             (40, ((96, 160), (64, 64), (130, 70))),
+                                             (128, ((256, 512), (128, 192)))])  # several rank chunks
+def test_fused_merge_gives_recomputes_bits_and_an_exact_undo(rank: int, shapes) -> None:
+    layers, twins = _layers(1, shapes), _layers(1, shapes)
     original = _bits(layers)
     ours = MergeStack(fused.FusedRestore(), NO_FAULTS)
     reference = MergeStack(RecomputeRestore(), NO_FAULTS)
