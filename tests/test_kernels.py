@@ -76,10 +76,11 @@ def test_fused_merge_gives_recomputes_bits_and_an_exact_undo(rank: int, shapes) 
     ours.push("distilled", _targets(layers, 2, rank), 1.0)
     reference.push("distilled", _targets(twins, 2, rank), 1.0)
     merged = _bits(layers)
-    if DEVICE == "cpu":  # the interpreter's float32 dot and torch's CPU matmul agree here
+    if DEVICE == "cpu" and rank <= 64:  # one rank chunk: the interpreter's float32 dot is torch's matmul
         assert all(torch.equal(a, b) for a, b in zip(merged, _bits(twins), strict=True))
-    else:  # tensor-core accumulation order differs from torch.mm's: at most one bf16 ulp apart
-        assert all(int((a.int() - b.int()).abs().max()) <= 1 for a, b in zip(merged, _bits(twins), strict=True))
+    else:  # chunked or tensor-core accumulation orders differ from torch.mm's: at most one ulp, rarely
+        for a, b in zip(merged, _bits(twins), strict=True):
+            assert int((a.int() - b.int()).abs().max()) <= 1 and int((a != b).sum()) <= a.numel() // 100
     assert ours.last_exception_fraction == pytest.approx(reference.last_exception_fraction, abs=0.01)
     assert 0.01 < ours.last_exception_fraction < 0.2
     ours.pop_all()
