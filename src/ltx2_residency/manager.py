@@ -310,6 +310,8 @@ class ResidencyManager:
             req.failed = exc
             if self.state not in (WeightState.CLEAN, WeightState.OFFLOADED, WeightState.QUARANTINED):
                 self._restore_or_quarantine()
+            elif self.state is not WeightState.QUARANTINED:
+                self._mode.settle()  # nothing applied to undo, but a prefetch may be in flight
             raise
         assert self.state is PHASE_TARGET[(phase, kind)], (self.state, phase, kind)
         req.phase = phase
@@ -336,6 +338,8 @@ class ResidencyManager:
         try:
             if self.state not in (WeightState.CLEAN, WeightState.OFFLOADED, WeightState.QUARANTINED):
                 self._restore_or_quarantine()
+            elif self.state is not WeightState.QUARANTINED:
+                self._mode.settle()  # no restore ran: release a stage-2 prefetch the request started
             if self.state in (WeightState.CLEAN, WeightState.OFFLOADED) and (
                 self.verify == "always" or (self.verify == "after_merge" and req.mutated)
             ):

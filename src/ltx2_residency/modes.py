@@ -82,6 +82,9 @@ class OriginalMode:
         self.active = self.base
         self.base.ensure_resident(self.stream)
 
+    def settle(self) -> None:
+        """A request or a switch ends with nothing to restore: release whatever it started moving."""
+
     def stage2_fingerprint(self) -> Fingerprint | None:
         return None
 
@@ -223,10 +226,15 @@ class SnapshotMode(ResidentMode):
             self.stage2.release()  # cancels the early prefetch: its device memory is not needed
 
     def reset(self) -> None:
-        super().reset()
         assert self.stage2 is not None
+        for d in self.dits:
+            d.cancel()
         if self.stage2.residency is not Residency.OFFLOADED:
-            self.stage2.release()
+            self.stage2.release()  # first: low VRAM never holds both DiTs, not even in a repair
+        super().reset()
+
+    def settle(self) -> None:
+        self.skip_stage2()  # e.g. the stage-2 prefetch a stage 1 without LoRA started
 
     def expected_peak_bytes(self, lora_bytes: int) -> int:
         factor = 1 if self.low_vram else 2
