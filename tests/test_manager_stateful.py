@@ -8,8 +8,8 @@ disagreement here. Weight cleanliness is checked with ``weight_bits`` (raw bits,
 with ``torch.equal``), independently of the manager's own fingerprint.
 
 Requests are driven through the context manager's ``__enter__``/``__exit__`` by hand so a
-request can stay open across steps; ``_exit_with`` reproduces what a ``with`` statement does
-when its body raises.
+request can stay open across steps; ``machines.exit_with`` reproduces what a ``with``
+statement does when its body raises.
 
 Hypothesis turns a random subset of rules off in each example (swarm testing). Checks that
 change nothing therefore run once per situation, and an empty request is closed once per
@@ -23,21 +23,16 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
-import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
-from torch import nn
 
 from conftest import assert_same_bits
-from ltx2_pipeline.tiny import tiny_inputs, tiny_transformer
 from ltx2_residency import (
     DirtyWeightsError,
     FaultInjector,
@@ -54,7 +49,8 @@ from ltx2_residency import (
     WeightState,
 )
 from ltx2_residency.faults import POINTS as FAULT_POINTS
-from ltx2_residency.testing import linear_names, save_lora, synthetic_lora, weight_bits
+from ltx2_residency.testing import weight_bits
+from machines import BodyError, exit_with, material, step_report
 from strategies import bad_strengths, fault_kinds, phase_values, strengths
 
 S = WeightState
@@ -62,57 +58,7 @@ S = WeightState
 #: Rule executions of this module, by rule ("examples" counts fresh managers, not steps).
 STEPS: Counter[str] = Counter()
 
-# ---------------------------------------------------------------- module-level fixtures
-# RuleBasedStateMachine cannot take pytest fixtures, so the shared, read-only material is
-# built once per process here.
-
-
-@dataclass(frozen=True)
-class _Material:
-    base: nn.Module  # never mutated: every example deep-copies it
-    lora_paths: Mapping[str, str]
-    lora_targets: Mapping[str, tuple[str, ...]]
-    inputs: Mapping[str, Any]
-    base_output: torch.Tensor  # the unwrapped base model's output on ``inputs``
-
-
-_TMP: list[tempfile.TemporaryDirectory[str]] = []
-
-
-@functools.cache
-def _material() -> _Material:
-    base = tiny_transformer(seed=0)
-    linears = linear_names(base)
-    attn = [n for n in linears if ".attn1." in n or ".attn2." in n]
-    tmp = tempfile.TemporaryDirectory(prefix="ltx2-stateful-")
-    _TMP.append(tmp)  # lives (and is cleaned up) with the process
-    root = Path(tmp.name)
-    paths = {
-        # distilled: every block linear, rank 8, ‖ΔW‖ = 10 % of ‖W‖
-        "distilled": save_lora(root / "distilled.safetensors",
-                               synthetic_lora(base, linears, rank=8, relative_norm=0.10, seed=1)),
-        # user: attention only, rank 4, alpha 8, ‖ΔW‖ = 15 %
-        "user": save_lora(root / "user.safetensors",
-                          synthetic_lora(base, attn, rank=4, relative_norm=0.15, seed=2, alpha=8.0)),
-    }
-    inputs = tiny_inputs(base, seed=0)
-    with torch.no_grad():
-        out = base(**inputs)[0]
-    return _Material(base, paths, {"distilled": tuple(linears), "user": tuple(attn)}, inputs, out)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _report_steps(request: pytest.FixtureRequest) -> Iterator[None]:
-    STEPS.clear()
-    yield
-    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    capture = request.config.pluginmanager.get_plugin("capturemanager")
-    if reporter is None or capture is None or not STEPS:
-        return
-    steps = sum(n for k, n in STEPS.items() if k != "examples")
-    detail = ", ".join(f"{k}={n}" for k, n in sorted(STEPS.items()) if k != "examples")
-    with capture.global_and_fixture_disabled():
-        reporter.write_line(f"\n{__name__}: {steps} steps over {STEPS['examples']} managers ({detail})")
+_report_steps = step_report(STEPS, __name__)
 
 
 # ---------------------------------------------------------------- the model's rules
@@ -161,10 +107,6 @@ def model_decision(policy: str, native_ltx23: bool, phase: Phase,
     return "merged" if native_ltx23 and hq_stage1 else "dynamic"
 
 
-class BodyError(Exception):
-    """What a request body raises in the tests."""
-
-
 def _make_fault(kind: str, made: list[BaseException]) -> Callable[[], BaseException]:
     def make() -> BaseException:
         exc: BaseException
@@ -185,15 +127,6 @@ def _on_hit(count: int) -> st.SearchStrategy[int]:
     """Which of ``count`` hits fails: the first, second and last are the edge cases of an undo
     (nothing written yet, one layer written, all but the commit written)."""
     return st.sampled_from(sorted({1, min(2, count), count})) | st.integers(1, count)
-
-
-def _exit_with(cm: contextlib.AbstractContextManager[Any], exc: BaseException) -> None:
-    """Leave ``cm`` the way a ``with`` statement does when its body raised ``exc``."""
-    try:
-        raise exc
-    except BaseException as raised:
-        if not cm.__exit__(type(raised), raised, raised.__traceback__):
-            raise
 
 
 def _differing(now: Mapping[str, torch.Tensor], clean: Mapping[str, torch.Tensor]) -> list[str]:
@@ -225,7 +158,7 @@ class ManagerMachine(RuleBasedStateMachine):
     def build(self, policy: str, native_ltx23: bool, restore: str, verify: str, check_layers: bool,
               with_user: bool, distilled: dict[str, float], user: dict[str, float]) -> None:
         STEPS["examples"] += 1
-        mat = _material()
+        mat = material()
         self.mat = mat
         self.policy = policy
         self.native = native_ltx23
@@ -447,7 +380,7 @@ class ManagerMachine(RuleBasedStateMachine):
         else:
             body = KeyboardInterrupt() if how == "keyboard_interrupt" else BodyError("the body failed")
             with pytest.raises(type(body)) as info:
-                _exit_with(self.cm, body)
+                exit_with(self.cm, body)
             assert info.value is body, "the body's exception was replaced or swallowed"
         if self.expected in _APPLIED:
             self.expected = S.CLEAN
@@ -661,7 +594,7 @@ class ManagerMachine(RuleBasedStateMachine):
                 if how == "normal":
                     self.cm.__exit__(None, None, None)
                 else:
-                    _exit_with(self.cm, body)
+                    exit_with(self.cm, body)
         finally:
             self.faults.disarm()
         injected = self._consumed(point, hits_before, on_hit, made, info.value)
