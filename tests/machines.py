@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 import torch
+from hypothesis import strategies as st
 from torch import nn
 
 from ltx2_pipeline.tiny import tiny_inputs, tiny_transformer
@@ -100,3 +101,24 @@ def exit_with(cm: contextlib.AbstractContextManager[Any], exc: BaseException) ->
     except BaseException as raised:
         if not cm.__exit__(type(raised), raised, raised.__traceback__):
             raise
+
+
+def injected_fault(kind: str, made: list[BaseException]) -> Callable[[], BaseException]:
+    """A fault factory for ``FaultInjector.arm``: each exception it makes is appended to ``made``."""
+    def make() -> BaseException:
+        exc: BaseException
+        if kind == "keyboard_interrupt":
+            exc = KeyboardInterrupt()
+        elif kind == "oom":
+            exc = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
+        else:
+            exc = RuntimeError("injected failure")
+        made.append(exc)
+        return exc
+    return make
+
+
+def failing_hit(count: int) -> st.SearchStrategy[int]:
+    """Which of ``count`` hits fails: the first, second and last are the edge cases of an undo
+    (nothing done yet, one layer done, all but the last done)."""
+    return st.sampled_from(sorted({1, min(2, count), count})) | st.integers(1, count)

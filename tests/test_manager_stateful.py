@@ -24,7 +24,8 @@ import contextlib
 import copy
 import functools
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -50,7 +51,7 @@ from ltx2_residency import (
 )
 from ltx2_residency.faults import POINTS as FAULT_POINTS
 from ltx2_residency.testing import weight_bits
-from machines import BodyError, exit_with, material, step_report
+from machines import BodyError, exit_with, failing_hit, injected_fault, material, step_report
 from strategies import bad_strengths, fault_kinds, phase_values, strengths
 
 S = WeightState
@@ -107,26 +108,15 @@ def model_decision(policy: str, native_ltx23: bool, phase: Phase,
     return "merged" if native_ltx23 and hq_stage1 else "dynamic"
 
 
-def _make_fault(kind: str, made: list[BaseException]) -> Callable[[], BaseException]:
-    def make() -> BaseException:
-        exc: BaseException
-        if kind == "keyboard_interrupt":
-            exc = KeyboardInterrupt()
-        elif kind == "oom":
-            oom = getattr(torch.cuda, "OutOfMemoryError", None)
-            msg = "CUDA out of memory. Tried to allocate 2.00 GiB (injected)"
-            exc = oom(msg) if oom is not None else RuntimeError(msg)
-        else:
-            exc = RuntimeError("injected failure")
-        made.append(exc)
-        return exc
-    return make
+@dataclass
+class _Armed:
+    """One armed fault: where, on which hit, the counts before it, and what it raised."""
 
-
-def _on_hit(count: int) -> st.SearchStrategy[int]:
-    """Which of ``count`` hits fails: the first, second and last are the edge cases of an undo
-    (nothing written yet, one layer written, all but the commit written)."""
-    return st.sampled_from(sorted({1, min(2, count), count})) | st.integers(1, count)
+    point: str
+    on_hit: int
+    hits_before: int
+    total_before: int
+    made: list[BaseException]
 
 
 def _differing(now: Mapping[str, torch.Tensor], clean: Mapping[str, torch.Tensor]) -> list[str]:
@@ -264,20 +254,23 @@ class ManagerMachine(RuleBasedStateMachine):
         if self.req is not None:
             assert self.req.phase is phase
 
-    def _arm(self, point: str, kind: str, on_hit: int) -> list[BaseException]:
-        made: list[BaseException] = []
-        self.faults.arm(point, _make_fault(kind, made), on_hit=on_hit, times=1)
-        return made
+    def _arm(self, point: str, count: int, data: st.DataObject) -> _Armed:
+        """Draw which of ``count`` hits of ``point`` fails and with what, and arm it."""
+        hit = data.draw(failing_hit(count), label="on hit")
+        kind = data.draw(fault_kinds, label="fault kind")
+        assert self.mgr is not None
+        armed = _Armed(point, hit, self.faults.hits.get(point, 0), self.mgr.trace.total, [])
+        self.faults.arm(point, injected_fault(kind, armed.made), on_hit=hit, times=1)
+        return armed
 
-    def _consumed(self, point: str, hits_before: int, on_hit: int, made: list[BaseException],
-                  raised: BaseException) -> BaseException:
+    def _consumed(self, armed: _Armed, raised: BaseException) -> BaseException:
         """The armed fault fired once, on the hit it was armed for, and surfaced."""
-        assert len(made) == 1, f"fault at {point} fired {len(made)} times"
-        injected = made[0]
+        assert len(armed.made) == 1, f"fault at {armed.point} fired {len(armed.made)} times"
+        injected = armed.made[0]
         noted = any(repr(injected) in note for note in getattr(raised, "__notes__", []))
         assert raised is injected or raised.__cause__ is injected or noted
         # the operation stopped at the failing hit (a rollback never passes the same point)
-        assert self.faults.hits.get(point, 0) - hits_before == on_hit
+        assert self.faults.hits.get(armed.point, 0) - armed.hits_before == armed.on_hit
         return injected
 
     def _request_closed(self) -> None:
@@ -542,19 +535,15 @@ class ManagerMachine(RuleBasedStateMachine):
         assert groups
         group = data.draw(st.sampled_from(groups), label="fault in")
         point, count = data.draw(st.sampled_from(group), label="fault point")
-        on_hit = data.draw(_on_hit(count), label="on hit")
-        kind = data.draw(fault_kinds, label="fault kind")
+        armed = self._arm(point, count, data)
         STEPS[f"fail_enter:{point}"] += 1
-        hits_before = self.faults.hits.get(point, 0)
-        total_before = self.mgr.trace.total
-        made = self._arm(point, kind, on_hit)
         try:
             with pytest.raises(BaseException) as info:
                 self.req.enter(phase, strengths=overrides)
         finally:
             self.faults.disarm()
-        injected = self._consumed(point, hits_before, on_hit, made, info.value)
-        records = self._new_records(total_before)
+        injected = self._consumed(armed, info.value)
+        records = self._new_records(armed.total_before)
         if point.startswith(("restore.", "detach.")) and not isinstance(injected, Exception):
             # a Ctrl-C inside the undo stays a Ctrl-C; the quarantine is noted on it
             assert info.value is injected
@@ -582,12 +571,8 @@ class ManagerMachine(RuleBasedStateMachine):
     def _fail_inside_close(self, how: str, data: st.DataObject) -> None:
         assert self.cm is not None and self.mgr is not None
         point, count = data.draw(st.sampled_from(self._undo_points()), label="fault point")
-        on_hit = data.draw(_on_hit(count), label="on hit")
-        kind = data.draw(fault_kinds, label="fault kind")
+        armed = self._arm(point, count, data)
         STEPS[f"fail_close:{point}"] += 1
-        hits_before = self.faults.hits.get(point, 0)
-        total_before = self.mgr.trace.total
-        made = self._arm(point, kind, on_hit)
         body = KeyboardInterrupt() if how == "keyboard_interrupt" else BodyError("the body failed")
         try:
             with pytest.raises(BaseException) as info:
@@ -597,7 +582,7 @@ class ManagerMachine(RuleBasedStateMachine):
                     exit_with(self.cm, body)
         finally:
             self.faults.disarm()
-        injected = self._consumed(point, hits_before, on_hit, made, info.value)
+        injected = self._consumed(armed, info.value)
         if not isinstance(injected, Exception):
             assert info.value is injected  # a Ctrl-C inside the undo stays a Ctrl-C
             assert any("repair()" in note for note in getattr(injected, "__notes__", []))
@@ -607,7 +592,7 @@ class ManagerMachine(RuleBasedStateMachine):
         else:
             assert isinstance(info.value, QuarantinedError)
             assert "repair()" in str(info.value)
-        records = self._new_records(total_before)
+        records = self._new_records(armed.total_before)
         assert any(not r.ok and r.event == "restore" and r.error == repr(injected) for r in records)
         self.expected = S.QUARANTINED
         self._request_closed()
@@ -629,19 +614,15 @@ class ManagerMachine(RuleBasedStateMachine):
             self.expected = S.CLEAN
             return
         STEPS["fail_repair:repair.layer"] += 1
-        on_hit = data.draw(_on_hit(len(self.clean_bits)), label="on hit")
-        kind = data.draw(fault_kinds, label="fault kind")
-        hits_before = self.faults.hits.get("repair.layer", 0)
-        total_before = self.mgr.trace.total
-        made = self._arm("repair.layer", kind, on_hit)
+        armed = self._arm("repair.layer", len(self.clean_bits), data)
         try:
             with pytest.raises(RepairError) as info:
                 self.mgr.repair()
         finally:
             self.faults.disarm()
-        injected = self._consumed("repair.layer", hits_before, on_hit, made, info.value)
+        injected = self._consumed(armed, info.value)
         assert "stays quarantined" in str(info.value)
-        records = self._new_records(total_before)
+        records = self._new_records(armed.total_before)
         assert any(not r.ok and r.event == "repair" and r.error == repr(injected) for r in records)
 
     @precondition(lambda self: self.req is None and self._fresh("verify"))

@@ -33,7 +33,7 @@ import contextlib
 import copy
 import functools
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,7 +56,7 @@ from ltx2_residency import (
 )
 from ltx2_residency.domain import Residency
 from ltx2_residency.testing import weight_bits
-from machines import BodyError, exit_with, material, step_report
+from machines import BodyError, exit_with, failing_hit, injected_fault, material, step_report
 
 S = WeightState
 HQ = {"stage1": 0.25, "stage2": 1.0}
@@ -110,26 +110,6 @@ def _reference(phase: str, policy: str, strength: float) -> torch.Tensor:
             out = req.enter("stage2", strengths={"distilled": strength})(**mat.inputs)[0]
     mgr.close()
     return out
-
-
-def _injected(kind: str, made: list[BaseException]) -> Callable[[], BaseException]:
-    def make() -> BaseException:
-        exc: BaseException
-        if kind == "keyboard_interrupt":
-            exc = KeyboardInterrupt()
-        elif kind == "oom":
-            exc = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
-        else:
-            exc = RuntimeError("injected failure")
-        made.append(exc)
-        return exc
-    return make
-
-
-def _on_hit(count: int) -> st.SearchStrategy[int]:
-    """Which of ``count`` hits fails: the first, second and last are the edge cases (nothing
-    done yet, one layer done, all but the last done)."""
-    return st.sampled_from(sorted({1, min(2, count), count})) | st.integers(1, count)
 
 
 class WatchedFaults(FaultInjector):
@@ -331,14 +311,14 @@ class ModesMachine(RuleBasedStateMachine):
         if not totals or not data.draw(_FAULT_IN[where], label=f"fault in {where}"):
             return None
         point = data.draw(st.sampled_from(list(totals)), label="fault point")
-        on_hit = data.draw(_on_hit(totals[point]), label="on hit")
+        on_hit = data.draw(failing_hit(totals[point]), label="on hit")
         return Fault(point, on_hit, data.draw(st.sampled_from(FAULT_KINDS), label="fault kind"), where)
 
     def _arm(self, fault: Fault | None) -> list[BaseException]:
         made: list[BaseException] = []
         if fault is not None:
             TALLIES["faults_armed"] += 1
-            self.faults.arm(fault.point, _injected(fault.kind, made), on_hit=fault.on_hit)
+            self.faults.arm(fault.point, injected_fault(fault.kind, made), on_hit=fault.on_hit)
         return made
 
     def _disarm(self) -> None:

@@ -118,19 +118,20 @@ def _build(args: argparse.Namespace, progress: Any) -> LTX2TwoStagePipeline:
     cls = LTX2TwoStageHQPipeline if args.variant == "hq" else LTX2TwoStagePipeline
     loras = [load_lora(path, f"lora{i}" if i else "user", {"stage1": s1, "stage2": s2})
              for i, (path, s1, s2) in enumerate(args.lora)]
-    manager = dict(mode=args.mode, merge_policy=args.merge_policy, loras=loras, progress=progress)
+    options = dict(mode=args.mode, merge_policy=args.merge_policy, loras=loras, progress=progress)
     if args.low_vram is not None:
-        manager["low_vram"] = args.low_vram
+        options["low_vram"] = args.low_vram
     dtype = DTYPES[args.dtype]
     if args.model_path is not None:
         return cls.from_pretrained(args.model_path, distilled_lora=args.distilled_lora, dtype=dtype,
-                                   device=args.device, **manager)
+                                   device=args.device, **options)
     preset = args.preset or "tiny"
     if args.distilled_lora is not None:
-        manager["distilled_lora"] = args.distilled_lora
-    options = {"text_layers": args.text_layers} if preset == "full" else None
+        options["distilled_lora"] = args.distilled_lora
+    preset_options = {"text_layers": args.text_layers} if preset == "full" else None
     device = args.device or ("cuda" if preset == "full" else None)
-    return cls.from_preset(preset, seed=args.seed, device=device, dtype=dtype, preset_options=options, **manager)
+    return cls.from_preset(preset, seed=args.seed, device=device, dtype=dtype, preset_options=preset_options,
+                           **options)
 
 
 def _request(args: argparse.Namespace) -> GenerationRequest:

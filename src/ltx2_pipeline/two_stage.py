@@ -139,7 +139,7 @@ class _Clock:
         self.steps_ms: dict[str, list[float]] = {}
         self._last = 0.0
 
-    def _now(self) -> float:
+    def now(self) -> float:
         if self.cuda:
             torch.cuda.synchronize()
         return time.perf_counter()
@@ -147,17 +147,23 @@ class _Clock:
     @contextlib.contextmanager
     def stage(self, name: str, steps: int = 0) -> Iterator[None]:
         self.progress.stage_started(name, steps)
-        start = self._last = self._now()
+        start = self._last = self.now()
         yield
-        self.stages_ms[name] = (self._now() - start) * 1e3
+        self.stages_ms[name] = (self.now() - start) * 1e3
         self.progress.stage_finished(name, self.stages_ms[name])
 
     def step(self, stage: str) -> None:
         # a step runs from the previous step's end (the stage's start for the first step)
-        now = self._now()
+        now = self.now()
         self.steps_ms.setdefault(DENOISE_STAGES[stage], []).append((now - self._last) * 1e3)
         self._last = now
         self.progress.step(stage)
+
+
+def _move(components: Mapping[str, Any], device: str | torch.device) -> None:
+    for module in components.values():
+        if isinstance(module, nn.Module):
+            module.to(device)
 
 
 def _device_of(module: nn.Module) -> torch.device:
@@ -229,9 +235,7 @@ class LTX2TwoStagePipeline:
         if preset == "tiny":
             components, lora = tiny_preset(seed, dtype)
             if device is not None:
-                for module in components.values():
-                    if isinstance(module, nn.Module):
-                        module.to(device)
+                _move(components, device)
                 lora = {k: v.to(device) for k, v in lora.items()}
         elif preset == "full":
             components, lora = full_preset(device or "cuda", dtype, seed, **dict(preset_options or {}))
@@ -253,9 +257,7 @@ class LTX2TwoStagePipeline:
                                            f"into {str(model_path)!r}")
             distilled_lora = candidate
         if device is not None:
-            for module in components.values():
-                if isinstance(module, nn.Module):
-                    module.to(device)
+            _move(components, device)
         return cls(components, distilled_lora, **kwargs)
 
     def close(self) -> None:
@@ -303,7 +305,7 @@ class LTX2TwoStagePipeline:
             torch.cuda.reset_peak_memory_stats(self.device)
         gen = torch.Generator("cpu").manual_seed(req.seed)  # same noise on every device
         layers = self.base.config.num_layers
-        start = clock._now()
+        start = clock.now()
         with torch.no_grad():
             with clock.stage("TextEncodingStage"):
                 embeds, mask, neg, neg_mask = self.stage1.encode_prompt(
@@ -336,12 +338,12 @@ class LTX2TwoStagePipeline:
                         num_inference_steps=len(STAGE2_SIGMAS), generator=gen, output_type="latent",
                         callback_on_step_end=self._on_step(clock, "LTX2RefinementStage"),
                         max_sequence_length=req.max_sequence_length, **Guidance.off().kwargs(layers))
-                restore = clock._now()
+                restore = clock.now()
             # the request is closed: the shared DiT is clean again before the decode starts
-            clock.stages_ms["LTX2LoRARestoreStage"] = (clock._now() - restore) * 1e3
+            clock.stages_ms["LTX2LoRARestoreStage"] = (clock.now() - restore) * 1e3
             with clock.stage("LTX2AVDecodingStage"):
                 video, audio = self.decode(s2.frames, s2.audio)
-        e2e_ms = (clock._now() - start) * 1e3
+        e2e_ms = (clock.now() - start) * 1e3
         report = self._report(req, clock, e2e_ms, request_id)
         return GenerationResult(video=video[0], audio=audio[0], frame_rate=req.frame_rate, report=report,
                                 audio_sample_rate=int(self.components["vocoder"].config.output_sampling_rate))
