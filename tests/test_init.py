@@ -4,7 +4,7 @@ PINNED = {
     "TABLES", "ApplyKind", "ConfigError", "DirtyWeightsError", "FaultInjector", "Fingerprint",
     "ForwardGuardError", "IllegalTransitionError", "LoRAFormatError", "LoRAKeyError",
     "LoRAShapeError", "LoRASpec", "LoRAValidationError", "LoRAValueError", "MergePolicyName",
-    "ModeNotAvailableError", "ModeTable", "Phase", "PhaseOrderError", "QuarantinedError",
+    "ModeNotAvailableError", "ModeTable", "Phase", "PhaseOrderError", "PhaseWork", "QuarantinedError",
     "RepairError", "Request", "RequestStateError", "RequestTimeoutError", "ResidencyError",
     "ResidencyManager", "ResidencyMode", "StrengthError", "TransitionRecord", "WeightState",
     "mermaid",

@@ -6,6 +6,7 @@ import torch
 
 from conftest import assert_same_bits
 from ltx2_residency import (
+    ConfigError,
     DirtyWeightsError,
     FaultInjector,
     ForwardGuardError,
@@ -324,3 +325,45 @@ def test_ctrl_c_stays_ctrl_c_when_the_undo_fails(model, distilled_path) -> None:
         req.enter("stage1")
     assert any("repair()" in n for n in info2.value.__notes__)
     assert mgr.state is WeightState.QUARANTINED
+
+
+def test_the_merge_policy_can_change_between_requests_only(model, distilled_path, inputs) -> None:
+    mgr = make(model, distilled_path, "dynamic")
+    clean = weight_bits(mgr.managed_weights)
+    run_request(mgr, inputs)
+    assert "attach" in [r.event for r in mgr.trace] and "merge" not in [r.event for r in mgr.trace]
+    mgr.set_merge_policy("merge")
+    run_request(mgr, inputs)
+    assert [r.event for r in mgr.trace].count("merge") == 1
+    with pytest.raises(ConfigError, match="merge policy"):
+        mgr.set_merge_policy("sometimes")
+    with mgr.request():
+        with pytest.raises(RequestStateError, match="between requests"):
+            mgr.set_merge_policy("dynamic")
+    assert mgr.policy.name.value == "merge"
+    assert_same_bits(clean, weight_bits(mgr.managed_weights))
+
+
+def test_auto_weighs_the_work_each_phase_declares(model, distilled_path, inputs, monkeypatch) -> None:
+    from ltx2_residency import PhaseWork
+    from ltx2_residency.costmodel import CPU, DeviceRates
+
+    monkeypatch.setattr(DeviceRates, "measure", classmethod(lambda cls, device: CPU))  # no probe: fixed rates
+    mgr = make(model, distilled_path, "auto", HQ)
+    clean = weight_bits(mgr.managed_weights)
+    heavy = PhaseWork(steps=1000, tokens=100_000, passes=3)
+    with torch.no_grad(), mgr.request() as req:
+        req.enter("stage1", work=heavy)(**inputs)
+        assert mgr.state is WeightState.STAGE1_MERGED  # a thousand adapter passes cost more than a merge
+        assert "3000 calls at 100000 tokens" in mgr.policy.last.reason
+        req.enter("stage2", work=heavy)
+    costs = mgr._costs
+    assert costs is not None and costs.merge_ms() > 0  # the measured merge replaced the estimate
+    costs.observe_merge(1e9)  # a merge measured as ruinously slow: the same work now runs dynamic
+    with torch.no_grad(), mgr.request() as req:
+        req.enter("stage1", work=heavy)
+        assert mgr.state is WeightState.STAGE1_DYNAMIC
+    with pytest.raises(ConfigError, match="PhaseWork"), mgr.request() as req:
+        req.enter("stage1", work=(1, 2, 3))
+    mgr.synchronize()
+    assert_same_bits(clean, weight_bits(mgr.managed_weights))

@@ -41,5 +41,5 @@ def test_policy_table(policy, mode, phase, variant, native, expected) -> None:
 
 def test_policy_names_parse_and_unknown_is_refused() -> None:
     assert make_policy(" Merge ").name.value == "merge"
-    with pytest.raises(ConfigError, match="unknown merge policy: 'auto'.*'sglang', 'dynamic', 'merge'"):
-        make_policy("auto")
+    with pytest.raises(ConfigError, match="unknown merge policy: 'sometimes'.*'sglang', 'dynamic', 'merge', 'auto'"):
+        make_policy("sometimes")

@@ -29,7 +29,7 @@ from offline import assert_offline, no_network  # noqa: F401 - autouse fixtures
 KW: dict[str, Any] = dict(prompt="a robot dancing in the rain", negative_prompt="blurry", height=64, width=64,
                           num_frames=9, num_inference_steps=2, max_sequence_length=32)
 MODES = [("original", None), ("resident", None), ("snapshot", False), ("snapshot", True)]
-POLICIES = ["sglang", "dynamic", "merge"]
+POLICIES = ["sglang", "dynamic", "merge", "auto"]
 VARIANTS = {"normal": LTX2TwoStagePipeline, "hq": LTX2TwoStageHQPipeline}
 #: Merged vs dynamic LoRA differ by bf16 rounding only: measured max 0.012, mean 0.0014 on the
 #: tiny preset; switching the LoRA off moves the video by max 0.09, mean 0.012.
@@ -245,3 +245,23 @@ def test_guidance_kwargs_follow_the_dit_depth() -> None:
     assert Guidance().kwargs(2)["spatio_temporal_guidance_blocks"] == [1]
     off = Guidance.off().kwargs(48)
     assert off["spatio_temporal_guidance_blocks"] == [] and off["audio_guidance_scale"] == 1.0
+
+
+def test_each_stage_declares_its_work_and_auto_decides_from_it() -> None:
+    from ltx2_residency import PhaseWork
+
+    pipe = LTX2TwoStagePipeline.from_preset("tiny", mode="original", merge_policy="auto")
+    req = GenerationRequest(**{**KW, "height": 128, "width": 192, "num_frames": 17})
+    vae = pipe.components["vae"]
+    frames = (17 - 1) // vae.temporal_compression_ratio + 1
+    s = vae.spatial_compression_ratio
+    # stage 2: the three distilled sigmas, one call per step, at full size
+    assert pipe.work(req, 2) == PhaseWork(3, frames * (128 // s) * (192 // s), 1)
+    # stage 1 at half size, guided: CFG batched (twice the tokens), then STG and modality calls
+    half = frames * (128 // (2 * s)) * (192 // (2 * s))
+    assert pipe.work(req, 1) == PhaseWork(req.num_inference_steps, half * 4 // 3, 3)
+    unguided = GenerationRequest(**{**KW, "guidance": Guidance.off()})
+    assert pipe.work(unguided, 1).passes == 1
+    report = pipe(**KW).report
+    assert report["merge_policy"] == "auto" and report["dit_state_after"] == "clean"
+    assert f"{pipe.work(GenerationRequest(**KW), 2).tokens} tokens" in pipe.manager.policy.last.reason

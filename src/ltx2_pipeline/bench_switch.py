@@ -42,8 +42,15 @@ def _timed(fn: Callable[[], object]) -> float:
     return (time.perf_counter() - start) * 1e3
 
 
+#: Video tokens of LTX-2's two stages at 768x512x121 (latent 16 frames x 16 x 24; stage 1 at half size).
+STEP_TOKENS = {"full": {"stage1": (16, 8, 12), "stage2": (16, 16, 24)},
+               "tiny": {"stage1": (2, 4, 4), "stage2": (2, 8, 8)}}
+TEXT_TOKENS = {"full": 1024, "tiny": 8}  # the pipeline pads prompts to max_sequence_length
+AUDIO_FRAMES = {"full": 126, "tiny": 4}
+
+
 def run(preset: str, relative_norm: float, requests: int, restore: str, device: str,
-        tile_configs: list[str] | None = None) -> dict:
+        tile_configs: list[str] | None = None, steps: bool = True) -> dict:
     if preset == "full":
         from .realshape import real_shape_transformer
         model = real_shape_transformer(device)
@@ -63,6 +70,7 @@ def run(preset: str, relative_norm: float, requests: int, restore: str, device: 
                            clean_source=None)
     del tensors
     res["restore"] = mgr.restore
+    res["overlap_restore"] = mgr.overlap_restore
     mem = mgr.memory()
     res["adapted_weight_gib"] = mem["managed_weight_bytes"] / 2**30
     res["lora_gib"] = mem["lora_adapter_bytes"] / 2**30
@@ -76,9 +84,10 @@ def run(preset: str, relative_norm: float, requests: int, restore: str, device: 
             fraction = mgr.memory()["last_merge_exception_fraction"]
             _sync()
             start = time.perf_counter()
-        # the request's critical path ends when the `with` returns; the restore kernels may still
-        # be running on the stream (the next request's work queues behind them)
+        # the request's critical path ends when the `with` returns; the undo may still be running
+        # (on the manager's side stream when overlapped: the next request's work waits for it)
         host = (time.perf_counter() - start) * 1e3
+        mgr.synchronize()
         _sync()
         total = (time.perf_counter() - start) * 1e3
         mgr.verify_clean()
@@ -104,6 +113,8 @@ def run(preset: str, relative_norm: float, requests: int, restore: str, device: 
     res["ours_capture_gib"] = max(capture) / 2**30
     res["ours_capture_fraction_of_copy"] = max(capture) / mem["managed_weight_bytes"]
     res["ours_exception_fraction"] = max(frac)
+    if steps:
+        res["steps"] = step_overhead(mgr, model, preset, device)
     res["fingerprint_ms"] = statistics.median(
         _timed(lambda: Fingerprint.of(weights.items())) for _ in range(3))
     res["fingerprint_torch_ms"] = statistics.median(
@@ -148,6 +159,34 @@ def run(preset: str, relative_norm: float, requests: int, restore: str, device: 
     return res
 
 
+def step_overhead(mgr: ResidencyManager, model: torch.nn.Module, preset: str, device: str,
+                  reps: int = 3) -> dict:
+    """One DiT forward at each stage's token count on base, merged and dynamic (PEFT adapters)
+    weights: the same model, the same adapters, side by side."""
+    from .tiny import tiny_inputs
+
+    out: dict = {}
+    for stage, (frames, height, width) in STEP_TOKENS[preset].items():
+        kw = tiny_inputs(model, frames=frames, height=height, width=width, text_tokens=TEXT_TOKENS[preset],
+                         audio_frames=AUDIO_FRAMES[preset])
+        kw = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
+        times: dict[str, float] = {}
+        for kind, policy in (("base", "merge"), ("merged", "merge"), ("dynamic", "dynamic")):
+            mgr.set_merge_policy(policy)
+            with torch.no_grad(), mgr.request() as req:
+                dit = req.enter("stage1")
+                if kind != "base":
+                    dit = req.enter("stage2")
+                dit(**kw)  # warm-up
+                times[kind] = statistics.median(_timed(lambda d=dit, k=kw: d(**k)) for _ in range(reps))
+            mgr.synchronize()
+        mgr.set_merge_policy("merge")
+        out[stage] = {"video_tokens": frames * height * width, **{f"{k}_ms": v for k, v in times.items()},
+                      "dynamic_overhead": times["dynamic"] / times["merged"] - 1,
+                      "merged_vs_base": times["merged"] / times["base"] - 1}
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
@@ -157,9 +196,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--json", default=None)
     ap.add_argument("--tiles", default="", help="fused tile configs to compare, 'BN,BK,BR,warps,stages;...'")
+    ap.add_argument("--no-steps", action="store_true", help="skip the per-step forward overhead")
     args = ap.parse_args(argv)
     configs = [c for c in args.tiles.split(";") if c]
-    report(run(args.preset, args.relative_norm, args.requests, args.restore, args.device, configs), args.json)
+    report(run(args.preset, args.relative_norm, args.requests, args.restore, args.device, configs,
+               steps=not args.no_steps), args.json)
     return 0
 
 

@@ -35,7 +35,7 @@ from diffusers.pipelines.ltx2.utils import STAGE_2_DISTILLED_SIGMA_VALUES
 from diffusers.utils import encode_video
 from torch import nn
 
-from ltx2_residency import LoRASpec, Phase, ResidencyManager
+from ltx2_residency import LoRASpec, Phase, PhaseWork, ResidencyManager
 
 from .components import PIPELINE_COMPONENTS
 from .errors import GenerationInputError
@@ -44,7 +44,8 @@ from .presets import DISTILLED_FILE, full_preset, load_components, tiny_preset
 
 STAGE2_SIGMAS: tuple[float, ...] = tuple(STAGE_2_DISTILLED_SIGMA_VALUES)
 STAGES = ("TextEncodingStage", "LTX2LoRASwitchStage_stage1", "LTX2AVDenoisingStage", "LTX2UpsampleStage",
-          "LTX2LoRASwitchStage_stage2", "LTX2RefinementStage", "LTX2LoRARestoreStage", "LTX2AVDecodingStage")
+          "LTX2LoRASwitchStage_stage2", "LTX2RefinementStage", "LTX2LoRARestoreStage", "LTX2AVDecodingStage",
+          "LTX2LoRARestoreWaitStage")
 #: A path (either key format), in-memory tensors, or a ready spec.
 DistilledLoRA = str | os.PathLike[str] | Mapping[str, torch.Tensor] | LoRASpec
 DENOISE_STAGES = {"LTX2AVDenoisingStage": "stage1", "LTX2RefinementStage": "stage2"}
@@ -130,7 +131,9 @@ class _Silent:
 
 
 class _Clock:
-    """Wall time per stage and per denoising step; synchronises CUDA so a stage's time is its own."""
+    """Wall time per stage and per denoising step; synchronises the current CUDA stream so a
+    stage's time is its own (not the device: an overlapped restore on the manager's side stream
+    runs on under the decode, and is waited for where the pipeline says so)."""
 
     def __init__(self, device: torch.device, progress: Progress) -> None:
         self.cuda = device.type == "cuda"
@@ -141,7 +144,7 @@ class _Clock:
 
     def now(self) -> float:
         if self.cuda:
-            torch.cuda.synchronize()
+            torch.cuda.current_stream().synchronize()
         return time.perf_counter()
 
     @contextlib.contextmanager
@@ -314,7 +317,7 @@ class LTX2TwoStagePipeline:
             with self.manager.request() as mreq:
                 request_id = mreq.id
                 with clock.stage("LTX2LoRASwitchStage_stage1"):
-                    dit = mreq.enter(Phase.STAGE1, strengths=req.strengths.get("stage1"))
+                    dit = mreq.enter(Phase.STAGE1, strengths=req.strengths.get("stage1"), work=self.work(req, 1))
                 with clock.stage("LTX2AVDenoisingStage", req.num_inference_steps), self._runs_on(self.stage1, dit):
                     s1 = self.stage1(
                         prompt_embeds=embeds, prompt_attention_mask=mask, negative_prompt_embeds=neg,
@@ -329,7 +332,7 @@ class LTX2TwoStagePipeline:
                         latents_normalized=False, adain_factor=0.0, tone_map_compression_ratio=0.0,
                         output_type="latent").frames
                 with clock.stage("LTX2LoRASwitchStage_stage2"):
-                    dit = mreq.enter(Phase.STAGE2, strengths=req.strengths.get("stage2"))
+                    dit = mreq.enter(Phase.STAGE2, strengths=req.strengths.get("stage2"), work=self.work(req, 2))
                 with clock.stage("LTX2RefinementStage", len(STAGE2_SIGMAS)), self._runs_on(self.stage2, dit):
                     s2 = self.stage2(
                         prompt_embeds=embeds, prompt_attention_mask=mask, latents=upsampled, audio_latents=s1.audio,
@@ -339,14 +342,32 @@ class LTX2TwoStagePipeline:
                         callback_on_step_end=self._on_step(clock, "LTX2RefinementStage"),
                         max_sequence_length=req.max_sequence_length, **Guidance.off().kwargs(layers))
                 restore = clock.now()
-            # the request is closed: the shared DiT is clean again before the decode starts
+            # the request is closed: the shared DiT is restored, or (overlap_restore) its exact undo
+            # is queued on the manager's side stream and runs under the decode
             clock.stages_ms["LTX2LoRARestoreStage"] = (clock.now() - restore) * 1e3
             with clock.stage("LTX2AVDecodingStage"):
                 video, audio = self.decode(s2.frames, s2.audio)
+            with clock.stage("LTX2LoRARestoreWaitStage"):  # what of the undo the decode did not hide
+                self.manager.synchronize()
         e2e_ms = (clock.now() - start) * 1e3
         report = self._report(req, clock, e2e_ms, request_id)
         return GenerationResult(video=video[0], audio=audio[0], frame_rate=req.frame_rate, report=report,
                                 audio_sample_rate=int(self.components["vocoder"].config.output_sampling_rate))
+
+    def work(self, req: GenerationRequest, stage: int) -> PhaseWork:
+        """What a stage runs, for the manager's ``merge_policy="auto"``: its steps, its video tokens
+        per DiT call and its calls per step. Stage 1's guidance runs the DiT once for CFG (the
+        conditional and unconditional halves batched: twice the tokens) and once more for each of
+        STG and modality guidance; the tokens are averaged over those calls."""
+        vae = self.components["vae"]
+        frames = (req.num_frames - 1) // vae.temporal_compression_ratio + 1
+        scale = vae.spatial_compression_ratio * (2 if stage == 1 else 1)
+        tokens = frames * (req.height // scale) * (req.width // scale)
+        if stage == 2:
+            return PhaseWork(len(STAGE2_SIGMAS), tokens, 1)
+        g = req.guidance
+        batched = [2 if g.guidance_scale > 1 else 1] + [1] * ((g.stg_scale > 0) + (g.modality_scale > 1))
+        return PhaseWork(req.num_inference_steps, max(1, tokens * sum(batched) // len(batched)), len(batched))
 
     def decode(self, latents: torch.Tensor, audio_latents: torch.Tensor) -> tuple[np.ndarray, torch.Tensor]:
         """Raw (un-normalised) latents → video frames in [0, 1] and the waveform, as ``LTX2Pipeline``

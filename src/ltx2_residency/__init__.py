@@ -3,6 +3,7 @@
 The public contract; everything else is an implementation detail.
 """
 
+from .costmodel import PhaseWork
 from .domain import ApplyKind, MergePolicyName, Phase, ResidencyMode, WeightState
 from .errors import (
     ConfigError,
@@ -51,6 +52,7 @@ __all__ = [
     "ModeTable",
     "Phase",
     "PhaseOrderError",
+    "PhaseWork",
     "QuarantinedError",
     "RepairError",
     "Request",

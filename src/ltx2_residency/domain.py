@@ -64,6 +64,7 @@ class MergePolicyName(str, Enum):
     SGLANG = "sglang"
     DYNAMIC = "dynamic"
     MERGE = "merge"
+    AUTO = "auto"
 
 
 #: States in which a weight operation is under way: running the DiT there is never legal.

@@ -64,6 +64,16 @@ class FaultInjector:
             self._arms.clear()
             self.fired.clear()
 
+    def hit_many(self, point: str, n: int) -> bool:
+        """Count ``n`` hits of ``point`` at once when nothing is armed there (``True``); when
+        something is, count none and return ``False``: the caller hits one by one."""
+        with self._lock:
+            arm = self._arms.get(point)
+            if arm is not None and arm.times > 0:
+                return False
+            self.hits[point] = self.hits.get(point, 0) + n
+            return True
+
     def hit(self, point: str) -> None:
         with self._lock:
             self.hits[point] = self.hits.get(point, 0) + 1
@@ -82,6 +92,9 @@ class FaultInjector:
 class _NoFaults(FaultInjector):
     def hit(self, point: str) -> None:  # the production path: nothing to count
         return None
+
+    def hit_many(self, point: str, n: int) -> bool:
+        return True
 
 
 NO_FAULTS: FaultInjector = _NoFaults()

@@ -17,10 +17,12 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from .costmodel import AdapterCost, CostModel, DeviceRates, PhaseWork, ltx2_token_share
 from .domain import (
     PHASE_TARGET,
     TRANSIENT_STATES,
     ApplyKind,
+    MergePolicyName,
     Phase,
     Residency,
     ResidencyMode,
@@ -46,6 +48,7 @@ from .ops.clean_source import HostCopy
 from .ops.dynamic import PeftAdapters
 from .ops.fingerprint import Fingerprint
 from .ops.merge import RESTORE_STRATEGIES, MergeStack, choose_restore
+from .ops.overlap import PendingUndo, UndoStream, keep_for_stream
 from .policy import MergePolicy, PhaseContext, make_policy
 from .request import Request
 from .trace import Trace, TransitionRecord
@@ -80,6 +83,12 @@ class ResidencyManager:
             the device). ``None``: on when the device has less than 130 GiB.
         activation_reserve_gib: ``mode="auto"`` keeps this much device memory free for
             activations when deciding whether two DiTs fit.
+        overlap_restore: run the exact undo of merged LoRAs on a side stream when a request
+            ends, so the caller's next work (the VAE decode) overlaps it; the DiT stays
+            ``restoring`` until its next user (the next request, :meth:`verify_clean`,
+            :meth:`synchronize`) orders itself after the undo on the device, and the end-of-request
+            verify is deferred to that point too. ``None`` (default): on with the ``fused``
+            restore on a CUDA device. On the CPU the undo runs inline; only the bookkeeping differs.
     """
 
     def __init__(
@@ -100,6 +109,7 @@ class ResidencyManager:
         faults: FaultInjector | None = None,
         low_vram: bool | None = None,
         activation_reserve_gib: float = 16.0,
+        overlap_restore: bool | None = None,
     ) -> None:
         if not isinstance(transformer, nn.Module):
             raise ConfigError(f"transformer must be a torch.nn.Module, got {type(transformer).__name__}")
@@ -120,6 +130,8 @@ class ResidencyManager:
             or not request_timeout > 0
         ):
             raise ConfigError(f"request_timeout must be positive seconds or None, got {request_timeout!r}")
+        if overlap_restore not in (None, True, False):
+            raise ConfigError(f"overlap_restore must be True, False or None (auto), got {overlap_restore!r}")
         if isinstance(loras, LoRASpec) or not isinstance(loras, (list, tuple)):
             raise ConfigError(f"loras must be a list of LoRASpec (wrap a single spec in a list: "
                               f"loras=[spec]); got {type(loras).__name__}")
@@ -155,6 +167,13 @@ class ResidencyManager:
         self._clean_source = (HostCopy(self._weights, shared=self._mode.shared_clean_copies(self._weights))
                               if clean_source == "host_copy" else None)
         self._stack = MergeStack(RESTORE_STRATEGIES[self.restore](), self.faults, check_layers)
+        device = next(iter(self._weights.values())).device if self._weights else torch.device("cpu")
+        if overlap_restore is None:
+            overlap_restore = self.restore == "fused" and device.type == "cuda"
+        self.overlap_restore = overlap_restore
+        self._undo_stream = UndoStream(device) if overlap_restore else None
+        self._pending: PendingUndo | None = None  # an overlapped undo its next user has not settled
+        self._costs: CostModel | None = None  # merge_policy="auto" only
         self.machine = WeightMachine(TABLES[self.mode], {
             "merge": self._effect_merge,
             "attach": self._effect_attach,
@@ -184,6 +203,11 @@ class ResidencyManager:
         """Own the DiT for one request; leaving the block by any path restores CLEAN."""
         wait = self.request_timeout if timeout is ... else timeout
         self._acquire(wait, "request()")
+        try:
+            self._settle_restore()
+        except BaseException:
+            self._release()
+            raise
         req = Request(self)
         self._request = req
         interrupted: BaseException | None = None
@@ -216,11 +240,28 @@ class ResidencyManager:
             if self._request is not None:
                 raise RequestStateError("verify_clean() checks the DiT between requests; call it "
                                         "after the `with manager.request()` block")
+            self._settle_restore(host=True)
             self._check_clean()
             return
         self._acquire(self.request_timeout if timeout is ... else timeout, "verify_clean()")
         try:
+            self._settle_restore(host=True)
             self._check_clean()
+        finally:
+            self._release()
+
+    def synchronize(self, timeout: float | None = ...) -> None:  # type: ignore[assignment]
+        """Wait (on the host) for an overlapped restore to finish and settle the DiT to CLEAN,
+        checking it when the deferred verify applies; a no-op when nothing is pending."""
+        if self._owner == threading.get_ident():
+            if self._request is not None:
+                raise RequestStateError("synchronize() settles the DiT between requests; call it after "
+                                        "the `with manager.request()` block")
+            self._settle_restore(host=True)
+            return
+        self._acquire(self.request_timeout if timeout is ... else timeout, "synchronize()")
+        try:
+            self._settle_restore(host=True)
         finally:
             self._release()
 
@@ -228,6 +269,8 @@ class ResidencyManager:
         """Bring a QUARANTINED DiT back to CLEAN from its clean source (a no-op when not quarantined)."""
         self._acquire(self.request_timeout if timeout is ... else timeout, "repair()")
         try:
+            with contextlib.suppress(DirtyWeightsError):
+                self._settle_restore(host=True)  # a dirty deferred verify quarantines: repaired below
             if self.state in (WeightState.CLEAN, WeightState.OFFLOADED):
                 return  # nothing to repair between requests (low-VRAM snapshot rests offloaded)
             try:
@@ -241,6 +284,15 @@ class ResidencyManager:
                 raise RepairError(f"repair failed, the DiT stays quarantined: {exc!r}") from exc
         finally:
             self._release()
+
+    def set_merge_policy(self, merge_policy: str) -> None:
+        """Use another merge policy from the next request on (between requests only: a request
+        keeps the policy it started with)."""
+        policy = make_policy(merge_policy)  # an unknown name raises before anything changes
+        if self._request is not None:
+            raise RequestStateError("set_merge_policy() changes the policy between requests; call it "
+                                    "after the `with manager.request()` block")
+        self.policy = policy
 
     def memory(self) -> dict[str, int | float]:
         """Bytes held for weight management (the DiT itself excluded)."""
@@ -257,6 +309,8 @@ class ResidencyManager:
 
     def close(self) -> None:
         """Remove the forward guards (the PEFT adapters stay, disabled)."""
+        if self._undo_stream is not None:
+            self._undo_stream.join(host=True)
         for guard in self._guards:
             guard.remove()
 
@@ -269,14 +323,15 @@ class ResidencyManager:
         return {d.name: d.residency.value for d in self._mode.dits}
 
     # ------------------------------------------------------------------ request internals
-    def _enter_phase(self, req: Request, phase: Phase,
-                     overrides: Mapping[str, float] | None) -> nn.Module:
+    def _enter_phase(self, req: Request, phase: Phase, overrides: Mapping[str, float] | None,
+                     work: PhaseWork | None = None) -> nn.Module:
         if self.state is WeightState.QUARANTINED:
             raise QuarantinedError(self._quarantine_message())
         strengths = self._resolve_strengths(phase, overrides)
         stage1 = req.strengths.get(Phase.STAGE1, strengths if phase is Phase.STAGE1 else {})
         premerged = phase is Phase.STAGE2 and self._mode.uses_premerged(strengths)
-        kind = self.policy.decide(PhaseContext(self.mode, phase, strengths, stage1, self.native_ltx23))
+        costs = self._cost_model() if self.policy.name is MergePolicyName.AUTO else None
+        kind = self.policy.decide(PhaseContext(self.mode, phase, strengths, stage1, self.native_ltx23, work, costs))
         if phase is Phase.STAGE2 and self._mode.stage2 is not None:
             # a second DiT serves stage 2 at its pre-merged strengths; any other strength runs
             # dynamic on the base, whose weights stay untouched
@@ -300,6 +355,8 @@ class ResidencyManager:
                 if kind is ApplyKind.MERGED:
                     self._fire("merge", plan=[(n, s) for n, s in strengths.items() if s != 0.0])
                     req.mutated = True
+                    if self._costs is not None:  # the auto policy prices the next merge from this one
+                        self._costs.observe_merge(max(self.trace[-1].duration_ms, 1e-3))
                     self._fire(f"merged_{phase.value}")
                 elif kind is ApplyKind.DYNAMIC:
                     self._fire("attach", strengths=strengths)
@@ -337,22 +394,31 @@ class ResidencyManager:
         self._context = (req.id, None)
         try:
             if self.state not in (WeightState.CLEAN, WeightState.OFFLOADED, WeightState.QUARANTINED):
-                self._restore_or_quarantine()
+                self._restore_or_quarantine(overlap=self._undo_stream is not None)
+                restore = next((r for r in reversed(self.trace) if r.event == "restore"), None)
+                if self._costs is not None and restore is not None and req.mutated:
+                    self._costs.observe_undo(max(restore.duration_ms, 1e-3))  # the critical-path part
             elif self.state is not WeightState.QUARANTINED:
                 self._mode.settle()  # no restore ran: release a stage-2 prefetch the request started
-            if self.state in (WeightState.CLEAN, WeightState.OFFLOADED) and (
-                self.verify == "always" or (self.verify == "after_merge" and req.mutated)
-            ):
+            verify = self.verify == "always" or (self.verify == "after_merge" and req.mutated)
+            if self._pending is not None and verify:
+                assert self._undo_stream is not None
+                with self._undo_stream.running():  # queued behind the undo, read when it settles
+                    self._pending.fingerprint = Fingerprint.launch(self._weights.items())
+            elif self.state in (WeightState.CLEAN, WeightState.OFFLOADED) and verify:
                 self._check_clean()
         finally:
             self._context = (None, None)
 
-    def _restore_or_quarantine(self, final: bool = True) -> None:
+    def _restore_or_quarantine(self, final: bool = True, overlap: bool = False) -> None:
         """Undo whatever the weights hold; if the undo itself fails, quarantine and raise.
-        ``final=False``: only moving between phases (a prefetch for the next phase survives)."""
+        ``final=False``: only moving between phases (a prefetch for the next phase survives).
+        ``overlap``: launch the undo of merged LoRAs on the side stream and leave the DiT
+        ``restoring`` until its next user settles it."""
         try:
-            self._fire("restore", final=final)
-            self._fire("restored" if self._base_resident else "offloaded")
+            self._fire("restore", final=final, overlap=overlap)
+            if self._pending is None:
+                self._fire("restored" if self._base_resident else "offloaded")
         except BaseException as exc:
             if self.machine.can("quarantine"):
                 self._fire("quarantine")
@@ -363,8 +429,33 @@ class ResidencyManager:
                 raise
             raise QuarantinedError(message) from exc
 
-    def _check_clean(self) -> None:
-        now = Fingerprint.of(self._weights.items())
+    def _cost_model(self) -> CostModel:
+        """The auto policy's cost model of these adapters on this device (built at first use: it
+        probes the device's rates), with the device's free memory as of now."""
+        if self._costs is None:
+            layers = [(t.weight.shape[0], t.weight.shape[1], t.lora_A.shape[0], ltx2_token_share(t.name))
+                      for name in self.specs for t in self._adapters.targets(name)]
+            device = next(iter(self._weights.values())).device
+            self._costs = CostModel(DeviceRates.measure(device), AdapterCost.of(layers))
+        device = next(iter(self._weights.values())).device
+        if device.type == "cuda":
+            self._costs.headroom_bytes = torch.cuda.mem_get_info(device)[0]
+        return self._costs
+
+    def _settle_restore(self, host: bool = False) -> None:
+        """End an overlapped undo: the caller's stream waits for it on the device (``host``: this
+        thread too), its deferred verify is read, and the DiT becomes CLEAN (or is quarantined)."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        assert self._undo_stream is not None
+        self._undo_stream.join(pending.event, host=host)
+        if pending.fingerprint is not None:
+            self._check_clean(pending.fingerprint.result())
+        self._fire(pending.settles_to)
+
+    def _check_clean(self, now: Fingerprint | None = None) -> None:
+        now = now if now is not None else Fingerprint.of(self._weights.items())
         differing = self._clean.differing(now)
         stage2 = self._mode.stage2_fingerprint()
         if stage2 is not None:
@@ -405,6 +496,19 @@ class ResidencyManager:
     def _effect_restore(self, edge: Edge, ctx: Mapping[str, Any]) -> int:
         self.faults.hit("restore.before")
         self._adapters.deactivate()
+        if ctx.get("overlap") and self._stack.frames and self._undo_stream is not None:
+            # what the undo reads is freed by the pop below but still read by the side stream;
+            # a strategy that keeps its own (fused: a few pooled tensors, not 3 views a layer) says so
+            held = [] if getattr(self._stack.strategy, "keeps_for_stream", False) else [
+                t for frame in self._stack.frames for _, undo in frame.layers for t in undo.tensors]
+            with self._undo_stream.running():
+                keep_for_stream(held)
+                written = self._stack.pop_all()
+                event = self._undo_stream.mark()
+            self._base_resident = self._mode.deactivate(final=ctx.get("final", True))
+            self.faults.hit("restore.after")
+            self._pending = PendingUndo(event, "restored" if self._base_resident else "offloaded")
+            return written
         written = self._stack.pop_all()
         self._base_resident = self._mode.deactivate(final=ctx.get("final", True))
         self.faults.hit("restore.after")
@@ -415,6 +519,9 @@ class ResidencyManager:
         return self._mode.base.nbytes()
 
     def _effect_repair(self, edge: Edge, ctx: Mapping[str, Any]) -> int:
+        if self._undo_stream is not None:
+            self._undo_stream.join(host=True)  # a failed overlapped undo may have left work queued
+        self._pending = None
         self._adapters.deactivate()
         self._mode.reset()
         self._base_resident = True

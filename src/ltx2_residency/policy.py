@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
+from .costmodel import RECIPE, CostModel, Decision, PhaseWork, ltx2_reference_model
 from .domain import ApplyKind, MergePolicyName, Phase, ResidencyMode, parse_enum
 
 
@@ -19,6 +20,8 @@ class PhaseContext:
     strengths: Mapping[str, float]  # every managed LoRA's strength for this request and phase
     stage1_strengths: Mapping[str, float]  # the request's stage-1 strengths (HQ detection)
     native_ltx23: bool
+    work: PhaseWork | None = None  # what the phase will run (AutoPolicy); None: the LTX-2 recipe's
+    costs: CostModel | None = None  # the manager's measured model (AutoPolicy); None: the reference one
 
 
 class MergePolicy(Protocol):
@@ -69,10 +72,38 @@ class MergePolicyAlways:
         return ApplyKind.MERGED if _live(ctx.strengths) else ApplyKind.NONE
 
 
+class AutoPolicy:
+    """Whichever of merge and dynamic the cost model says is cheaper for this phase's work.
+
+    Without ``ctx.work`` the phase is taken to run the LTX-2 recipe (:data:`costmodel.RECIPE`);
+    without ``ctx.costs``, on the reference model (the real DiT, a rank-384 LoRA on all its
+    block linears, H100 rates, no memory limit). At the recipe both stages merge there, which is
+    what the full-scale measurements show, so a manager that passes nothing behaves like "merge".
+    ``last`` keeps the latest decision with its estimates and reason, for tracing.
+    """
+
+    name = MergePolicyName.AUTO
+
+    def __init__(self) -> None:
+        self.last: Decision | None = None
+        self._reference: CostModel | None = None
+
+    def decide(self, ctx: PhaseContext) -> ApplyKind:
+        costs = ctx.costs
+        if costs is None:
+            if self._reference is None:
+                self._reference = ltx2_reference_model()
+            costs = self._reference
+        # previous_merged only adds the same restore to both sides (see CostModel.choose)
+        self.last = costs.choose(ctx.work or RECIPE[ctx.phase], _live(ctx.strengths))
+        return self.last.kind
+
+
 POLICIES: Mapping[MergePolicyName, type[MergePolicy]] = {
     MergePolicyName.SGLANG: SGLangPolicy,
     MergePolicyName.DYNAMIC: DynamicPolicy,
     MergePolicyName.MERGE: MergePolicyAlways,
+    MergePolicyName.AUTO: AutoPolicy,
 }
 
 

@@ -9,8 +9,9 @@ from typing import TYPE_CHECKING
 
 from torch import nn
 
+from .costmodel import PhaseWork
 from .domain import Phase, parse_enum
-from .errors import PhaseOrderError, RequestStateError
+from .errors import ConfigError, PhaseOrderError, RequestStateError
 
 if TYPE_CHECKING:
     from .manager import ResidencyManager
@@ -40,11 +41,14 @@ class Request:
         self.failed: BaseException | None = None  # a weight operation of this request failed
 
     def enter(self, phase: Phase | str,
-              strengths: Mapping[str, float] | None = None) -> nn.Module:
+              strengths: Mapping[str, float] | None = None,
+              work: PhaseWork | None = None) -> nn.Module:
         """Switch the DiT's weights to ``phase`` and return the module to run for it.
 
         ``strengths`` overrides the LoRAs' configured strengths for this phase of this
-        request only, e.g. ``{"distilled": 0.5}``.
+        request only, e.g. ``{"distilled": 0.5}``. ``work`` says what the phase will run (steps,
+        video tokens, DiT calls per step): ``merge_policy="auto"`` weighs merging against
+        dynamic adapters with it (the LTX-2 recipe is assumed without it).
         """
         if self.closed:
             raise RequestStateError(f"request {self.id} is closed; open a new one with "
@@ -67,7 +71,9 @@ class Request:
                 f"next legal phase: {legal}. Phases run stage1 then stage2, once each; open a "
                 "new request for the next video."
             )
-        return self._manager._enter_phase(self, target, strengths)
+        if work is not None and not isinstance(work, PhaseWork):
+            raise ConfigError(f"work must be a PhaseWork(steps, tokens, passes), got {type(work).__name__}")
+        return self._manager._enter_phase(self, target, strengths, work)
 
     def __repr__(self) -> str:
         return f"Request(id={self.id}, phase={self.phase and self.phase.value}, closed={self.closed})"

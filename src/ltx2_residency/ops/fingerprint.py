@@ -61,18 +61,24 @@ def tensor_digest(t: torch.Tensor) -> Digest:
     return (s0, s1v, s2v)
 
 
-def _kernel_digests(tensors: list[torch.Tensor]) -> list[Digest] | None:
-    """All digests in one Triton launch when the tensors allow it (one CUDA device, contiguous,
-    whole 16-bit words); ``None`` sends the caller down the torch path. Same sums, same bits."""
+def _kernels_fit(tensors: list[torch.Tensor]) -> bool:
+    """One Triton launch can digest these (one CUDA device, contiguous, whole 16-bit words)."""
     if not tensors:
-        return None
+        return False
     from . import kernels
 
     device = tensors[0].device
-    if not kernels.available(device) or any(
-        t.device != device or not t.is_contiguous() or (t.numel() * t.element_size()) % 2 for t in tensors
-    ):
+    return kernels.available(device) and not any(
+        t.device != device or not t.is_contiguous() or (t.numel() * t.element_size()) % 2 for t in tensors)
+
+
+def _kernel_digests(tensors: list[torch.Tensor]) -> list[Digest] | None:
+    """All digests in one Triton launch when the tensors allow it; ``None`` sends the caller
+    down the torch path. Same sums, same bits."""
+    if not _kernels_fit(tensors):
         return None
+    from . import kernels
+
     return kernels.digests([t.detach() for t in tensors])
 
 
@@ -91,9 +97,37 @@ class Fingerprint:
                 return cls({name: d for (name, _), d in zip(items, fast, strict=True)})
             return cls({name: tensor_digest(t) for name, t in items})
 
+    @classmethod
+    def launch(cls, named: Iterable[tuple[str, torch.Tensor]]) -> PendingFingerprint:
+        """Start fingerprinting on the current stream without waiting for it (one kernel launch
+        where the kernels fit; otherwise computed now, the torch path syncs anyway)."""
+        items = list(named)
+        tensors = [t.detach() for _, t in items]
+        if not _kernels_fit(tensors):
+            return PendingFingerprint([n for n, _ in items], cls.of(items))
+        from . import kernels
+
+        with torch.no_grad():
+            return PendingFingerprint([n for n, _ in items], kernels.launch_digests(tensors))
+
     def differing(self, other: Fingerprint) -> list[str]:
         names = sorted(set(self.digests) | set(other.digests))
         return [n for n in names if self.digests.get(n) != other.digests.get(n)]
 
     def __len__(self) -> int:
         return len(self.digests)
+
+
+class PendingFingerprint:
+    """A fingerprint whose sums may still be on their way (see :meth:`Fingerprint.launch`)."""
+
+    def __init__(self, names: list[str], sums: torch.Tensor | Fingerprint) -> None:
+        self._names = names
+        self._sums = sums
+
+    def result(self) -> Fingerprint:
+        """The fingerprint; waits for the sums when they are still being computed."""
+        if isinstance(self._sums, torch.Tensor):
+            rows = self._sums.tolist()
+            self._sums = Fingerprint({n: tuple(r) for n, r in zip(self._names, rows, strict=True)})  # type: ignore[misc]
+        return self._sums

@@ -18,6 +18,7 @@ import torch
 from . import kernels
 from .fingerprint import Digest
 from .merge import LayerTarget, LayerUndo, MergeFrame, NonFiniteMergeError
+from .overlap import keep_for_stream
 
 FIRST_GUESS = 0.125  # of the elements: 7.7 % need a record at ‖ΔW‖ = 10 % of ‖W‖, 12.5 % at 20 %
 MIN_REGION = 256
@@ -38,6 +39,7 @@ class _Frame:
     rec_start: torch.Tensor | None = None
     count: torch.Tensor | None = None
     host_count: list[int] | None = None
+    everyone: torch.Tensor | None = None  # all layers active: the usual undo, made at merge (no H2D copy then)
 
 
 def _exclusive_cumsum(values: list[int]) -> list[int]:
@@ -51,6 +53,7 @@ def _exclusive_cumsum(values: list[int]) -> list[int]:
 class FusedRestore:
     name = "fused"
     batched = True
+    keeps_for_stream = True  # undo_batch marks its pooled tensors for an overlapped undo's stream
 
     def __init__(self) -> None:
         self._known: dict[tuple[str, float], list[int]] = {}  # (LoRA, strength) -> records per layer
@@ -59,8 +62,8 @@ class FusedRestore:
     @staticmethod
     def _factors(target: LayerTarget) -> tuple[torch.Tensor, torch.Tensor]:
         w = target.weight
-        return (target.lora_B.detach().to(device=w.device, dtype=w.dtype).contiguous(),
-                target.lora_A.detach().to(device=w.device, dtype=w.dtype).contiguous())
+        return kernels.pad_rank(target.lora_B.detach().to(device=w.device, dtype=w.dtype).contiguous(),
+                                target.lora_A.detach().to(device=w.device, dtype=w.dtype).contiguous())
 
     def begin(self, frame: MergeFrame, targets: list[LayerTarget]) -> None:
         self._frame = _Frame(frame.strength)
@@ -98,7 +101,7 @@ class FusedRestore:
         caps = self._known.get((frame.lora, frame.strength)) or [
             max(MIN_REGION, int(w.numel() * FIRST_GUESS)) for w in weights]
         state.flags = torch.zeros(p.tiles, dtype=torch.int8, device=device)
-        everyone = torch.ones(n, dtype=torch.int8, device=device)
+        everyone = state.everyone = torch.ones(n, dtype=torch.int8, device=device)
         counters, valid = (torch.zeros(n, dtype=torch.int64, device=device) for _ in range(2))
         starts = _exclusive_cumsum(caps)
         idx = torch.empty(sum(caps), dtype=torch.int32, device=device)
@@ -170,10 +173,16 @@ class FusedRestore:
         chosen = [0] * p.layers
         for _, undo in batch:
             chosen[undo.handle[1]] = 1  # type: ignore[index]
-        active = torch.tensor(chosen, dtype=torch.int8, device=device)
+        if all(chosen) and state.everyone is not None:
+            active = state.everyone
+        else:  # part of a LoRA (a fault stopped the undo part way): a host-to-device copy
+            active = torch.tensor(chosen, dtype=torch.int8, device=device)
         none = torch.zeros(p.layers, dtype=torch.int64, device=device)
         kernels.lora_tiles(1, p, active, state.flags, none, none, state.rec_start, none, state.idx, state.val)
         if state.host_count is None:  # finish() raised after its launch: the records as they fell
             state.host_count = [int(c) for c in state.count.tolist()]
         most = max((state.host_count[i] for i, c in enumerate(chosen) if c), default=0)
         kernels.scatter(p, active, state.rec_start, state.count, most, state.idx, state.val)
+        # on an overlapped undo's side stream, everything the two launches read must outlive them
+        keep_for_stream([state.flags, state.idx, state.val, state.rec_start, state.count, active, none,
+                         p.tile_layer, p.tile_local, *p.tables, *(t for pair in state.factors for t in pair)])

@@ -36,6 +36,7 @@ from typing import Any
 import torch
 
 CHUNK = 1 << 15  # must equal fingerprint._CHUNK: the digests are the same function
+ALIGN = 16  # bytes: the unit of the kernels' address offsets
 TILE_NOT_RUN, TILE_MERGED, TILE_NON_FINITE, TILE_NO_ROOM = 0, 1, 2, 3
 
 _module: Any = None
@@ -73,27 +74,52 @@ def _load() -> Any:
 # ---------------------------------------------------------------------------- merge / restore
 def _tiles() -> tuple[int, int, int, int, int]:
     """(BN, BK, BR, warps, stages); ``LTX2_FUSED_TILES`` overrides them for tuning runs."""
-    raw = os.environ.get("LTX2_FUSED_TILES", "128,128,64,8,3")
+    raw = os.environ.get("LTX2_FUSED_TILES", "64,128,64,4,3")
     bn, bk, br, warps, stages = (int(x) for x in raw.split(","))
     return bn, bk, br, warps, stages
 
 
 @dataclass
 class Plan:
-    """The device tables of one grouped launch: per layer its tensors' addresses, shape, rank and
-    scale; per tile its layer and its index within the layer."""
+    """The device tables of one grouped launch: per layer its tensors' addresses (a base tensor
+    plus offsets in 16-byte units), shape, rank and scale; per tile its layer and its index
+    within the layer."""
 
     layers: int
     tiles: int
     tile_layer: torch.Tensor
     tile_local: torch.Tensor
-    tables: tuple[torch.Tensor, ...]  # w, b, a, rows, cols, grid_k, scale, rank
+    bases: tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # W, B, A: the lowest address of each
+    tables: tuple[torch.Tensor, ...]  # w, b, a offsets; rows, cols (in units), grid_k, scale, rank/16
+    unit: int  # elements per offset unit: 8 (16 bytes) when every address and row allows, else 1
     max_rank: int
     tile_offsets: list[int]
 
 
+def aligned(t: torch.Tensor) -> bool:
+    return t.data_ptr() % ALIGN == 0
+
+
+def _based(tensors: Sequence[torch.Tensor], unit_bytes: int) -> tuple[torch.Tensor, list[int]]:
+    """The lowest-addressed tensor and every tensor's distance from it in ``unit_bytes``."""
+    base = min(tensors, key=lambda t: t.data_ptr())
+    return base, [(t.data_ptr() - base.data_ptr()) // unit_bytes for t in tensors]
+
+
+def pad_rank(b: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero-pad the rank to a multiple of 16 (aligned rows of ``B``; the products of the zeros
+    add exact zeros, so the delta's bits do not change)."""
+    r = a.shape[0]
+    pad = -r % 16
+    if not pad:
+        return b, a
+    return (torch.nn.functional.pad(b, (0, pad)).contiguous(),
+            torch.nn.functional.pad(a, (0, 0, 0, pad)).contiguous())
+
+
 def plan(weights: Sequence[torch.Tensor], factors: Sequence[tuple[torch.Tensor, torch.Tensor]],
          scales: Sequence[float]) -> Plan:
+    """Tables for ``weights`` (see :func:`supports`) with rank-padded ``(B, A)`` factors."""
     bn, bk, *_ = _tiles()
     device = weights[0].device
     shapes = [tuple(w.shape) for w in weights]
@@ -103,6 +129,7 @@ def plan(weights: Sequence[torch.Tensor], factors: Sequence[tuple[torch.Tensor, 
     for n in counts:
         offsets.append(offsets[-1] + n)
     ranks = [a.shape[0] for _, a in factors]
+    assert all(r % 16 == 0 for r in ranks), "pad_rank() the factors first"
 
     def table(values: Sequence[int | float], dtype: torch.dtype) -> torch.Tensor:
         return torch.tensor(list(values), dtype=dtype, device=device)
@@ -110,33 +137,35 @@ def plan(weights: Sequence[torch.Tensor], factors: Sequence[tuple[torch.Tensor, 
     counts_t = table(counts, torch.int64)
     tile_layer = torch.repeat_interleave(torch.arange(len(weights), device=device), counts_t)
     tile_local = torch.arange(offsets[-1], device=device) - table(offsets[:-1], torch.int64)[tile_layer]
-    tables = (table([w.data_ptr() for w in weights], torch.int64),
-              table([b.data_ptr() for b, _ in factors], torch.int64),
-              table([a.data_ptr() for _, a in factors], torch.int64),
-              table([r for r, _ in shapes], torch.int32), table([c for _, c in shapes], torch.int32),
-              table(grid_k, torch.int32), table(scales, torch.float32), table(ranks, torch.int32))
-    return Plan(len(weights), offsets[-1], tile_layer.to(torch.int32), tile_local.to(torch.int32), tables,
-                max(ranks), offsets)
+    groups = (weights, [b for b, _ in factors], [a for _, a in factors])
+    wide = all(aligned(t) for ts in groups for t in ts) and all(c % 8 == 0 for _, c in shapes)
+    unit = ALIGN // 2 if wide else 1  # elements (bf16)
+    (wb, wo), (bb, bo), (ab, ao) = (_based(ts, unit * 2) for ts in groups)  # bf16: 2 bytes
+    tables = (table(wo, torch.int64), table(bo, torch.int64), table(ao, torch.int64),
+              table([r for r, _ in shapes], torch.int32), table([c // unit for _, c in shapes], torch.int32),
+              table(grid_k, torch.int32), table(scales, torch.float32), table([r // 16 for r in ranks], torch.int32))
+    return Plan(len(weights), offsets[-1], tile_layer.to(torch.int32), tile_local.to(torch.int32), (wb, bb, ab),
+                tables, unit, max(ranks), offsets)
 
 
 def supports(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor) -> bool:
-    """The fused path takes contiguous 2-D bfloat16 weights with bfloat16 factors."""
+    """The fused path takes contiguous 2-D bfloat16 weights with bfloat16 factors (fastest when
+    16-byte aligned with rows a multiple of 8 elements wide, as LTX-2's are)."""
     return (weight.dim() == 2 and weight.is_contiguous() and weight.dtype == torch.bfloat16
-            and lora_a.dtype == lora_b.dtype == weight.dtype and lora_a.is_contiguous() and lora_b.is_contiguous()
-            and weight.numel() < 2**31)
+            and lora_a.dtype == lora_b.dtype == weight.dtype and weight.numel() < 2**31)
 
 
 def lora_tiles(mode: int, p: Plan, active: torch.Tensor, flags: torch.Tensor, counters: torch.Tensor,
                valid: torch.Tensor, rec_start: torch.Tensor, capacity: torch.Tensor, idx: torch.Tensor,
                val: torch.Tensor) -> None:
-    """One launch over every tile of every layer: merge (mode 0) or restore (mode 1) the layers
+    """One launch over every tile of every layer: merge (mode 0) or undo (mode 1) the layers
     whose ``active`` entry is set; asynchronous."""
     bn, bk, br, warps, stages = _tiles()
     br = min(br, max(16, 1 << (p.max_rank - 1).bit_length()))  # tl.dot needs >= 16; no wider than the rank
     _load().lora_tiles[(p.tiles,)](
-        p.tile_layer, p.tile_local, *p.tables, active, flags, counters, valid, rec_start, capacity, idx, val,
-        RANK=p.max_rank, MODE=mode, F32_DOT=_interpreting(), BN=bn, BK=bk, BR=br, num_warps=warps,
-        num_stages=stages)
+        p.tile_layer, p.tile_local, *p.bases, *p.tables, active, flags, counters, valid, rec_start, capacity, idx,
+        val, 1.0 if mode == 0 else -1.0, UNIT=p.unit, RANK=p.max_rank, MODE=mode, F32_DOT=_interpreting(),
+        BN=bn, BK=bk, BR=br, num_warps=warps, num_stages=stages)
 
 
 def scatter(p: Plan, active: torch.Tensor, rec_start: torch.Tensor, count: torch.Tensor, max_count: int,
@@ -145,7 +174,7 @@ def scatter(p: Plan, active: torch.Tensor, rec_start: torch.Tensor, count: torch
     if max_count:
         block = 4096
         _load().scatter_records[(p.layers, (max_count + block - 1) // block)](
-            p.tables[0], active, rec_start, count, idx, val, BLOCK=block)
+            p.bases[0], p.tables[0], active, rec_start, count, idx, val, UNIT=p.unit, BLOCK=block)
 
 
 # ---------------------------------------------------------------------------- fingerprint
@@ -153,19 +182,28 @@ def digests(tensors: Sequence[torch.Tensor]) -> list[tuple[int, int, int]]:
     """The three-sum digest of each tensor (contiguous, even byte count, one device), in one launch."""
     if not tensors:
         return []
+    return [tuple(row) for row in launch_digests(tensors).tolist()]  # type: ignore[misc]
+
+
+def launch_digests(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """:func:`digests` without the sync: an ``(n, 3)`` int64 device tensor, ready once the
+    current stream reaches it."""
     kernels = _load()
     device = tensors[0].device
     words = [t.numel() * t.element_size() // 2 for t in tensors]
     blocks = [max(1, (n + CHUNK - 1) // CHUNK) for n in words]
-    ptr_table = torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64, device=device)
+    unit = ALIGN // 2 if all(aligned(t) for t in tensors) else 1  # 16-bit words
+    base, offs = _based(tensors, unit * 2)
+    off_table = torch.tensor(offs, dtype=torch.int64, device=device)
     words_table = torch.tensor(words, dtype=torch.int64, device=device)
     counts = torch.tensor(blocks, dtype=torch.int64, device=device)
     block_tensor = torch.repeat_interleave(torch.arange(len(tensors), device=device), counts)
     first = torch.cumsum(counts, 0) - counts
     block_index = torch.arange(block_tensor.numel(), device=device) - first[block_tensor]
     out = torch.empty(block_tensor.numel(), 3, dtype=torch.int64, device=device)
-    kernels.digest_blocks[(block_tensor.numel(),)](ptr_table, words_table, block_tensor.to(torch.int32),
-                                                       block_index, out, CHUNK_=CHUNK, STEP=4096)
+    kernels.digest_blocks[(block_tensor.numel(),)](base.reshape(-1).view(torch.int16), off_table, words_table,
+                                                       block_tensor.to(torch.int32), block_index, out, UNIT=unit,
+                                                       CHUNK_=CHUNK, COLS=1024, ROWS=8)
     sums = torch.zeros(len(tensors), 3, dtype=torch.int64, device=device)
     sums.index_add_(0, block_tensor, out)
-    return [tuple(row) for row in sums.tolist()]  # type: ignore[misc]
+    return sums

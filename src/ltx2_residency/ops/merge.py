@@ -263,6 +263,12 @@ class MergeStack:
         with torch.no_grad():
             while self.frames:
                 frame = self.frames[-1]
+                if batched and self.faults.hit_many("restore.layer", len(frame.layers)):
+                    # no fault armed per layer: the frame in one batch, with no per-layer Python
+                    # (at 1344 layers that is most of an overlapped restore's critical path)
+                    written += self._undo_frame(frame)
+                    self.frames.pop()
+                    continue
                 batch: list[tuple[LayerTarget, LayerUndo]] = []
                 try:
                     for target, undo in reversed(list(frame.layers)):
@@ -276,6 +282,13 @@ class MergeStack:
                         todo, batch = batch, []
                         written += self._undo(frame, todo)
                 self.frames.pop()
+        return written
+
+    def _undo_frame(self, frame: MergeFrame) -> int:
+        """Undo all of ``frame`` with a batched strategy (no per-layer checks)."""
+        self.strategy.undo_batch(frame.layers[::-1], frame.strength)  # type: ignore[attr-defined]
+        written = sum(t.weight.numel() * t.weight.element_size() for t, _ in frame.layers)
+        frame.layers.clear()
         return written
 
     def _undo(self, frame: MergeFrame, batch: list[tuple[LayerTarget, LayerUndo]]) -> int:

@@ -1,0 +1,299 @@
+"""The cost model behind ``merge_policy="auto"``: merge a phase's LoRAs in place, or run them dynamic.
+
+MERGED pays once per phase (the fused merge, and the part of its undo the request waits for);
+DYNAMIC pays every forward (PEFT's ``result + lora_B(lora_A(x)) * scaling`` at each adapted
+layer). Estimates are rooflines from :class:`DeviceRates`, calibrated at each constant; times the
+manager measured (:meth:`CostModel.observe_merge` / :meth:`CostModel.observe_undo`) replace them.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+
+import torch
+
+from .domain import ApplyKind, Phase
+from .errors import ConfigError
+
+#: One exact-undo record: an int32 flat index and the int16 original bf16 bits (ops/fused).
+RECORD_BYTES = 6
+#: Records reserved per adapted element: a LoRA's first merge reserves ops/fused.FIRST_GUESS
+#: (12.5 %), and that must fit; 7.7 % are kept after packing at ‖ΔW‖ = 10 % of ‖W‖.
+RECORD_FRACTION = 0.125
+#: The fused merge over its roofline: ~90 ms measured on one H100 at full LTX-2 scale against 58 ms
+#: from the formula at :data:`H100` rates (its delta GEMM runs below the tensor cores' rate).
+MERGE_OVERHEAD = 1.5
+#: The undo runs asynchronously; a request waited for 39 of its 194 ms (docs/benchmarks.md).
+UNDO_CRITICAL_SHARE = 0.2
+#: Host time of one PEFT LoRA layer's forward, in eager launches: its 4 kernels plus the Python
+#: around them. Measured 105 µs per call over a disabled layer (H200 host, 9.8 µs launches) and
+#: 83-150 µs per layer in the full DiT (H100 and H200): ~12 launches.
+HOST_LAUNCHES_PER_ADAPTER = 12
+
+
+def _positive_int(value: object, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{what} must be a positive int, got {value!r}")
+    return value
+
+
+def _positive_float(value: object, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"{what} must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class PhaseWork:
+    """``steps`` denoising steps of ``passes`` DiT calls over ``tokens`` video tokens each (a call that
+    batches guidance branches, as diffusers' CFG call does, runs their tokens together)."""
+
+    steps: int
+    tokens: int
+    passes: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "tokens", "passes"):
+            _positive_int(getattr(self, name), f"PhaseWork.{name}")
+
+
+#: The LTX-2 two-stage recipe at 768x512, 121 frames (latent 24x16x16 at stage 2, half of each
+#: side at stage 1): 30 guided steps (CFG + STG + modality, 3 DiT calls each), 3 unguided steps.
+RECIPE: Mapping[Phase, PhaseWork] = {
+    Phase.STAGE1: PhaseWork(steps=30, tokens=1536, passes=3),
+    Phase.STAGE2: PhaseWork(steps=3, tokens=6144, passes=1),
+}
+
+
+@dataclass(frozen=True)
+class DeviceRates:
+    """Achieved rates of one device: bf16 matmul (TFLOP/s), memory copy (GiB/s), one launch (µs)."""
+
+    matmul_tflops: float
+    hbm_gibps: float
+    launch_us: float
+
+    def __post_init__(self) -> None:
+        for name in ("matmul_tflops", "hbm_gibps", "launch_us"):
+            _positive_float(getattr(self, name), f"DeviceRates.{name}")
+
+    @classmethod
+    def default_for(cls, device: torch.device | str) -> DeviceRates:
+        """Rates without a probe: an H100-class card for CUDA, a modest CPU otherwise."""
+        return H100 if torch.device(device).type == "cuda" else CPU
+
+    @classmethod
+    def measure(cls, device: torch.device | str) -> DeviceRates:
+        """A probe, cached per device: ~9 ms on an H100 (+0.4 s of CUDA start-up if it is the first use)."""
+        dev = torch.device(device)
+        if dev.type == "cuda" and dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+        if (key := str(dev)) not in _MEASURED:
+            try:
+                _MEASURED[key] = _probe(dev)
+            except torch.OutOfMemoryError:  # a full card: keep serving, with the documented rates
+                _MEASURED[key] = cls.default_for(dev)
+        return _MEASURED[key]
+
+
+#: H100 (80 GB HBM3): ~60 % of the 989 TFLOP/s bf16 peak (probe: 652-660); the one-read-one-write
+#: floor, 69 GiB in 29 ms (probe: 2490-2610 GiB/s); 8 µs per eager launch (probe: 7.8-8.4).
+H100 = DeviceRates(matmul_tflops=600.0, hbm_gibps=2400.0, launch_us=8.0)
+CPU = DeviceRates(matmul_tflops=0.1, hbm_gibps=10.0, launch_us=5.0)
+_MEASURED: dict[str, DeviceRates] = {}
+
+
+def _best_ms(fn: Callable[[], object], device: torch.device, reps: int = 3) -> float:
+    """Best of ``reps`` timed calls after one warm-up; the minimum rejects scheduler noise."""
+    sync: Callable[[], object] = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    times = []
+    for _ in range(reps + 1):
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return min(times[1:]) * 1e3
+
+
+def _probe(device: torch.device) -> DeviceRates:
+    # CUDA: a 4096³ bf16 GEMM (0.14 TFLOP, ~0.2 ms) and a 256 MiB copy (~0.2 ms); CPU: small sizes
+    cuda = device.type == "cuda"
+    n, dtype, copy_elems = (4096, torch.bfloat16, 128 << 20) if cuda else (256, torch.float32, 4 << 20)
+    with torch.no_grad():
+        # lists, so each pair is freed (clear) before the next is allocated
+        ab = [torch.randn(n, n, device=device, dtype=dtype) for _ in range(2)]
+        matmul_ms = _best_ms(lambda: ab[0] @ ab[1], device)
+        ab.clear()
+        bufs = [torch.empty(copy_elems, device=device, dtype=torch.bfloat16) for _ in range(2)]
+        copy_ms = _best_ms(lambda: bufs[1].copy_(bufs[0]), device)
+        bufs.clear()
+        tiny, launches = torch.zeros(1, device=device), 200
+        launch_ms = _best_ms(lambda: [tiny.add_(1.0) for _ in range(launches)], device)
+    # a copy reads and writes each of its 2-byte elements
+    return DeviceRates(matmul_tflops=2 * n**3 / matmul_ms / 1e9, hbm_gibps=4 * copy_elems / copy_ms * 1e3 / 2**30,
+                       launch_us=launch_ms * 1e3 / launches)
+
+
+@dataclass(frozen=True)
+class AdapterCost:
+    """The adapted layers, summed into what the two formulas need (one entry per LoRA and layer)."""
+
+    layers: int
+    weight_elems: int  # Σ out·in: what a merge reads and writes
+    delta_macs: int  # Σ rank·out·in: the merge's B @ A
+    lora_elems: int  # Σ rank·(in + out): the factors each dynamic forward reads
+    lora_macs_per_token: float  # Σ share·rank·(in + out)
+    activation_bytes_per_token: float  # Σ share·(in + 2·rank + 6·out)·elem_bytes
+    elem_bytes: int = 2
+
+    @classmethod
+    def of(cls, layers: Iterable[tuple[int, int, int] | tuple[int, int, int, float]],
+           elem_bytes: int = 2) -> AdapterCost:
+        """From ``(out, in, rank[, token_share])`` per adapted layer; ``token_share`` (default 1) is the
+        fraction of the phase's video tokens the layer runs on (:func:`ltx2_token_share`).
+
+        Activation elements per token: lora_A reads x (in), writes h (rank); lora_B reads h
+        (rank), writes y (out); ``* scaling`` reads and writes (2·out); ``result + y`` (3·out)."""
+        count = weights = delta = factors = 0
+        macs = act = 0.0
+        for entry in layers:  # one pass: ``layers`` may be a generator
+            if len(entry) not in (3, 4):
+                raise ConfigError(f"adapted layer {entry!r}: expected (out, in, rank) or (out, in, rank, token_share)")
+            out, inp, rank = (_positive_int(v, f"adapted layer {entry!r}: {name}")
+                              for v, name in zip(entry[:3], ("out", "in", "rank"), strict=True))
+            share = float(entry[3]) if len(entry) == 4 else 1.0  # type: ignore[misc]
+            if not 0.0 <= share <= 1.0:
+                raise ConfigError(f"adapted layer {entry!r}: token_share must be in [0, 1], got {share!r}")
+            count += 1
+            weights, delta, factors = weights + out * inp, delta + rank * out * inp, factors + rank * (inp + out)
+            macs += share * rank * (inp + out)
+            act += share * (inp + 2 * rank + 6 * out) * elem_bytes
+        if count == 0:
+            raise ConfigError("AdapterCost.of: no adapted layers (a LoRA without targets has no cost to model)")
+        return cls(count, weights, delta, factors, macs, act, elem_bytes)
+
+
+@dataclass(frozen=True)
+class Decision:
+    kind: ApplyKind
+    merge_ms: float  # merge + the undo's critical-path share (+ a previous phase's undo)
+    dynamic_ms: float  # every forward's adapter overhead (+ a previous phase's undo)
+    reason: str
+
+
+class CostModel:
+    """Compares the two ways of applying one set of adapters to a phase; see the module doc."""
+
+    def __init__(self, rates: DeviceRates, adapters: AdapterCost, *, headroom_bytes: int | None = None,
+                 record_fraction: float = RECORD_FRACTION) -> None:
+        if not 0.0 <= record_fraction <= 1.0:
+            raise ConfigError(f"record_fraction must be in [0, 1], got {record_fraction!r}")
+        self.rates, self.adapters, self.record_fraction = rates, adapters, record_fraction
+        self.headroom_bytes = headroom_bytes  # free device memory; None = unlimited (a server updates it)
+        self._merge_seen: float | None = None  # measured times replace the estimates
+        self._undo_seen: float | None = None
+
+    def observe_merge(self, ms: float) -> None:
+        """The last merge's measured time (it ends in a host sync, so the trace's duration is it)."""
+        self._merge_seen = _positive_float(ms, "observe_merge(ms)")
+
+    def observe_undo(self, ms: float) -> None:
+        """The last undo's measured time on the request's path (the rest runs asynchronously)."""
+        self._undo_seen = _positive_float(ms, "observe_undo(ms)")
+
+    def record_bytes(self) -> int:
+        """Temporary device memory the merge needs for its exact-undo records."""
+        return math.ceil(RECORD_BYTES * self.record_fraction * self.adapters.weight_elems)
+
+    def _merge_estimate_ms(self) -> float:
+        a, r = self.adapters, self.rates
+        moved = 2 * a.elem_bytes * a.weight_elems + self.record_bytes()  # read + write W, write records
+        roofline_s = moved / (r.hbm_gibps * 2**30) + 2 * a.delta_macs / (r.matmul_tflops * 1e12)
+        return MERGE_OVERHEAD * roofline_s * 1e3
+
+    def undo_ms(self) -> float:
+        """The undo's critical-path time: measured, or a share of a merge-sized estimate (same passes)."""
+        return self._undo_seen if self._undo_seen is not None else UNDO_CRITICAL_SHARE * self._merge_estimate_ms()
+
+    def merge_ms(self) -> float:
+        merge = self._merge_seen if self._merge_seen is not None else self._merge_estimate_ms()
+        return merge + self.undo_ms()
+
+    def forward_overhead_ms(self, tokens: int) -> float:
+        """What the adapters add to one DiT call: the larger of device and host time (the host queues ahead).
+
+        Where the base call is device-bound with host slack, part of the host time hides and this
+        overestimates: full DiT on an H200, +99 ms measured at 6144 tokens, 159 ms from the
+        formula; host-bound (≤ 1536 tokens) 143-191 ms measured, 159 ms from the formula."""
+        a, r = self.adapters, self.rates
+        _positive_int(tokens, "tokens")
+        device_s = (2 * tokens * a.lora_macs_per_token / (r.matmul_tflops * 1e12)
+                    + (tokens * a.activation_bytes_per_token + a.elem_bytes * a.lora_elems) / (r.hbm_gibps * 2**30))
+        host_s = HOST_LAUNCHES_PER_ADAPTER * a.layers * r.launch_us * 1e-6
+        return max(device_s, host_s) * 1e3
+
+    def dynamic_ms(self, work: PhaseWork) -> float:
+        return work.steps * work.passes * self.forward_overhead_ms(work.tokens)
+
+    def choose(self, work: PhaseWork, strengths_live: bool, previous_merged: bool = False) -> Decision:
+        """Merge only if strictly cheaper and its records fit; a tie leaves the shared DiT untouched."""
+        if not strengths_live:
+            return Decision(ApplyKind.NONE, 0.0, 0.0, "every strength is 0: the base weights run")
+        # the manager restores a merged previous phase before either way (manager._enter_phase),
+        # so its undo is charged to both sides: it shows in the totals and never tips the choice
+        before = self.undo_ms() if previous_merged else 0.0
+        merge, dynamic = before + self.merge_ms(), before + self.dynamic_ms(work)
+        need = self.record_bytes()
+        if self.headroom_bytes is not None and need > self.headroom_bytes:
+            return Decision(ApplyKind.DYNAMIC, merge, dynamic,
+                            f"the merge's undo records need {need / 2**30:.2f} GiB, "
+                            f"only {self.headroom_bytes / 2**30:.2f} GiB free")
+        kind = ApplyKind.MERGED if merge < dynamic else ApplyKind.DYNAMIC
+        return Decision(kind, merge, dynamic, f"merge {merge:.1f} ms vs dynamic {dynamic:.1f} ms "
+                                              f"over {work.steps * work.passes} calls at {work.tokens} tokens")
+
+
+# LTX-2's block linears (diffusers' LTX2VideoTransformer3DModel, default config): AutoPolicy's
+# fallback when the manager passes no CostModel.
+_V, _A = 4096, 2048
+_QKVO = ("to_q", "to_k", "to_v", "to_out.0")
+LTX2_BLOCK_LINEARS: tuple[tuple[str, int, int], ...] = (
+    *((f"{a}.{p}", d, d) for a, d in (("attn1", _V), ("attn2", _V), ("audio_attn1", _A), ("audio_attn2", _A))
+      for p in _QKVO),
+    ("ff.net.0.proj", 4 * _V, _V), ("ff.net.2", _V, 4 * _V),
+    ("audio_ff.net.0.proj", 4 * _A, _A), ("audio_ff.net.2", _A, 4 * _A),
+    ("audio_to_video_attn.to_q", _A, _V), ("audio_to_video_attn.to_k", _A, _A),  # (name, out, in)
+    ("audio_to_video_attn.to_v", _A, _A), ("audio_to_video_attn.to_out.0", _V, _A),
+    ("video_to_audio_attn.to_q", _A, _A), ("video_to_audio_attn.to_k", _A, _V),
+    ("video_to_audio_attn.to_v", _A, _V), ("video_to_audio_attn.to_out.0", _A, _A),
+)
+LTX2_BLOCKS = 48
+# Layers on the video tokens. The others run on the audio latents (~126 at 121 frames, 2 % of the
+# stage-2 video tokens) or project the prompt (≤ 1024 tokens; 2 of the 12 video-width layers):
+# counting them as 0 underestimates dynamic by at most ~15 %, erring towards leaving the DiT alone.
+_VIDEO_FED = re.compile(r"(?:^|\.)(?:attn1\.|ff\.|attn2\.to_(?:q|out)|audio_to_video_attn\.to_(?:q|out)"
+                        r"|video_to_audio_attn\.to_[kv])")
+_LTX2_SIDE = re.compile(r"(?:^|\.)(?:audio_|attn2\.|video_to_audio_attn\.)")
+
+
+def ltx2_token_share(module_name: str) -> float:
+    """1 for an LTX-2 block linear on the video tokens, 0 on audio or text tokens, 1 if unknown."""
+    if _VIDEO_FED.search(module_name):
+        return 1.0
+    return 0.0 if _LTX2_SIDE.search(module_name) else 1.0
+
+
+def ltx2_adapter_cost(rank: int = 384, blocks: int = LTX2_BLOCKS) -> AdapterCost:
+    """One LoRA of ``rank`` on every block linear of the LTX-2 DiT (the distilled LoRA's targets)."""
+    return AdapterCost.of((out, inp, rank, ltx2_token_share(name))
+                          for _ in range(blocks) for name, out, inp in LTX2_BLOCK_LINEARS)
+
+
+def ltx2_reference_model() -> CostModel:
+    """The real DiT, the distilled LoRA's rank and H100 rates: AutoPolicy's model without measurements."""
+    return CostModel(H100, ltx2_adapter_cost())

@@ -1,0 +1,76 @@
+"""The overlapped undo: the exact restore of merged LoRAs runs on a side stream while the
+request's caller goes on (to the VAE decode, say); the next user of the weights waits for it on
+the device, so it never sees them dirty, and no host thread blocks on it.
+
+On the CPU there are no streams: the undo runs inline, and only the manager's bookkeeping (the
+DiT stays ``restoring`` until its next user settles it) is the same, which is what the CPU tests
+exercise.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from .fingerprint import PendingFingerprint
+
+
+@dataclass
+class PendingUndo:
+    """An undo launched but not yet known to be done."""
+
+    event: torch.cuda.Event | None  # recorded on the undo stream after the undo's kernels
+    settles_to: str  # the machine event that ends it: "restored" or "offloaded"
+    fingerprint: PendingFingerprint | None = None  # the deferred verify, launched after the undo
+
+
+class UndoStream:
+    """Where overlapped undos run: one CUDA side stream per manager (inline on the CPU)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[None]:
+        """Work queued in the block runs on the side stream, after everything already queued on
+        the caller's stream (the last stage-2 forward, in a request)."""
+        if self.stream is None:
+            yield
+            return
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.stream):
+            yield
+
+    def mark(self) -> torch.cuda.Event | None:
+        if self.stream is None:
+            return None
+        event = torch.cuda.Event()
+        event.record(self.stream)
+        return event
+
+    def join(self, event: torch.cuda.Event | None = None, host: bool = False) -> None:
+        """Order the caller's stream after ``event`` (after all the side stream's work when None);
+        ``host``: also block this thread until it is done."""
+        if self.stream is None:
+            return
+        current = torch.cuda.current_stream(self.device)
+        if event is None:
+            current.wait_stream(self.stream)
+            if host:
+                self.stream.synchronize()
+            return
+        current.wait_event(event)
+        if host:
+            event.synchronize()
+
+
+def keep_for_stream(tensors: Iterator[torch.Tensor] | list[torch.Tensor]) -> None:
+    """Tell the caching allocator that the current (side) stream uses these tensors, so memory
+    freed on the stream that made them is not handed out again before this stream is done."""
+    for t in tensors:
+        if t.is_cuda:
+            t.record_stream(torch.cuda.current_stream(t.device))
