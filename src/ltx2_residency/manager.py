@@ -64,12 +64,15 @@ class ResidencyManager:
         transformer: the DiT (any ``nn.Module`` whose LoRA targets are ``nn.Linear``).
         mode: residency mode, ``"original"`` (one shared DiT).
         loras: the LoRAs to manage, e.g. the distilled LoRA plus a user LoRA.
-        merge_policy: ``"sglang"``, ``"dynamic"`` or ``"merge"`` (see ``policy``).
+        merge_policy: ``"sglang"``, ``"dynamic"``, ``"merge"`` or ``"auto"`` (a cost model
+            weighs merging against dynamic adapters for each phase's declared work; see
+            ``policy`` and ``costmodel``).
         native_ltx23: the model is the native LTX-2.3 variant (the sglang policy merges then).
-        restore: exact-undo strategy of the merge path: ``"auto"`` (``"fused"`` when the weights
-            are bf16 on a CUDA device and Triton is there, else ``"recompute"``), ``"fused"`` (the
-            recompute undo as one Triton kernel per layer), ``"recompute"`` (default, least
-            memory), ``"copy"`` (a same-device copy) or ``"copy_host"``.
+        restore: exact-undo strategy of the merge path: ``"auto"`` (default: ``"fused"`` when
+            the weights are bf16 on a CUDA device and Triton is there, else ``"recompute"``),
+            ``"fused"`` (the recompute undo as Triton kernels, one launch per LoRA),
+            ``"recompute"`` (least memory, pure torch), ``"copy"`` (a same-device copy) or
+            ``"copy_host"``.
         check_layers: also check every undone layer against its pre-merge digest (catches a
             bad undo at the layer it happens; costs one more pass at merge and at restore).
         strict: the forward guard also refuses runs outside a request's phase.
@@ -99,7 +102,7 @@ class ResidencyManager:
         merge_policy: str = "sglang",
         *,
         native_ltx23: bool = False,
-        restore: str = "recompute",
+        restore: str = "auto",
         check_layers: bool = False,
         strict: bool = True,
         verify: Verify = "after_merge",
