@@ -4,6 +4,8 @@
     ltx2 generate --preset full --mode snapshot      # real shapes, random weights, on a GPU
     ltx2 generate --model-path ./ltx2 --distilled-lora distilled.safetensors --lora style.safetensors@0,1
     ltx2 diagram [--mode resident]
+    ltx2 perf-check --case tiny_cpu_normal_merge     # against perf_baselines.json; --list for the cases
+    ltx2 bench --preset full --json bench.json       # ours against PEFT/diffusers on one model, one run
 
 ``generate`` writes the mp4 (video + audio) and a JSON report next to it: per-stage times in the
 shape of sglang's perf baselines (``e2e_ms``, ``avg_denoise_ms``, ``stages_ms`` with both
@@ -111,6 +113,19 @@ def _parser() -> argparse.ArgumentParser:
 
     dia = sub.add_parser("diagram", help="print the mermaid state diagram of each residency mode")
     dia.add_argument("--mode", choices=[m.value for m in ResidencyMode], help="only this mode")
+
+    perf = sub.add_parser("perf-check", help="run a perf_baselines.json case; exit 1 on a regression beyond "
+                          "tolerance, 2 on bad input, 3 when the case cannot run here")
+    perf.add_argument("--case", help="the case to run (see --list)")
+    perf.add_argument("--list", action="store_true", help="list the cases and exit")
+    perf.add_argument("--baselines", type=Path, help="baselines file (default: the repository's perf_baselines.json)")
+    perf.add_argument("--json", type=Path, metavar="OUT", help="write the measured metrics (the plot's input)")
+    perf.add_argument("--update", action="store_true",
+                      help="rewrite the case's expected numbers from this run (tolerances kept)")
+
+    from .bench import add_arguments  # the bench module imports no heavy dependency of its own
+    add_arguments(sub.add_parser("bench", help="ours against the PEFT/diffusers baselines on one model, in one "
+                                 "run: switches, restore, per-step overhead, fingerprint, requests"))
     return parser
 
 
@@ -211,6 +226,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "diagram":
             return _diagram(args)
+        if args.command == "perf-check":
+            from .perf import perf_check  # late: only this command needs it
+
+            return perf_check(args, console)
+        if args.command == "bench":
+            from .bench import main as bench
+
+            return bench(args)
         return _generate(args, console)
     except (GenerationInputError, ResidencyError) as exc:
         console.print(f"[bold red]error:[/bold red] {type(exc).__name__}: {exc}")

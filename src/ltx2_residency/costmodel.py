@@ -11,8 +11,9 @@ from __future__ import annotations
 import math
 import re
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -190,13 +191,28 @@ class CostModel:
     """Compares the two ways of applying one set of adapters to a phase; see the module doc."""
 
     def __init__(self, rates: DeviceRates, adapters: AdapterCost, *, headroom_bytes: int | None = None,
-                 record_fraction: float = RECORD_FRACTION) -> None:
+                 record_fraction: float = RECORD_FRACTION, device: torch.device | None = None) -> None:
         if not 0.0 <= record_fraction <= 1.0:
             raise ConfigError(f"record_fraction must be in [0, 1], got {record_fraction!r}")
         self.rates, self.adapters, self.record_fraction = rates, adapters, record_fraction
+        self.device = device  # where refresh_headroom() reads free memory
         self.headroom_bytes = headroom_bytes  # free device memory; None = unlimited (a server updates it)
         self._merge_seen: float | None = None  # measured times replace the estimates
         self._undo_seen: float | None = None
+
+    @classmethod
+    def for_targets(cls, targets: Sequence[Any]) -> CostModel:
+        """The model of a manager's adapted layers (``LayerTarget``s: name, weight, lora_A), on the
+        rates measured on their device."""
+        layers = [(t.weight.shape[0], t.weight.shape[1], t.lora_A.shape[0], ltx2_token_share(t.name))
+                  for t in targets]
+        device = targets[0].weight.device
+        return cls(DeviceRates.measure(device), AdapterCost.of(layers), device=device)
+
+    def refresh_headroom(self) -> None:
+        """Take the device's free memory now as the headroom (CUDA; unlimited elsewhere)."""
+        if self.device is not None and self.device.type == "cuda":
+            self.headroom_bytes = torch.cuda.mem_get_info(self.device)[0]
 
     def observe_merge(self, ms: float) -> None:
         """The last merge's measured time (it ends in a host sync, so the trace's duration is it)."""

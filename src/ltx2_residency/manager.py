@@ -17,7 +17,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from .costmodel import AdapterCost, CostModel, DeviceRates, PhaseWork, ltx2_token_share
+from .costmodel import CostModel, PhaseWork
 from .domain import (
     PHASE_TARGET,
     TRANSIENT_STATES,
@@ -239,32 +239,26 @@ class ResidencyManager:
 
         Call it between requests; a mismatch quarantines the DiT.
         """
-        if self._owner == threading.get_ident():
-            if self._request is not None:
-                raise RequestStateError("verify_clean() checks the DiT between requests; call it "
-                                        "after the `with manager.request()` block")
+        def check() -> None:
             self._settle_restore(host=True)
             self._check_clean()
-            return
-        self._acquire(self.request_timeout if timeout is ... else timeout, "verify_clean()")
-        try:
-            self._settle_restore(host=True)
-            self._check_clean()
-        finally:
-            self._release()
+        self._between_requests("verify_clean() checks the DiT", timeout, check)
 
     def synchronize(self, timeout: float | None = ...) -> None:  # type: ignore[assignment]
         """Wait (on the host) for an overlapped restore to finish and settle the DiT to CLEAN,
         checking it when the deferred verify applies; a no-op when nothing is pending."""
+        self._between_requests("synchronize() settles the DiT", timeout, lambda: self._settle_restore(host=True))
+
+    def _between_requests(self, what: str, timeout: float | None, run: Any) -> None:
         if self._owner == threading.get_ident():
             if self._request is not None:
-                raise RequestStateError("synchronize() settles the DiT between requests; call it after "
-                                        "the `with manager.request()` block")
-            self._settle_restore(host=True)
+                raise RequestStateError(f"{what} between requests; call it after the `with manager.request()` "
+                                        "block")
+            run()
             return
-        self._acquire(self.request_timeout if timeout is ... else timeout, "synchronize()")
+        self._acquire(self.request_timeout if timeout is ... else timeout, what.split()[0])
         try:
-            self._settle_restore(host=True)
+            run()
         finally:
             self._release()
 
@@ -433,16 +427,11 @@ class ResidencyManager:
             raise QuarantinedError(message) from exc
 
     def _cost_model(self) -> CostModel:
-        """The auto policy's cost model of these adapters on this device (built at first use: it
-        probes the device's rates), with the device's free memory as of now."""
+        """The auto policy's cost model (built at first use: it probes the device), with the
+        device's free memory as of now."""
         if self._costs is None:
-            layers = [(t.weight.shape[0], t.weight.shape[1], t.lora_A.shape[0], ltx2_token_share(t.name))
-                      for name in self.specs for t in self._adapters.targets(name)]
-            device = next(iter(self._weights.values())).device
-            self._costs = CostModel(DeviceRates.measure(device), AdapterCost.of(layers))
-        device = next(iter(self._weights.values())).device
-        if device.type == "cuda":
-            self._costs.headroom_bytes = torch.cuda.mem_get_info(device)[0]
+            self._costs = CostModel.for_targets([t for n in self.specs for t in self._adapters.targets(n)])
+        self._costs.refresh_headroom()
         return self._costs
 
     def _settle_restore(self, host: bool = False) -> None:
@@ -453,9 +442,13 @@ class ResidencyManager:
             return
         assert self._undo_stream is not None
         self._undo_stream.join(pending.event, host=host)
-        if pending.fingerprint is not None:
-            self._check_clean(pending.fingerprint.result())
-        self._fire(pending.settles_to)
+        context, self._context = self._context, (pending.request_id, None)
+        try:
+            if pending.fingerprint is not None:
+                self._check_clean(pending.fingerprint.result())
+            self._fire(pending.settles_to)
+        finally:
+            self._context = context
 
     def _check_clean(self, now: Fingerprint | None = None) -> None:
         now = now if now is not None else Fingerprint.of(self._weights.items())
@@ -510,7 +503,8 @@ class ResidencyManager:
                 event = self._undo_stream.mark()
             self._base_resident = self._mode.deactivate(final=ctx.get("final", True))
             self.faults.hit("restore.after")
-            self._pending = PendingUndo(event, "restored" if self._base_resident else "offloaded")
+            self._pending = PendingUndo(event, "restored" if self._base_resident else "offloaded",
+                                        self._context[0])
             return written
         written = self._stack.pop_all()
         self._base_resident = self._mode.deactivate(final=ctx.get("final", True))
