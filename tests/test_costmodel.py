@@ -392,3 +392,21 @@ def test_manager_with_auto_runs_a_request_exactly(fresh_model: Callable[[], torc
     assert mgr.state.value == "clean"
     after = weight_bits(params)
     assert all(torch.equal(before[n], after[n]) for n in before)
+
+
+def test_headroom_counts_the_allocators_cached_memory_and_records_follow_the_last_merge(monkeypatch) -> None:
+    # a request's activations are freed into torch's cache, not to the driver: merge records reuse them
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (3 * 2**30, 80 * 2**30))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 40 * 2**30)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 30 * 2**30)
+    model = CostModel(H100, cm.ltx2_adapter_cost(), device=torch.device("cuda", 0))
+    model.refresh_headroom()
+    assert model.headroom_bytes == 13 * 2**30
+    before = model.record_bytes()
+    model.observe_records(0.077)
+    assert model.record_bytes() < before and model.record_fraction == 0.077
+    model.observe_records(0.0)  # a merge that recorded nothing says nothing about the next
+    assert model.record_fraction == 0.077
+    cpu = CostModel(H100, cm.ltx2_adapter_cost())
+    cpu.refresh_headroom()
+    assert cpu.headroom_bytes is None

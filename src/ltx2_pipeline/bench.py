@@ -88,16 +88,23 @@ def requests_section(preset: str, device: str, scenarios: Sequence[str], policie
             if scenario == "hq":
                 request = dataclasses.replace(request, strengths=HQ_STRENGTHS)
             pipe.check(request)
-            for policy in policies:
+            # untimed: every policy once at the first scenario (kernels, first merges), then one
+            # request at each new scenario's shapes
+            for policy in (policies if not warmed else policies[:1]):
                 pipe.manager.set_merge_policy(policy)
-                if not warmed:  # cold kernels and allocator: one request, untimed, for the whole section
-                    pipe(request)
-                    warmed = True
-                reports = [pipe(request).report for _ in range(requests)]
-                case = summarize(reports, pipe.manager)
-                case["decisions"] = [r["event"] for r in reports[-1]["trace"]]
+                pipe(request)
+            warmed = True
+            reports: dict[str, list[dict[str, Any]]] = {p: [] for p in policies}
+            for _ in range(requests):
+                for policy in policies:  # interleaved: drift (clocks, allocator) falls on every policy alike
+                    pipe.manager.set_merge_policy(policy)
+                    reports[policy].append(pipe(request).report)
+            for policy in policies:
+                case = summarize(reports[policy], pipe.manager)
+                case["decisions"] = [r["event"] for r in reports[policy][-1]["trace"]]
                 out["cases"][f"{scenario}/{policy}"] = case
-                print(f"{scenario}/{policy}: e2e {case['e2e_ms']:.1f} ms, weight management "
+                print(f"{scenario}/{policy}: e2e {case['e2e_ms']:.1f} ms (each: "
+                      f"{', '.join(f'{x:.0f}' for x in case['e2e_ms_per_request'])}), weight management "
                       f"{case['weight_management_ms']:.1f} ms", flush=True)
         pipe.manager.verify_clean()
         out["drift_layers_after_all_requests"] = len(clean.differing(
@@ -214,7 +221,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
     ap.add_argument("--scenarios", nargs="+", choices=("normal", "hq", "small"), default=["normal", "hq", "small"])
     ap.add_argument("--policies", nargs="+", choices=(*FIXED_POLICIES, "auto"), default=[*FIXED_POLICIES, "auto"])
-    ap.add_argument("--requests", type=int, default=2, help="timed requests per case (after one warm-up)")
+    ap.add_argument("--requests", type=int, default=3,
+                    help="timed requests per case, the policies interleaved (after untimed warm-ups)")
     ap.add_argument("--steps", type=int, default=4, help="stage-1 denoising steps")
     ap.add_argument("--json", default=None, help="write the results here")
 

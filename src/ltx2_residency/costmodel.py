@@ -212,7 +212,16 @@ class CostModel:
     def refresh_headroom(self) -> None:
         """Take the device's free memory now as the headroom (CUDA; unlimited elsewhere)."""
         if self.device is not None and self.device.type == "cuda":
-            self.headroom_bytes = torch.cuda.mem_get_info(self.device)[0]
+            # what the driver has free plus what torch's caching allocator holds unused: a
+            # request's activations were freed into the cache, and the records would reuse it
+            cached = torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+            self.headroom_bytes = torch.cuda.mem_get_info(self.device)[0] + cached
+
+    def observe_records(self, fraction: float) -> None:
+        """The share of elements the last merge recorded (deterministic per LoRA and strength: the
+        next merge of it needs the same)."""
+        if 0.0 < fraction <= 1.0:
+            self.record_fraction = fraction
 
     def observe_merge(self, ms: float) -> None:
         """The last merge's measured time (it ends in a host sync, so the trace's duration is it)."""

@@ -354,6 +354,7 @@ class ResidencyManager:
                     req.mutated = True
                     if self._costs is not None:  # the auto policy prices the next merge from this one
                         self._costs.observe_merge(max(self.trace[-1].duration_ms, 1e-3))
+                        self._costs.observe_records(self._stack.last_exception_fraction)
                     self._fire(f"merged_{phase.value}")
                 elif kind is ApplyKind.DYNAMIC:
                     self._fire("attach", strengths=strengths)

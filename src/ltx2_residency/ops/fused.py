@@ -40,6 +40,32 @@ class _Frame:
     count: torch.Tensor | None = None
     host_count: list[int] | None = None
     everyone: torch.Tensor | None = None  # all layers active: the usual undo, made at merge (no H2D copy then)
+    host_start: list[int] | None = None
+
+    def views(self, i: int) -> tuple[torch.Tensor, ...]:
+        """Layer ``i``'s tile flags, record indices and record values (views into the pools)."""
+        if self.plan is None or self.flags is None or self.idx is None or self.val is None:
+            return ()
+        lo, hi = self.plan.tile_offsets[i], self.plan.tile_offsets[i + 1]
+        if self.host_count is None or self.host_start is None:
+            return (self.flags[lo:hi],)
+        start, count = self.host_start[i], self.host_count[i]
+        return self.flags[lo:hi], self.idx[start:start + count], self.val[start:start + count]
+
+
+class _FusedUndo(LayerUndo):
+    """A layer's undo record as views into its LoRA's pools, made when asked for (``memory()``,
+    tests): making and freeing three views per layer at 1344 layers was most of the critical
+    path of an overlapped restore."""
+
+    @property  # type: ignore[override]
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        state, i = self.handle  # type: ignore[misc]
+        return state.views(i)
+
+    @tensors.setter
+    def tensors(self, value: tuple[torch.Tensor, ...]) -> None:
+        pass  # the views are derived; the dataclass constructor's empty tuple is dropped
 
 
 def _exclusive_cumsum(values: list[int]) -> list[int]:
@@ -76,7 +102,7 @@ class FusedRestore:
                             f"{target.name!r} is {tuple(w.shape)} {w.dtype}; use restore='recompute'")
         state = self._frame
         assert state is not None, "begin() first"
-        undo = LayerUndo(digest, handle=(state, len(state.targets)))
+        undo = _FusedUndo(digest, handle=(state, len(state.targets)))
         state.targets.append(target)
         state.undos.append(undo)
         state.factors.append((b, a))
@@ -149,10 +175,8 @@ class FusedRestore:
             state.count = torch.tensor(counts, dtype=torch.int64, device=device)
         state.idx, state.val = packed
         state.host_count = counts
+        state.host_start = starts
         for i, undo in enumerate(state.undos):
-            lo, hi = p.tile_offsets[i], p.tile_offsets[i + 1]
-            undo.tensors = (state.flags[lo:hi], packed[0][starts[i]:starts[i] + counts[i]],
-                            packed[1][starts[i]:starts[i] + counts[i]])
             undo.exceptions = counts[i]
 
     def undo(self, target: LayerTarget, undo: LayerUndo, strength: float) -> None:
