@@ -13,7 +13,7 @@ from offline import assert_offline, no_network  # noqa: F401 - autouse fixtures
 
 
 def _case(e2e: float, weights: float) -> dict:
-    return {"e2e_ms": e2e, "weight_management_ms": weights}
+    return {"e2e_ms": e2e, "weight_management_ms": weights, "decisions": ["merge"] if weights > 50 else ["attach"]}
 
 
 def test_derive_compares_auto_with_the_best_fixed_policy_and_a_premerged_dit() -> None:
@@ -23,6 +23,7 @@ def test_derive_compares_auto_with_the_best_fixed_policy_and_a_premerged_dit() -
     d = bench.derive(cases, ["normal", "small"], ["merge", "dynamic", "sglang", "auto"])
     assert d["normal"]["best_fixed_policy"] == "merge" and d["normal"]["best_fixed_e2e_ms"] == 1000.0
     assert d["normal"]["auto_vs_best_fixed"] == pytest.approx(0.02)
+    assert d["normal"]["auto_decides_as"] == ["merge"]
     assert d["normal"]["premerged_e2e_ms"] == 900.0  # the merged run without its switch and restore
     assert d["normal"]["vs_premerged"]["dynamic"] == pytest.approx(1200 / 900 - 1)
     assert d["small"]["best_fixed_policy"] == "dynamic" and "auto_vs_best_fixed" not in d["small"]
