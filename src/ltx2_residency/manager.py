@@ -403,6 +403,7 @@ class ResidencyManager:
                 assert self._undo_stream is not None
                 with self._undo_stream.running():  # queued behind the undo, read when it settles
                     self._pending.fingerprint = Fingerprint.launch(self._weights.items())
+                    self._pending.event = self._undo_stream.mark()  # the settle waits for the sums too
             elif self.state in (WeightState.CLEAN, WeightState.OFFLOADED) and verify:
                 self._check_clean()
         finally:

@@ -55,6 +55,7 @@ class PeftAdapters:
         self.faults = faults
         self.names = [lo.name for lo in loras]
         self._targets: dict[str, list[str]] = {}
+        self._target_cache: dict[str, list[LayerTarget]] = {}
         try:
             for lora in loras:
                 self._inject(model, lora)
@@ -100,7 +101,17 @@ class PeftAdapters:
         self._targets[lora.name] = sorted(lora.targets)
 
     def targets(self, lora: str) -> list[LayerTarget]:
-        """The merge path's view of ``lora``: base weights plus the adapter's own A/B tensors."""
+        """The merge path's view of ``lora``: base weights plus the adapter's own A/B tensors.
+
+        Built once per LoRA: the modules and parameters never change after injection (a
+        residency move rebinds a parameter's ``.data``, not the parameter), and walking PEFT's
+        module tree cost 30 ms per merge at 1344 layers."""
+        cached = self._target_cache.get(lora)
+        if cached is None:
+            cached = self._target_cache[lora] = self._build_targets(lora)
+        return cached
+
+    def _build_targets(self, lora: str) -> list[LayerTarget]:
         out = []
         for module in self._targets[lora]:
             layer = self.layers[module]

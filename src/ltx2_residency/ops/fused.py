@@ -12,6 +12,7 @@ slack is held while the LoRA stays merged.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -84,12 +85,31 @@ class FusedRestore:
     def __init__(self) -> None:
         self._known: dict[tuple[str, float], list[int]] = {}  # (LoRA, strength) -> records per layer
         self._frame: _Frame | None = None
+        # per layer: the factors as the kernel reads them, valid while the adapter tensors are the
+        # same objects at the same version on the weight's device; per (LoRA, strength): the launch
+        # tables, valid while every address is the same (per-layer Python was most of a merge)
+        self._factor_cache: dict[str, tuple[Any, ...]] = {}
+        self._plans: dict[tuple[str, float], tuple[tuple[int, ...], kernels.Plan]] = {}
 
-    @staticmethod
-    def _factors(target: LayerTarget) -> tuple[torch.Tensor, torch.Tensor]:
+    def _factors(self, target: LayerTarget) -> tuple[torch.Tensor, torch.Tensor]:
         w = target.weight
-        return kernels.pad_rank(target.lora_B.detach().to(device=w.device, dtype=w.dtype).contiguous(),
-                                target.lora_A.detach().to(device=w.device, dtype=w.dtype).contiguous())
+        key = (target.lora_A, target.lora_B, target.lora_A._version, target.lora_B._version, w.device, w.dtype)
+        hit = self._factor_cache.get(target.name)
+        if hit is not None and hit[0] is key[0] and hit[1] is key[1] and hit[2:6] == key[2:]:
+            return hit[-1]  # type: ignore[no-any-return]
+        factors = kernels.pad_rank(target.lora_B.detach().to(device=w.device, dtype=w.dtype).contiguous(),
+                                   target.lora_A.detach().to(device=w.device, dtype=w.dtype).contiguous())
+        self._factor_cache[target.name] = (*key, factors)
+        return factors
+
+    def _plan(self, frame: MergeFrame, state: _Frame, weights: list[torch.Tensor]) -> kernels.Plan:
+        addresses = tuple(t.data_ptr() for w, (b, a) in zip(weights, state.factors, strict=True) for t in (w, b, a))
+        hit = self._plans.get((frame.lora, frame.strength))
+        if hit is not None and hit[0] == addresses:
+            return hit[1]
+        p = kernels.plan(weights, state.factors, [frame.strength * t.scale for t in state.targets])
+        self._plans[(frame.lora, frame.strength)] = (addresses, p)
+        return p
 
     def begin(self, frame: MergeFrame, targets: list[LayerTarget]) -> None:
         self._frame = _Frame(frame.strength)
@@ -122,7 +142,7 @@ class FusedRestore:
     def _launch(self, frame: MergeFrame, state: _Frame) -> None:
         weights = [t.weight.detach() for t in state.targets]
         device = weights[0].device
-        p = kernels.plan(weights, state.factors, [frame.strength * t.scale for t in state.targets])
+        p = self._plan(frame, state, weights)
         n = p.layers
         caps = self._known.get((frame.lora, frame.strength)) or [
             max(MIN_REGION, int(w.numel() * FIRST_GUESS)) for w in weights]
