@@ -227,6 +227,6 @@ class FusedRestore:
             state.host_count = [int(c) for c in state.count.tolist()]
         most = max((state.host_count[i] for i, c in enumerate(chosen) if c), default=0)
         kernels.scatter(p, active, state.rec_start, state.count, most, state.idx, state.val)
-        # on an overlapped undo's side stream, everything the two launches read must outlive them
-        keep_for_stream([state.flags, state.idx, state.val, state.rec_start, state.count, active, none,
-                         p.tile_layer, p.tile_local, *p.tables, *(t for pair in state.factors for t in pair)])
+        # on an overlapped undo's side stream, what the two launches read and the pop frees must
+        # outlive them (the factors and the launch tables are cached: they are not freed here)
+        keep_for_stream([state.flags, state.idx, state.val, state.rec_start, state.count, active, none])
