@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from hypothesis import strategies as st
 
-from ltx2_residency import MergePolicyName, Phase
+from ltx2_residency import MergePolicyName, Phase, PhaseWork
+from ltx2_residency.costmodel import DeviceRates
 
 phases = st.sampled_from(list(Phase))
 phase_values = st.sampled_from([p.value for p in Phase] + list(Phase))
@@ -23,3 +24,13 @@ bad_strengths = st.one_of(
 )
 
 fault_kinds = st.sampled_from(["exception", "keyboard_interrupt", "oom"])
+
+# the cost model behind merge_policy="auto" (test_costmodel)
+#: ``(out, in, rank, token_share)`` of one adapted layer.
+layer_entries = st.tuples(st.integers(1, 16384), st.integers(1, 16384), st.integers(1, 512),
+                          st.floats(0.0, 1.0, allow_nan=False))
+layer_sets = st.lists(layer_entries, min_size=1, max_size=12)
+device_rates = st.builds(DeviceRates, matmul_tflops=st.floats(0.01, 2000.0), hbm_gibps=st.floats(1.0, 8000.0),
+                         launch_us=st.floats(0.5, 50.0))
+phase_works = st.builds(PhaseWork, steps=st.integers(1, 60), tokens=st.integers(1, 32768), passes=st.integers(1, 4))
+speedups = st.floats(1.01, 100.0)

@@ -1,8 +1,8 @@
 """The cost model behind merge_policy="auto" (ltx2_residency.costmodel) and AutoPolicy.
 
 Real-scale scenarios use the LTX-2 DiT's block linears (checked against diffusers' model below)
-and the documented H100 rates of ``costmodel.H100``. Hypothesis strategies are local to this file
-(layer sets, device rates, phase work) until they move to tests/strategies.py.
+and the documented H100 rates of ``costmodel.H100``. Hypothesis strategies (layer sets, device rates,
+phase work) live in tests/strategies.py.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import pytest
 import torch
 from diffusers import LTX2VideoTransformer3DModel
 from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from ltx2_pipeline.tiny import tiny_inputs
 from ltx2_residency import ApplyKind, ConfigError, LoRASpec, MergePolicyName, Phase, ResidencyManager, ResidencyMode
@@ -34,18 +33,10 @@ from ltx2_residency.costmodel import (
 )
 from ltx2_residency.policy import POLICIES, AutoPolicy, PhaseContext, make_policy
 from ltx2_residency.testing import linear_names, weight_bits
+from strategies import device_rates, layer_sets, phase_works, speedups
 
 GIB = 2**30
 ORIG = ResidencyMode.ORIGINAL
-
-# ---------------------------------------------------------------------------- local strategies
-layer_entries = st.tuples(st.integers(1, 16384), st.integers(1, 16384), st.integers(1, 512),
-                          st.floats(0.0, 1.0, allow_nan=False))
-layer_sets = st.lists(layer_entries, min_size=1, max_size=12)
-device_rates = st.builds(DeviceRates, matmul_tflops=st.floats(0.01, 2000.0), hbm_gibps=st.floats(1.0, 8000.0),
-                         launch_us=st.floats(0.5, 50.0))
-phase_works = st.builds(PhaseWork, steps=st.integers(1, 60), tokens=st.integers(1, 32768), passes=st.integers(1, 4))
-speedups = st.floats(1.01, 100.0)
 
 # ---------------------------------------------------------------------------- hand-computed formulas
 # Two layers: (out 8, in 4, rank 2) on every token, (out 6, in 8, rank 3) on half of them.
