@@ -141,12 +141,13 @@ class ManagerMachine(RuleBasedStateMachine):
         restore=st.sampled_from(["recompute", "copy"]),
         verify=st.sampled_from(["after_merge", "always", "never"]),
         check_layers=st.booleans(),
+        overlap=st.booleans(),
         with_user=st.booleans(),
         distilled=st.fixed_dictionaries({"stage1": strengths, "stage2": strengths}),
         user=st.fixed_dictionaries({"stage1": strengths, "stage2": strengths}),
     )
     def build(self, policy: str, native_ltx23: bool, restore: str, verify: str, check_layers: bool,
-              with_user: bool, distilled: dict[str, float], user: dict[str, float]) -> None:
+              overlap: bool, with_user: bool, distilled: dict[str, float], user: dict[str, float]) -> None:
         STEPS["examples"] += 1
         mat = material()
         self.mat = mat
@@ -164,7 +165,9 @@ class ManagerMachine(RuleBasedStateMachine):
             merge_policy=policy, native_ltx23=native_ltx23, restore=restore,
             verify=verify,  # type: ignore[arg-type]
             check_layers=check_layers, strict=True, request_timeout=5.0, faults=self.faults,
+            overlap_restore=overlap,  # on the CPU the undo runs inline; the bookkeeping is the GPU's
         )
+        self.overlap = overlap
         self.clean_bits = weight_bits(self.mgr.managed_weights)
         # The manager's clean reference must be the model as handed over: compare with the
         # untouched base model's own Linear weights.
@@ -284,13 +287,21 @@ class ManagerMachine(RuleBasedStateMachine):
         self.applied = {}
         self.failed = None
 
+    def _settled(self) -> None:
+        """The call just made settled a pending overlapped undo: ``restored`` is in the trace."""
+        if self.expected is S.RESTORING:
+            STEPS["settle_overlapped_undo"] += 1
+            assert self.mgr is not None and self.mgr.trace[-1].event == "restored"
+            self.expected = S.CLEAN
+
     def _forward(self) -> None:
         """Run the DiT the way a pipeline does; the model says whether the guard lets it."""
         assert self.mgr is not None
         run = functools.partial(self.mgr.transformer, **self.mat.inputs)
         if self.quarantined or self.req is None or self.phase is None:
             STEPS["forward_refused"] += 1
-            expect = "quarantined" if self.quarantined else "outside a request phase"
+            expect = ("quarantined" if self.quarantined else "restoring" if self.expected is S.RESTORING
+                      else "outside a request phase")
             with self._no_side_effects(), torch.no_grad(), pytest.raises(ForwardGuardError) as info:
                 run()
             assert expect in str(info.value)
@@ -350,6 +361,7 @@ class ManagerMachine(RuleBasedStateMachine):
         STEPS["open_request"] += 1
         self.req = cm.__enter__()
         self.cm = cm
+        self._settled()
         assert isinstance(self.req, Request)
 
     # A request that never got to a phase is closed once per situation: otherwise examples
@@ -375,7 +387,9 @@ class ManagerMachine(RuleBasedStateMachine):
             with pytest.raises(type(body)) as info:
                 exit_with(self.cm, body)
             assert info.value is body, "the body's exception was replaced or swallowed"
-        if self.expected in _APPLIED:
+        if self.expected in _MERGED and self.overlap:
+            self.expected = S.RESTORING  # the undo is launched; the DiT's next user settles it
+        elif self.expected in _APPLIED:
             self.expected = S.CLEAN
         self._request_closed()
 
@@ -602,6 +616,10 @@ class ManagerMachine(RuleBasedStateMachine):
     @rule(fail=st.booleans(), data=st.data())
     def repair(self, fail: bool, data: st.DataObject) -> None:
         assert self.mgr is not None
+        if self.expected is S.RESTORING:
+            self.mgr.repair()  # settles the pending undo, then has nothing to repair
+            self._settled()
+            return
         if not self.quarantined:
             STEPS["repair_noop"] += 1
             self._done("repair")
@@ -631,6 +649,10 @@ class ManagerMachine(RuleBasedStateMachine):
         assert self.mgr is not None
         self._done("verify")
         dirty = _differing(weight_bits(self.mgr.managed_weights), self.clean_bits)
+        if not dirty and self.expected is S.RESTORING:
+            self.mgr.verify_clean()
+            self._settled()
+            return
         if not dirty:
             STEPS["verify_clean"] += 1
             with self._no_side_effects():
@@ -651,6 +673,7 @@ class ManagerMachine(RuleBasedStateMachine):
         try:
             if self.cm is not None:
                 self.cm.__exit__(None, None, None)
+                self.mgr.synchronize()
                 assert self.mgr.state in (S.CLEAN, S.QUARANTINED)
         finally:
             self.faults.disarm()
