@@ -31,13 +31,9 @@ from ltx2_residency.machine import TABLES, mermaid
 
 from .errors import GenerationInputError
 from .loras import load_lora
+from .presets import DEFAULT_NEGATIVE_PROMPT, DEFAULT_PROMPT, PRESET_DEFAULTS
 from .two_stage import GenerationRequest, Guidance, LTX2TwoStageHQPipeline, LTX2TwoStagePipeline
 
-#: Request defaults per preset: the tiny one runs on a CPU in seconds; the full one is LTX-2's.
-PRESET_DEFAULTS: dict[str, dict[str, Any]] = {
-    "tiny": dict(height=64, width=64, num_frames=9, steps=4, max_sequence_length=32),
-    "full": dict(height=512, width=768, num_frames=121, steps=30, max_sequence_length=1024),
-}
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
@@ -91,8 +87,8 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--merge-policy", default="sglang", choices=[p.value for p in MergePolicyName])
     gen.add_argument("--low-vram", action=argparse.BooleanOptionalAction, default=None,
                      help="snapshot mode: evict the base before the stage-2 prefetch (default: below 130 GiB)")
-    gen.add_argument("--prompt", default="a robot dancing in the rain, slow camera, warm light")
-    gen.add_argument("--negative-prompt", default="blurry, jittery, low quality")
+    gen.add_argument("--prompt", default=DEFAULT_PROMPT)
+    gen.add_argument("--negative-prompt", default=DEFAULT_NEGATIVE_PROMPT)
     gen.add_argument("--height", type=int)
     gen.add_argument("--width", type=int)
     gen.add_argument("--num-frames", type=int)
@@ -150,21 +146,18 @@ def _build(args: argparse.Namespace, progress: Any) -> LTX2TwoStagePipeline:
 
 
 def _request(args: argparse.Namespace) -> GenerationRequest:
-    defaults = PRESET_DEFAULTS["full" if args.model_path is not None else (args.preset or "tiny")]
     strengths: dict[str, dict[str, float]] = {}
     if args.stage1_strength is not None:
         strengths["stage1"] = {"distilled": args.stage1_strength}
     if args.stage2_strength is not None:
         strengths["stage2"] = {"distilled": args.stage2_strength}
-    return GenerationRequest(
-        prompt=args.prompt, negative_prompt=args.negative_prompt,
-        height=args.height if args.height is not None else defaults["height"],
-        width=args.width if args.width is not None else defaults["width"],
-        num_frames=args.num_frames if args.num_frames is not None else defaults["num_frames"],
-        frame_rate=args.frame_rate, seed=args.seed,
-        num_inference_steps=args.steps if args.steps is not None else defaults["steps"],
-        max_sequence_length=args.max_sequence_length or defaults["max_sequence_length"],
-        guidance=Guidance.off() if args.no_guidance else Guidance(), strengths=strengths)
+    given = dict(height=args.height, width=args.width, num_frames=args.num_frames, num_inference_steps=args.steps,
+                 max_sequence_length=args.max_sequence_length or None)
+    return GenerationRequest.for_preset(
+        "full" if args.model_path is not None else (args.preset or "tiny"),
+        prompt=args.prompt, negative_prompt=args.negative_prompt, frame_rate=args.frame_rate, seed=args.seed,
+        guidance=Guidance.off() if args.no_guidance else Guidance(), strengths=strengths,
+        **{k: v for k, v in given.items() if v is not None})
 
 
 def _check_paths(args: argparse.Namespace) -> None:

@@ -217,11 +217,8 @@ def _device_name(device: str) -> str:
 
 def cli_request(preset: str, height: int, width: int, frames: int, steps: int) -> GenerationRequest:
     """The request ``ltx2 generate`` would send at this size (its prompt, guidance, sequence length)."""
-    from .cli import _parser, _request  # late: the CLI imports this module for perf-check
-
-    args = _parser().parse_args(["generate", "--preset", preset, "--height", str(height), "--width", str(width),
-                                 "--num-frames", str(frames), "--steps", str(steps)])
-    return _request(args)
+    return GenerationRequest.for_preset(preset, height=height, width=width, num_frames=frames,
+                                        num_inference_steps=steps)
 
 
 def run_case(spec: CaseSpec) -> dict[str, Any]:

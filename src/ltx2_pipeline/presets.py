@@ -42,6 +42,14 @@ from .components import (
 )
 from .errors import GenerationInputError
 
+#: Request defaults per preset: the tiny one runs on a CPU in seconds; the full one is LTX-2's.
+PRESET_DEFAULTS: dict[str, dict[str, Any]] = {
+    "tiny": dict(height=64, width=64, num_frames=9, steps=4, max_sequence_length=32),
+    "full": dict(height=512, width=768, num_frames=121, steps=30, max_sequence_length=1024),
+}
+DEFAULT_PROMPT = "a robot dancing in the rain, slow camera, warm light"
+DEFAULT_NEGATIVE_PROMPT = "blurry, jittery, low quality"
+
 PRESETS = ("tiny", "full")
 UPSAMPLER_SUBFOLDER = "latent_upsampler"
 DISTILLED_FILE = "distilled_lora.safetensors"

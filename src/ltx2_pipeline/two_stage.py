@@ -97,6 +97,18 @@ class GenerationRequest:
     strengths: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
     max_sequence_length: int = 1024
 
+    @classmethod
+    def for_preset(cls, preset: str, **fields: Any) -> GenerationRequest:
+        """The request ``ltx2 generate --preset PRESET`` sends, with ``fields`` changed (the
+        preset's size, frames, steps and sequence length; the CLI's default prompts)."""
+        from .presets import DEFAULT_NEGATIVE_PROMPT, DEFAULT_PROMPT, PRESET_DEFAULTS
+
+        d = PRESET_DEFAULTS[preset]
+        base = dict(prompt=DEFAULT_PROMPT, negative_prompt=DEFAULT_NEGATIVE_PROMPT, height=d["height"],
+                    width=d["width"], num_frames=d["num_frames"], num_inference_steps=d["steps"],
+                    max_sequence_length=d["max_sequence_length"])
+        return cls(**{**base, **fields})
+
 
 @dataclass
 class GenerationResult:
