@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
@@ -249,7 +249,7 @@ class ResidencyManager:
         checking it when the deferred verify applies; a no-op when nothing is pending."""
         self._between_requests("synchronize() settles the DiT", timeout, lambda: self._settle_restore(host=True))
 
-    def _between_requests(self, what: str, timeout: float | None, run: Any) -> None:
+    def _between_requests(self, what: str, timeout: float | None, run: Callable[[], None]) -> None:
         if self._owner == threading.get_ident():
             if self._request is not None:
                 raise RequestStateError(f"{what} between requests; call it after the `with manager.request()` "
@@ -494,23 +494,23 @@ class ResidencyManager:
     def _effect_restore(self, edge: Edge, ctx: Mapping[str, Any]) -> int:
         self.faults.hit("restore.before")
         self._adapters.deactivate()
-        if ctx.get("overlap") and self._stack.frames and self._undo_stream is not None:
+        stream = self._undo_stream if ctx.get("overlap") and self._stack.frames else None
+        if stream is not None:
             # what the undo reads is freed by the pop below but still read by the side stream;
             # a strategy that keeps its own (fused: a few pooled tensors, not 3 views a layer) says so
             held = [] if getattr(self._stack.strategy, "keeps_for_stream", False) else [
                 t for frame in self._stack.frames for _, undo in frame.layers for t in undo.tensors]
-            with self._undo_stream.running():
+            with stream.running():
                 keep_for_stream(held)
                 written = self._stack.pop_all()
-                event = self._undo_stream.mark()
-            self._base_resident = self._mode.deactivate(final=ctx.get("final", True))
-            self.faults.hit("restore.after")
-            self._pending = PendingUndo(event, "restored" if self._base_resident else "offloaded",
-                                        self._context[0])
-            return written
-        written = self._stack.pop_all()
+                event = stream.mark()
+        else:
+            written = self._stack.pop_all()
         self._base_resident = self._mode.deactivate(final=ctx.get("final", True))
         self.faults.hit("restore.after")
+        if stream is not None:
+            self._pending = PendingUndo(event, "restored" if self._base_resident else "offloaded",
+                                        self._context[0])
         return written
 
     def _effect_load(self, edge: Edge, ctx: Mapping[str, Any]) -> int:
