@@ -34,3 +34,13 @@ device_rates = st.builds(DeviceRates, matmul_tflops=st.floats(0.01, 2000.0), hbm
                          launch_us=st.floats(0.5, 50.0))
 phase_works = st.builds(PhaseWork, steps=st.integers(1, 60), tokens=st.integers(1, 32768), passes=st.integers(1, 4))
 speedups = st.floats(1.01, 100.0)
+
+# our dynamic forward (test_forward): one adapted Linear and its input
+#: ``out``/``inp`` features, LoRA ranks (one or two LoRAs), a bias or not, leading input dims.
+fused_linear_cases = st.fixed_dictionaries({
+    "out": st.integers(1, 48), "inp": st.integers(1, 48),
+    "ranks": st.lists(st.integers(1, 12), min_size=1, max_size=2),
+    "bias": st.booleans(),
+    "lead": st.sampled_from([(1,), (7,), (2, 5), (1, 3, 4)]),
+    "seed": st.integers(0, 2**16),
+})

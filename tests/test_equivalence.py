@@ -64,7 +64,7 @@ def test_dynamic_stage2_equals_diffusers_adapter_bit_for_bit(
     base_model: nn.Module, fresh_model: Callable[[], nn.Module], distilled_path: str,
     inputs: dict[str, Any], strength: float,
 ) -> None:
-    mgr = _manager(fresh_model(), distilled_path, "dynamic")
+    mgr = _manager(fresh_model(), distilled_path, "dynamic", dynamic_forward="peft")
     with mgr.request() as req:
         req.enter("stage1")
         dit = req.enter("stage2", strengths={"distilled": strength})
@@ -79,6 +79,14 @@ def test_dynamic_stage2_equals_diffusers_adapter_bit_for_bit(
     # sides): the computation is identical op for op, so the bits are too.
     assert torch.equal(ours, theirs)
     assert not torch.equal(ours, _forward(base_model, inputs)), "the LoRA had no effect"
+
+    # our own forward (the default) over the same adapters: the same function, other roundings
+    fused = _manager(fresh_model(), distilled_path, "dynamic")
+    assert fused.dynamic_forward == "fused"
+    with fused.request() as req:
+        req.enter("stage1")
+        ours = _forward(req.enter("stage2", strengths={"distilled": strength}), inputs)
+    torch.testing.assert_close(ours, theirs, atol=FUSE_ATOL, rtol=FUSE_RTOL)
 
 
 def test_dynamic_strengths_are_distinguishable(

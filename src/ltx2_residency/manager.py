@@ -47,14 +47,13 @@ from .modes import MODE_STRATEGIES, choose_auto
 from .ops.clean_source import HostCopy
 from .ops.dynamic import PeftAdapters
 from .ops.fingerprint import Fingerprint
+from .ops.forward import DYNAMIC_FORWARDS, forward_named
 from .ops.merge import RESTORE_STRATEGIES, MergeStack, choose_restore
 from .ops.overlap import PendingUndo, UndoStream, keep_for_stream
+from .options import Verify, checked_options
 from .policy import MergePolicy, PhaseContext, make_policy
 from .request import Request
 from .trace import Trace, TransitionRecord
-
-Verify = Literal["always", "after_merge", "never"]
-_VERIFY = ("always", "after_merge", "never")
 
 
 class ResidencyManager:
@@ -92,6 +91,9 @@ class ResidencyManager:
             :meth:`synchronize`) orders itself after the undo on the device, and the end-of-request
             verify is deferred to that point too. ``None`` (default): on with the ``fused``
             restore on a CUDA device. On the CPU the undo runs inline; only the bookkeeping differs.
+        dynamic_forward: how dynamic phases run the adapters: ``"fused"`` (default: our forward
+            over PEFT's adapter tensors, see ``ops.forward``) or ``"peft"`` (PEFT's own forward,
+            bit for bit what diffusers' ``set_adapters`` gives).
     """
 
     def __init__(
@@ -113,28 +115,16 @@ class ResidencyManager:
         low_vram: bool | None = None,
         activation_reserve_gib: float = 16.0,
         overlap_restore: bool | None = None,
+        dynamic_forward: str = "fused",
     ) -> None:
         if not isinstance(transformer, nn.Module):
             raise ConfigError(f"transformer must be a torch.nn.Module, got {type(transformer).__name__}")
         auto = isinstance(mode, str) and mode.strip().lower() == "auto"
         self.mode = ResidencyMode.ORIGINAL if auto else parse_enum(ResidencyMode, mode, "residency mode")
         self.policy: MergePolicy = make_policy(merge_policy)
-        restore = restore.strip().lower() if isinstance(restore, str) else restore
-        verify = verify.strip().lower() if isinstance(verify, str) else verify  # type: ignore[assignment]
-        if restore not in RESTORE_STRATEGIES and restore != "auto":
-            raise ConfigError(f"unknown restore strategy {restore!r}; expected 'auto' or one of "
-                              f"{', '.join(map(repr, RESTORE_STRATEGIES))}")
-        if verify not in _VERIFY:
-            raise ConfigError(f"unknown verify setting {verify!r}; expected one of {_VERIFY}")
-        if clean_source not in ("host_copy", None):
-            raise ConfigError(f"unknown clean_source {clean_source!r}; expected 'host_copy' or None")
-        if request_timeout is not None and (
-            isinstance(request_timeout, bool) or not isinstance(request_timeout, (int, float))
-            or not request_timeout > 0
-        ):
-            raise ConfigError(f"request_timeout must be positive seconds or None, got {request_timeout!r}")
-        if overlap_restore not in (None, True, False):
-            raise ConfigError(f"overlap_restore must be True, False or None (auto), got {overlap_restore!r}")
+        restore, verify, dynamic_forward = checked_options(
+            restore=restore, verify=verify, clean_source=clean_source, request_timeout=request_timeout,
+            overlap_restore=overlap_restore, dynamic_forward=dynamic_forward)
         if isinstance(loras, LoRASpec) or not isinstance(loras, (list, tuple)):
             raise ConfigError(f"loras must be a list of LoRASpec (wrap a single spec in a list: "
                               f"loras=[spec]); got {type(loras).__name__}")
@@ -164,7 +154,7 @@ class ResidencyManager:
         # the pre-merged stage-2 DiT is copied from the base before anything wraps or hooks it
         stage2 = {name: spec.strength(Phase.STAGE2) for name, spec in self.specs.items()}
         self._mode = MODE_STRATEGIES[self.mode](transformer, self.loras, stage2, self.faults, low_vram)
-        self._adapters = PeftAdapters(transformer, self.loras, self.faults)
+        self._adapters = PeftAdapters(transformer, self.loras, self.faults, dynamic_forward)
         self._weights = self._adapters.base_weights()
         self._clean = Fingerprint.of(self._weights.items())
         self._clean_source = (HostCopy(self._weights, shared=self._mode.shared_clean_copies(self._weights))
@@ -236,9 +226,7 @@ class ResidencyManager:
 
     def verify_clean(self, timeout: float | None = ...) -> None:  # type: ignore[assignment]
         """Raise :class:`DirtyWeightsError` unless every managed weight is bit-identical to clean.
-
-        Call it between requests; a mismatch quarantines the DiT.
-        """
+        Call it between requests; a mismatch quarantines the DiT."""
         def check() -> None:
             self._settle_restore(host=True)
             self._check_clean()
@@ -286,10 +274,23 @@ class ResidencyManager:
         """Use another merge policy from the next request on (between requests only: a request
         keeps the policy it started with)."""
         policy = make_policy(merge_policy)  # an unknown name raises before anything changes
-        if self._request is not None:
-            raise RequestStateError("set_merge_policy() changes the policy between requests; call it "
-                                    "after the `with manager.request()` block")
+        self._outside_requests("set_merge_policy()")
         self.policy = policy
+
+    @property
+    def dynamic_forward(self) -> str:
+        return self._adapters.forward.name
+
+    def set_dynamic_forward(self, dynamic_forward: str) -> None:
+        """Run dynamic phases with ``"fused"`` or ``"peft"`` from the next request on."""
+        forward = DYNAMIC_FORWARDS[forward_named(dynamic_forward)]()
+        self._outside_requests("set_dynamic_forward()")
+        self._adapters.forward, self._costs = forward, None  # the cost model prices the forward in use
+
+    def _outside_requests(self, what: str) -> None:
+        if self._request is not None:
+            raise RequestStateError(f"{what} takes effect between requests; call it after the "
+                                    "`with manager.request()` block")
 
     def memory(self) -> dict[str, int | float]:
         """Bytes held for weight management (the DiT itself excluded)."""
@@ -595,3 +596,4 @@ class ResidencyManager:
 
     def _quarantine_message(self) -> str:
         return "the DiT is quarantined after a failed restore. " + self._repair_hint()
+

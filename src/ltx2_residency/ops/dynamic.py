@@ -2,9 +2,10 @@
 
 Each managed LoRA is injected once, at start-up, as a named PEFT adapter
 (``peft.inject_adapter_in_model`` + ``set_peft_model_state_dict``), then disabled. A phase
-that runs dynamic enables the adapters it needs with their per-request strength
-(``LoraLayer.set_scale``); restoring disables them again. Disabled PEFT layers call their
-base layer directly, so the base path is bit-identical to the unwrapped model.
+that runs dynamic attaches the adapters it needs at their per-request strength, through the
+forward strategy chosen from ``forward.DYNAMIC_FORWARDS`` (PEFT's own forward, or ours over
+the same tensors); detaching puts every layer back. Disabled PEFT layers call their base layer
+directly, so the base path is bit-identical to the unwrapped model.
 
 The merge path reuses the same adapter tensors (:meth:`PeftAdapters.targets`): one copy of
 each LoRA lives on the device, whichever way a phase applies it.
@@ -25,6 +26,7 @@ from torch import nn
 from ..errors import LoRAValidationError
 from ..faults import FaultInjector
 from ..lora import LoadedLoRA
+from .forward import DYNAMIC_FORWARDS, has_fused
 from .merge import LayerTarget
 
 
@@ -50,9 +52,11 @@ def _config(lora: LoadedLoRA) -> LoraConfig:
 class PeftAdapters:
     """The PEFT adapters of every managed LoRA on one model."""
 
-    def __init__(self, model: nn.Module, loras: list[LoadedLoRA], faults: FaultInjector) -> None:
+    def __init__(self, model: nn.Module, loras: list[LoadedLoRA], faults: FaultInjector,
+                 forward: str = "fused") -> None:
         self.model = model
         self.faults = faults
+        self.forward = DYNAMIC_FORWARDS[forward]()
         self.names = [lo.name for lo in loras]
         self._targets: dict[str, list[str]] = {}
         self._target_cache: dict[str, list[LayerTarget]] = {}
@@ -68,6 +72,7 @@ class PeftAdapters:
         for p in model.parameters():
             p.requires_grad_(False)
         self.active: dict[str, float] = {}
+        self._attached: list[LoraLayer] = []  # layers attached since the last detach
         self._touched = True  # PEFT injects enabled adapters: the first sweep disables them
         self.deactivate()
 
@@ -129,39 +134,42 @@ class PeftAdapters:
         return {name: layer.get_base_layer().weight for name, layer in sorted(self.layers.items())}
 
     def activate(self, strengths: Mapping[str, float]) -> int:
-        """Enable the adapters with non-zero strength, scaled; returns how many layers run one."""
+        """Attach the adapters with non-zero strength, scaled; returns how many layers run one."""
         live = {n: s for n, s in strengths.items() if s != 0.0}
         self.faults.hit("attach.before")
-        self._touched = True  # before the first layer: a failure part way still gets swept
         enabled = 0
         for layer in self.layers.values():
             names = [n for n in live if n in layer.lora_A]
             if not names:
                 continue
             self.faults.hit("attach.layer")
-            for n in names:
-                layer.set_scale(n, live[n])
-            layer.enable_adapters(True)
-            layer.set_adapter(names, inference_mode=True)
+            self._attached.append(layer)  # before attaching: a failure part way is still swept
+            pending, self._touched = self._touched, True
+            self._touched = self.forward.attach(layer, {n: live[n] for n in names}) or pending
             enabled += 1
         self.active = live
         self.faults.hit("attach.after")
         return enabled
 
     def deactivate(self) -> None:
-        """Disable every adapter and reset scales: the model runs its base weights."""
+        """Detach every adapter and reset scales: the model runs its base weights."""
         self.faults.hit("detach.before")
-        if not self._touched:
-            return  # nothing enabled or scaled since the last sweep (a merged phase, say): PEFT's
-            # per-layer calls cost ~30 ms at 1344 layers, on the request's critical path
-        for layer in self.layers.values():
-            if not layer.disable_adapters:
+        for layer in self._attached:
+            if has_fused(layer):
                 self.faults.hit("detach.layer")
-            layer.enable_adapters(False)
-            for n in self.names:
-                layer.set_scale(n, 1.0)
+                del layer.forward
+        self._attached = []
+        if self._touched:
+            # PEFT's per-layer calls cost ~30 ms at 1344 layers, on the request's critical path:
+            # swept only when some adapter was enabled or scaled since the last sweep
+            for layer in self.layers.values():
+                if not layer.disable_adapters:
+                    self.faults.hit("detach.layer")
+                layer.enable_adapters(False)
+                for n in self.names:
+                    layer.set_scale(n, 1.0)
+            self._touched = False
         self.active = {}
-        self._touched = False
 
     @property
     def nbytes(self) -> int:

@@ -1,0 +1,155 @@
+"""How a dynamic phase runs its adapters: PEFT's own forward, or ours over the same tensors.
+
+``peft`` enables PEFT's adapters (``result + lora_B(lora_A(dropout(x))) * scaling``: five
+kernels and PEFT's Python per layer and LoRA). ``fused`` replaces the forward of each
+adapted PEFT layer, for the phase only, with :class:`FusedLoRALinear`, which reads the very
+same ``lora_A``/``lora_B`` tensors and picks per call the cheaper of two exact-in-intent forms:
+
+* **factored**: ``y = x Wᵀ + b``, then ``y += s·(x Aᵀ) Bᵀ`` as one ``addmm_`` (scale and add
+  fused, one rounding): two launches per LoRA, cost ∝ tokens;
+* **transient merge**: ``W' = W + s·B A`` into a fresh buffer (one ``addmm``), then
+  ``y = x W'ᵀ + b``: cost ∝ the weight's size, independent of tokens, and the shared weight
+  is only read. At LTX-2's stage-2 token counts this is the cheaper form for the video
+  layers: their LoRA FLOPs per call exceed the ``rank·out·in`` of rebuilding the weight.
+
+The choice is a crossover token count per layer, from a roofline where a byte of traffic costs
+:data:`FLOPS_PER_BYTE` FLOPs. Both forms leave every shared weight untouched; layers whose base
+is not a plain, hook-free ``nn.Linear`` keep PEFT's forward.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from peft.tuners.lora import LoraLayer
+from torch import nn
+
+from ..errors import ConfigError
+
+#: Roofline exchange rate of an H100-class card: ~600 TFLOP/s bf16 against ~2.5 TB/s.
+FLOPS_PER_BYTE = 240.0
+
+
+@dataclass(frozen=True)
+class LoRADelta:
+    """One LoRA's factors on one layer at the phase's strength: ``scale · B @ A``."""
+
+    lora_A: torch.Tensor  # (rank, in)
+    lora_B: torch.Tensor  # (out, rank)
+    scale: float  # strength · alpha / rank
+
+
+def merge_above_tokens(out_features: int, in_features: int, ranks: Sequence[int], elem_bytes: int = 2,
+                       flops_per_byte: float = FLOPS_PER_BYTE) -> float:
+    """Tokens per call above which rebuilding the weight beats the factored form.
+
+    Factored, per token: ``2·r·(in+out)`` FLOPs; reads x, writes and reads the rank-wide h,
+    reads and writes y. Transient merge, per call: ``2·r·out·in`` FLOPs; reads W, writes W' (and
+    each further LoRA reads and writes W' again)."""
+    if not ranks:
+        return math.inf
+    per_token = sum(2 * r * (in_features + out_features) + flops_per_byte * elem_bytes
+                    * (in_features + 2 * r + 2 * out_features) for r in ranks)
+    weight = out_features * in_features
+    per_call = sum(2 * r * weight + flops_per_byte * elem_bytes * (2 * weight + r * (in_features + out_features))
+                   for r in ranks)
+    return per_call / per_token
+
+
+class FusedLoRALinear:
+    """The forward of one adapted Linear during a dynamic phase (see the module doc)."""
+
+    __slots__ = ("bias", "deltas", "in_features", "merge_above", "out_features", "weight")
+
+    def __init__(self, base: nn.Linear, deltas: Sequence[LoRADelta], merge_above: float | None = None) -> None:
+        self.weight = base.weight
+        self.bias = base.bias
+        self.deltas = tuple(deltas)
+        self.out_features, self.in_features = base.weight.shape
+        self.merge_above = (merge_above if merge_above is not None else merge_above_tokens(
+            self.out_features, self.in_features, [d.lora_A.shape[0] for d in self.deltas],
+            base.weight.element_size()))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        if x.numel() > self.merge_above * self.in_features:
+            first, *rest = self.deltas
+            merged = torch.addmm(w, first.lora_B, first.lora_A, alpha=first.scale)  # a new buffer: W is only read
+            for d in rest:
+                merged.addmm_(d.lora_B, d.lora_A, alpha=d.scale)
+            return F.linear(x, merged, self.bias)
+        y = F.linear(x, w, self.bias)
+        flat_y = y.view(-1, self.out_features)
+        flat_x = x.reshape(-1, self.in_features)
+        for d in self.deltas:
+            h = torch.mm(flat_x.to(d.lora_A.dtype), d.lora_A.t())
+            flat_y.addmm_(h, d.lora_B.t(), alpha=d.scale)  # y + s·h·Bᵀ in one rounding
+        return y
+
+
+def fusable(layer: LoraLayer, names: Sequence[str]) -> bool:
+    """Our forward may stand in for PEFT's here: a plain Linear base without hooks or a patched
+    forward (an offload hook would be skipped), vanilla LoRA adapters of the base's dtype."""
+    base = layer.get_base_layer()
+    if type(base) is not nn.Linear or base._forward_hooks or base._forward_pre_hooks or "forward" in vars(base):
+        return False
+    if "forward" in vars(layer):
+        return False  # a patch of somebody else's (ours is removed at every detach)
+    w = base.weight
+    for n in names:
+        if n in layer.lora_variant or not isinstance(layer.lora_dropout[n], nn.Identity):
+            return False
+        a, b = layer.lora_A[n].weight, layer.lora_B[n].weight
+        if a.dtype != w.dtype or b.dtype != w.dtype or a.device != w.device or b.device != w.device:
+            return False
+    return True
+
+
+class PeftForward:
+    """Dynamic phases run PEFT's adapters: enabled and scaled here; :class:`PeftAdapters`' sweep
+    disables them again. Returns whether PEFT's adapters were touched (the sweep is then due)."""
+
+    name = "peft"
+
+    def attach(self, layer: LoraLayer, strengths: dict[str, float]) -> bool:
+        for n, s in strengths.items():
+            layer.set_scale(n, s)
+        layer.enable_adapters(True)
+        layer.set_adapter(list(strengths), inference_mode=True)
+        return True
+
+
+def has_fused(layer: LoraLayer) -> bool:
+    """Our forward stands in for PEFT's on ``layer`` (deleting the instance attribute detaches it)."""
+    return isinstance(vars(layer).get("forward"), FusedLoRALinear)
+
+
+class FusedForward(PeftForward):
+    """Dynamic phases run :class:`FusedLoRALinear` in place of PEFT's forward; PEFT's adapters stay
+    disabled, so removing our forward (an instance attribute) is the whole detach."""
+
+    name = "fused"
+
+    def attach(self, layer: LoraLayer, strengths: dict[str, float]) -> bool:
+        if not fusable(layer, list(strengths)):
+            return super().attach(layer, strengths)
+        deltas = [LoRADelta(layer.lora_A[n].weight, layer.lora_B[n].weight,
+                            s * float(layer.lora_alpha[n]) / float(layer.r[n])) for n, s in strengths.items()]
+        layer.forward = FusedLoRALinear(layer.get_base_layer(), deltas)  # type: ignore[method-assign]
+        return False
+
+
+DYNAMIC_FORWARDS: dict[str, type[PeftForward]] = {"peft": PeftForward, "fused": FusedForward}
+
+
+def forward_named(value: object) -> str:
+    """The ``DYNAMIC_FORWARDS`` key ``value`` names (case and spaces forgiven)."""
+    name = value.strip().lower() if isinstance(value, str) else value
+    if name not in DYNAMIC_FORWARDS:
+        raise ConfigError(f"unknown dynamic_forward {value!r}; expected one of "
+                          f"{', '.join(map(repr, DYNAMIC_FORWARDS))}")
+    return name  # type: ignore[return-value]
