@@ -41,6 +41,7 @@ def test_the_tiny_bench_runs_every_section_and_writes_its_json(tmp_path, capsys)
     assert set(w["steps"]) == {"stage1", "stage2"}
     for s in w["steps"].values():
         assert s["dynamic_overhead"] == pytest.approx(s["dynamic_ms"] / s["merged_ms"] - 1)
+        assert s["dynamic_peft_overhead"] == pytest.approx(s["dynamic_peft_ms"] / s["merged_ms"] - 1)
     r = res["requests"]
     assert set(r["cases"]) == {f"{s}/{p}" for s in ("normal", "hq") for p in ("merge", "dynamic", "auto")}
     assert all(c["dit_state_after"] == "clean" for c in r["cases"].values())

@@ -4,7 +4,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from ltx2_residency import Fingerprint
-from ltx2_residency.ops.fingerprint import tensor_digest
+from ltx2_residency.ops.fingerprint import FingerprintPlan, tensor_digest
 
 
 def _bf16(n: int, seed: int = 0) -> torch.Tensor:
@@ -68,3 +68,28 @@ def test_fingerprint_reports_which_tensors_differ() -> None:
     ws["b"][0] += 1
     assert clean.differing(Fingerprint.of(ws.items())) == ["b"]
     assert len(clean) == 3
+
+
+@pytest.mark.parametrize("path", ["torch", "fused"])  # "fused": the Triton kernel (interpreted on the CPU)
+def test_a_plan_fingerprints_again_and_follows_moved_tensors(path: str) -> None:
+    g = torch.Generator().manual_seed(0)
+    device = "cuda" if path == "fused" and torch.cuda.is_available() else "cpu"  # compiled where it can be
+    weights = {f"w{i}": torch.nn.Parameter(torch.randn(8 + i, 24, generator=g).bfloat16().to(device),
+                                           requires_grad=False) for i in range(5)}
+    plan = FingerprintPlan(weights)
+    clean = plan.compute()
+    assert (plan._layout is not None) == (path == "fused")  # which path ran: the kernel's tables or none
+    assert clean.digests == Fingerprint.of(weights.items()).digests == {
+        n: tensor_digest(w) for n, w in weights.items()}
+    assert plan.compute().differing(clean) == []
+    with torch.no_grad():
+        weights["w3"][2, 5] += 1.0
+    assert plan.compute().differing(clean) == ["w3"]
+    # a residency move rebinds .data: the plan must read the new storage, not the old tables
+    weights["w1"].data = weights["w1"].detach().clone()
+    with torch.no_grad():
+        weights["w1"][0, 0] = -weights["w1"][0, 0] + 0.5
+    assert sorted(plan.compute().differing(clean)) == ["w1", "w3"]
+    # a fingerprint with sums on the device and one with host digests still compare
+    assert sorted(Fingerprint.of(weights.items()).differing(clean)) == ["w1", "w3"]
+    assert len(clean) == 5

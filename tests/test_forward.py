@@ -194,3 +194,22 @@ def test_set_dynamic_forward(fresh_model: Callable[[], nn.Module], distilled_pat
     assert mgr.dynamic_forward == "fused"
     mgr.set_dynamic_forward(" PEFT ")
     assert mgr.dynamic_forward == "peft"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("merge_above", [0.0, float("inf")], ids=["transient-merge", "factored"])
+def test_both_forms_at_ltx2_size_on_the_gpu(merge_above: float) -> None:
+    torch.manual_seed(0)
+    base = nn.Linear(4096, 16384, device="cuda", dtype=torch.bfloat16)
+    delta = LoRADelta(torch.randn(384, 4096, device="cuda").bfloat16() / 64,
+                      torch.randn(16384, 384, device="cuda").bfloat16() / 200, scale=1.0)
+    x = torch.randn(1, 6144, 4096, device="cuda").bfloat16()
+    before = weight_bits({"w": base.weight})
+    with torch.no_grad():
+        y = FusedLoRALinear(base, [delta], merge_above=merge_above)(x).float()
+        w = base.weight.float() + delta.lora_B.float() @ delta.lora_A.float()
+        ref = torch.nn.functional.linear(x.float(), w, base.bias.float())
+        plain = torch.nn.functional.linear(x.float(), base.weight.float(), base.bias.float())
+    gap, effect = (y - ref).abs().mean().item(), (plain - ref).abs().mean().item()
+    assert gap < effect / 20, (gap, effect)  # bf16 rounding only, against a LoRA effect it would hide
+    assert_same_bits(before, weight_bits({"w": base.weight}))

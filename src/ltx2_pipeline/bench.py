@@ -66,6 +66,7 @@ def weights_section(preset: str, device: str, requests: int) -> dict[str, Any]:
         "fingerprint_kernel_vs_torch": res["fingerprint_ms"] / res["fingerprint_torch_ms"],
         "fingerprint_vs_read_floor": res["fingerprint_ms"] / (floor / 2),  # a fingerprint only reads
         **{f"dynamic_overhead_{stage}": s["dynamic_overhead"] for stage, s in res.get("steps", {}).items()},
+        **{f"dynamic_peft_overhead_{stage}": s["dynamic_peft_overhead"] for stage, s in res.get("steps", {}).items()},
     }
     return res
 
@@ -196,8 +197,10 @@ def print_summary(res: dict[str, Any]) -> None:
                   f"{w['ratios']['fingerprint_kernel_vs_torch']:.3f}",
                   f"{w['ratios']['fingerprint_vs_read_floor']:.2f}")
         for stage, s in w.get("steps", {}).items():
-            t.add_row(f"{stage} call, {s['video_tokens']} tokens (ms)", f"merged {s['merged_ms']:.1f}",
-                      f"PEFT dynamic {s['dynamic_ms']:.1f}", f"+{s['dynamic_overhead']:.1%} dynamic", "")
+            t.add_row(f"{stage} call, {s['video_tokens']} tokens (ms; merged {s['merged_ms']:.1f})",
+                      f"dynamic {s['dynamic_ms']:.1f} (+{s['dynamic_overhead']:.1%})",
+                      f"PEFT dynamic {s['dynamic_peft_ms']:.1f} (+{s['dynamic_peft_overhead']:.1%})",
+                      f"{s['dynamic_ms'] / s['dynamic_peft_ms']:.2f}", "")
         console.print(t)
     if "requests" in res:
         r = res["requests"]

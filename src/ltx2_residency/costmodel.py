@@ -1,9 +1,11 @@
 """The cost model behind ``merge_policy="auto"``: merge a phase's LoRAs in place, or run them dynamic.
 
 MERGED pays once per phase (the fused merge, and the part of its undo the request waits for);
-DYNAMIC pays every forward (PEFT's ``result + lora_B(lora_A(x)) * scaling`` at each adapted
-layer). Estimates are rooflines from :class:`DeviceRates`, calibrated at each constant; times the
-manager measured (:meth:`CostModel.observe_merge` / :meth:`CostModel.observe_undo`) replace them.
+DYNAMIC pays every forward: with PEFT's forward, ``result + lora_B(lora_A(x)) * scaling`` at each
+adapted layer; with ours (``ops.forward``), the cheaper per layer of the factored form and a
+transient merged weight. Estimates are rooflines from :class:`DeviceRates`, calibrated at each
+constant; times the manager measured (:meth:`CostModel.observe_merge` /
+:meth:`CostModel.observe_undo`) replace them.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import math
 import re
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -34,6 +36,13 @@ UNDO_CRITICAL_SHARE = 0.2
 #: around them. Measured 105 µs per call over a disabled layer (H200 host, 9.8 µs launches) and
 #: 83-150 µs per layer in the full DiT (H100 and H200): ~12 launches.
 HOST_LAUNCHES_PER_ADAPTER = 12
+#: Our forward (ops.forward) over its roofline: +57 ms measured per call at 6144 tokens on one H100
+#: against 38 ms from the formula (its rank-384 GEMMs run below the tensor cores' rate).
+FUSED_OVERHEAD = 1.5
+#: Host time of one layer under our forward, in eager launches: two more aten calls and a Python
+#: call. Measured +48.6 ms per host-bound call (384x256 request, stage 2, one H100 box): 36 µs a
+#: layer, ~4.5 launches.
+FUSED_HOST_LAUNCHES = 5
 
 
 def _positive_int(value: object, what: str) -> int:
@@ -151,6 +160,8 @@ class AdapterCost:
     lora_macs_per_token: float  # Σ share·rank·(in + out)
     activation_bytes_per_token: float  # Σ share·(in + 2·rank + 6·out)·elem_bytes
     elem_bytes: int = 2
+    shapes: tuple[tuple[int, int, int, float], ...] = field(default=(), compare=False, repr=False)
+    """``(out, in, rank, token_share)`` per entry: our forward picks its form layer by layer."""
 
     @classmethod
     def of(cls, layers: Iterable[tuple[int, int, int] | tuple[int, int, int, float]],
@@ -162,6 +173,7 @@ class AdapterCost:
         (rank), writes y (out); ``* scaling`` reads and writes (2·out); ``result + y`` (3·out)."""
         count = weights = delta = factors = 0
         macs = act = 0.0
+        shapes = []
         for entry in layers:  # one pass: ``layers`` may be a generator
             if len(entry) not in (3, 4):
                 raise ConfigError(f"adapted layer {entry!r}: expected (out, in, rank) or (out, in, rank, token_share)")
@@ -174,9 +186,10 @@ class AdapterCost:
             weights, delta, factors = weights + out * inp, delta + rank * out * inp, factors + rank * (inp + out)
             macs += share * rank * (inp + out)
             act += share * (inp + 2 * rank + 6 * out) * elem_bytes
+            shapes.append((out, inp, rank, share))
         if count == 0:
             raise ConfigError("AdapterCost.of: no adapted layers (a LoRA without targets has no cost to model)")
-        return cls(count, weights, delta, factors, macs, act, elem_bytes)
+        return cls(count, weights, delta, factors, macs, act, elem_bytes, tuple(shapes))
 
 
 @dataclass(frozen=True)
@@ -191,23 +204,28 @@ class CostModel:
     """Compares the two ways of applying one set of adapters to a phase; see the module doc."""
 
     def __init__(self, rates: DeviceRates, adapters: AdapterCost, *, headroom_bytes: int | None = None,
-                 record_fraction: float = RECORD_FRACTION, device: torch.device | None = None) -> None:
+                 record_fraction: float = RECORD_FRACTION, device: torch.device | None = None,
+                 dynamic_forward: str = "peft") -> None:
         if not 0.0 <= record_fraction <= 1.0:
             raise ConfigError(f"record_fraction must be in [0, 1], got {record_fraction!r}")
+        if dynamic_forward not in ("peft", "fused"):
+            raise ConfigError(f"dynamic_forward must be 'peft' or 'fused', got {dynamic_forward!r}")
         self.rates, self.adapters, self.record_fraction = rates, adapters, record_fraction
+        self.dynamic_forward = dynamic_forward
         self.device = device  # where refresh_headroom() reads free memory
         self.headroom_bytes = headroom_bytes  # free device memory; None = unlimited (a server updates it)
         self._merge_seen: float | None = None  # measured times replace the estimates
         self._undo_seen: float | None = None
 
     @classmethod
-    def for_targets(cls, targets: Sequence[Any]) -> CostModel:
+    def for_targets(cls, targets: Sequence[Any], dynamic_forward: str = "peft") -> CostModel:
         """The model of a manager's adapted layers (``LayerTarget``s: name, weight, lora_A), on the
-        rates measured on their device."""
+        rates measured on their device, for the dynamic forward the manager runs."""
         layers = [(t.weight.shape[0], t.weight.shape[1], t.lora_A.shape[0], ltx2_token_share(t.name))
                   for t in targets]
         device = targets[0].weight.device
-        return cls(DeviceRates.measure(device), AdapterCost.of(layers), device=device)
+        return cls(DeviceRates.measure(device), AdapterCost.of(layers), device=device,
+                   dynamic_forward=dynamic_forward)
 
     def refresh_headroom(self) -> None:
         """Take the device's free memory now as the headroom (CUDA; unlimited elsewhere)."""
@@ -257,10 +275,27 @@ class CostModel:
         formula; host-bound (≤ 1536 tokens) 143-191 ms measured, 159 ms from the formula."""
         a, r = self.adapters, self.rates
         _positive_int(tokens, "tokens")
+        if self.dynamic_forward == "fused":
+            return self._fused_overhead_ms(tokens)
         device_s = (2 * tokens * a.lora_macs_per_token / (r.matmul_tflops * 1e12)
                     + (tokens * a.activation_bytes_per_token + a.elem_bytes * a.lora_elems) / (r.hbm_gibps * 2**30))
         host_s = HOST_LAUNCHES_PER_ADAPTER * a.layers * r.launch_us * 1e-6
         return max(device_s, host_s) * 1e3
+
+    def _fused_overhead_ms(self, tokens: int) -> float:
+        """Our forward: per layer the cheaper of the factored form (FLOPs and traffic ∝ tokens: x
+        read, h written and read, y read and written) and the transient merge (B @ A, W read, W'
+        written, the factors read); the host adds a few launches per layer."""
+        a, r = self.adapters, self.rates
+        flop_s, byte_s = 1.0 / (r.matmul_tflops * 1e12), 1.0 / (r.hbm_gibps * 2**30)
+        device_s = 0.0
+        for out, inp, rank, share in a.shapes:
+            t = tokens * share
+            factored = 2 * t * rank * (inp + out) * flop_s + t * (inp + 2 * rank + 2 * out) * a.elem_bytes * byte_s
+            merged = 2 * rank * out * inp * flop_s + (2 * out * inp + rank * (inp + out)) * a.elem_bytes * byte_s
+            device_s += min(factored, merged)
+        host_s = FUSED_HOST_LAUNCHES * a.layers * r.launch_us * 1e-6
+        return max(FUSED_OVERHEAD * device_s, host_s) * 1e3
 
     def dynamic_ms(self, work: PhaseWork) -> float:
         return work.steps * work.passes * self.forward_overhead_ms(work.tokens)

@@ -46,7 +46,7 @@ from .machine import TABLES, Edge, WeightMachine
 from .modes import MODE_STRATEGIES, choose_auto
 from .ops.clean_source import HostCopy
 from .ops.dynamic import PeftAdapters
-from .ops.fingerprint import Fingerprint
+from .ops.fingerprint import Fingerprint, FingerprintPlan
 from .ops.forward import DYNAMIC_FORWARDS, forward_named
 from .ops.merge import RESTORE_STRATEGIES, MergeStack, choose_restore
 from .ops.overlap import PendingUndo, UndoStream, keep_for_stream
@@ -156,7 +156,8 @@ class ResidencyManager:
         self._mode = MODE_STRATEGIES[self.mode](transformer, self.loras, stage2, self.faults, low_vram)
         self._adapters = PeftAdapters(transformer, self.loras, self.faults, dynamic_forward)
         self._weights = self._adapters.base_weights()
-        self._clean = Fingerprint.of(self._weights.items())
+        self._fingerprints = FingerprintPlan(self._weights)
+        self._clean = self._fingerprints.compute()
         self._clean_source = (HostCopy(self._weights, shared=self._mode.shared_clean_copies(self._weights))
                               if clean_source == "host_copy" else None)
         self._stack = MergeStack(RESTORE_STRATEGIES[self.restore](), self.faults, check_layers)
@@ -403,7 +404,7 @@ class ResidencyManager:
             if self._pending is not None and verify:
                 assert self._undo_stream is not None
                 with self._undo_stream.running():  # queued behind the undo, read when it settles
-                    self._pending.fingerprint = Fingerprint.launch(self._weights.items())
+                    self._pending.fingerprint = self._fingerprints.launch()
                     self._pending.event = self._undo_stream.mark()  # the settle waits for the sums too
             elif self.state in (WeightState.CLEAN, WeightState.OFFLOADED) and verify:
                 self._check_clean()
@@ -430,10 +431,10 @@ class ResidencyManager:
             raise QuarantinedError(message) from exc
 
     def _cost_model(self) -> CostModel:
-        """The auto policy's cost model (built at first use: it probes the device), with the
-        device's free memory as of now."""
+        """The auto policy's cost model (built at first use: it probes the device), free memory now."""
         if self._costs is None:
-            self._costs = CostModel.for_targets([t for n in self.specs for t in self._adapters.targets(n)])
+            self._costs = CostModel.for_targets([t for n in self.specs for t in self._adapters.targets(n)],
+                                                self.dynamic_forward)
         self._costs.refresh_headroom()
         return self._costs
 
@@ -454,7 +455,7 @@ class ResidencyManager:
             self._context = context
 
     def _check_clean(self, now: Fingerprint | None = None) -> None:
-        now = now if now is not None else Fingerprint.of(self._weights.items())
+        now = now if now is not None else self._fingerprints.compute()
         differing = self._clean.differing(now)
         stage2 = self._mode.stage2_fingerprint()
         if stage2 is not None:
@@ -528,7 +529,7 @@ class ResidencyManager:
         written = 0
         if self._clean_source is not None:
             written = self._clean_source.restore(self._weights, self.faults)
-        differing = self._clean.differing(Fingerprint.of(self._weights.items()))
+        differing = self._clean.differing(self._fingerprints.compute())
         if differing and self._clean_source is None:
             raise RepairError(f"no clean source and {len(differing)} weights differ from clean (e.g. "
                               f"{differing[0]!r}): the manager was built with clean_source=None; reload "

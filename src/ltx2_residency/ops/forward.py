@@ -42,6 +42,10 @@ class LoRADelta:
     lora_B: torch.Tensor  # (out, rank)
     scale: float  # strength · alpha / rank
 
+    @property
+    def rank(self) -> int:
+        return self.lora_A.shape[0]
+
 
 def merge_above_tokens(out_features: int, in_features: int, ranks: Sequence[int], elem_bytes: int = 2,
                        flops_per_byte: float = FLOPS_PER_BYTE) -> float:

@@ -188,15 +188,20 @@ def digests(tensors: Sequence[torch.Tensor]) -> list[tuple[int, int, int]]:
 def launch_digests(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """:func:`digests` without the sync: an ``(n, 3)`` int64 device tensor, ready once the
     current stream reaches it."""
-    kernels = _load()
-    first, off_table, words_table, block_tensor, block_index, unit = _digest_layout(tensors)
-    base = tensors[first].reshape(-1).view(torch.int16)
+    layout = _cached_layout(tensors)
+    return launch_planned_digests(tensors[layout[0]], layout, len(tensors))
+
+
+def launch_planned_digests(lowest: torch.Tensor, layout: tuple[Any, ...], count: int) -> torch.Tensor:
+    """:func:`launch_digests` with the tables of :func:`digest_layout` (``lowest``: the tensor at
+    the lowest address, the one the offsets count from)."""
+    _, off_table, words_table, block_tensor, block_index, unit = layout
+    base = lowest.reshape(-1).view(torch.int16)
     out = torch.empty(block_tensor.numel(), 3, dtype=torch.int64, device=base.device)
     # ROWS=4 with 4 warps read 2.5 TB/s on an H100 (the copy engine's rate); 8 warps halved it
-    kernels.digest_blocks[(block_tensor.numel(),)](base, off_table, words_table, block_tensor.to(torch.int32),
-                                                       block_index, out, UNIT=unit, CHUNK_=CHUNK, COLS=1024, ROWS=4,
-                                                       num_warps=4)
-    sums = torch.zeros(len(tensors), 3, dtype=torch.int64, device=base.device)
+    _load().digest_blocks[(block_tensor.numel(),)](base, off_table, words_table, block_tensor, block_index, out,
+                                                   UNIT=unit, CHUNK_=CHUNK, COLS=1024, ROWS=4, num_warps=4)
+    sums = torch.zeros(count, 3, dtype=torch.int64, device=base.device)
     sums.index_add_(0, block_tensor, out)
     return sums
 
@@ -204,15 +209,22 @@ def launch_digests(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
 _layouts: dict[tuple[Any, ...], tuple[Any, ...]] = {}
 
 
-def _digest_layout(tensors: Sequence[torch.Tensor]) -> tuple[Any, ...]:
-    """The block tables of a list of tensors, kept for the last few lists seen (a manager
-    fingerprints the same weights at every verify: building them costs more than a third of the
-    kernel at 1344 layers). Keyed by addresses and sizes, which is all the tables depend on; no
-    tensor is held, so none is kept alive."""
+def _cached_layout(tensors: Sequence[torch.Tensor]) -> tuple[Any, ...]:
+    """:func:`digest_layout` for the last few lists seen, keyed by addresses and sizes (all the
+    tables depend on); no tensor is held, so none is kept alive. A caller that fingerprints the
+    same tensors again and again keeps its own (``fingerprint.FingerprintPlan``)."""
     key = (str(tensors[0].device), *((t.data_ptr(), t.numel() * t.element_size()) for t in tensors))
     hit = _layouts.get(key)
-    if hit is not None:
-        return hit
+    if hit is None:
+        if len(_layouts) >= 4:
+            _layouts.pop(next(iter(_layouts)))
+        hit = _layouts[key] = digest_layout(tensors)
+    return hit
+
+
+def digest_layout(tensors: Sequence[torch.Tensor]) -> tuple[Any, ...]:
+    """The digest kernel's block tables over ``tensors``: (index of the lowest-addressed tensor,
+    per-tensor offsets and word counts, per-block tensor (int32) and block index, address unit)."""
     device = tensors[0].device
     words = [t.numel() * t.element_size() // 2 for t in tensors]
     blocks = [max(1, (n + CHUNK - 1) // CHUNK) for n in words]
@@ -222,10 +234,6 @@ def _digest_layout(tensors: Sequence[torch.Tensor]) -> tuple[Any, ...]:
     counts = torch.tensor(blocks, dtype=torch.int64, device=device)
     block_tensor = torch.repeat_interleave(torch.arange(len(tensors), device=device), counts)
     first = torch.cumsum(counts, 0) - counts
-    layout = (lowest, torch.tensor(offs, dtype=torch.int64, device=device),
-              torch.tensor(words, dtype=torch.int64, device=device), block_tensor,
-              torch.arange(block_tensor.numel(), device=device) - first[block_tensor], unit)
-    if len(_layouts) >= 4:
-        _layouts.pop(next(iter(_layouts)))
-    _layouts[key] = layout
-    return layout
+    return (lowest, torch.tensor(offs, dtype=torch.int64, device=device),
+            torch.tensor(words, dtype=torch.int64, device=device), block_tensor.to(torch.int32),
+            torch.arange(block_tensor.numel(), device=device) - first[block_tensor], unit)
