@@ -175,8 +175,8 @@ def step_overhead(mgr: ResidencyManager, model: torch.nn.Module, preset: str, de
     from .tiny import tiny_inputs
 
     out: dict = {}
-    rounds = (("merge", "fused", ("base",)), ("dynamic", "fused", ("dynamic",)),
-              ("dynamic", "peft", ("dynamic_peft",)), ("merge", "fused", ("merged",)))
+    rounds = (("base", "merge", "fused"), ("dynamic", "dynamic", "fused"), ("dynamic_peft", "dynamic", "peft"),
+              ("merged", "merge", "fused"))
     for stage, (frames, height, width) in STEP_TOKENS[preset].items():
         kw = tiny_inputs(model, frames=frames, height=height, width=width, text_tokens=TEXT_TOKENS[preset],
                          audio_frames=AUDIO_FRAMES[preset])
@@ -186,7 +186,7 @@ def step_overhead(mgr: ResidencyManager, model: torch.nn.Module, preset: str, de
         gc.disable()
         try:
             for rep in range(reps + 1):  # round 0 warms every kind up
-                for policy, forward, (kind,) in rounds:
+                for kind, policy, forward in rounds:
                     mgr.set_merge_policy(policy)
                     mgr.set_dynamic_forward(forward)
                     with torch.no_grad(), mgr.request() as req:

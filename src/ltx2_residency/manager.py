@@ -404,7 +404,7 @@ class ResidencyManager:
             if self._pending is not None and verify:
                 assert self._undo_stream is not None
                 with self._undo_stream.running():  # queued behind the undo, read when it settles
-                    self._pending.fingerprint = self._fingerprints.launch()
+                    self._pending.fingerprint = self._fingerprints.compute()
                     self._pending.event = self._undo_stream.mark()  # the settle waits for the sums too
             elif self.state in (WeightState.CLEAN, WeightState.OFFLOADED) and verify:
                 self._check_clean()
@@ -449,7 +449,7 @@ class ResidencyManager:
         context, self._context = self._context, (pending.request_id, None)
         try:
             if pending.fingerprint is not None:
-                self._check_clean(pending.fingerprint.result())
+                self._check_clean(pending.fingerprint)
             self._fire(pending.settles_to)
         finally:
             self._context = context

@@ -23,7 +23,7 @@ from .domain import Residency, ResidencyMode
 from .errors import ModeNotAvailableError, RepairError
 from .faults import FaultInjector
 from .lora import LoadedLoRA
-from .ops.fingerprint import Fingerprint
+from .ops.fingerprint import Fingerprint, FingerprintPlan
 from .ops.premerged import build_premerged, rebuild_premerged
 from .ops.residency import DiTCopy
 
@@ -119,7 +119,8 @@ class ResidentMode(OriginalMode):
                 )
         module = build_premerged(base, loras, strengths, place)
         self.stage2 = DiTCopy("stage2", module, self.device, faults)
-        self._clean_stage2 = Fingerprint.of(self._stage2_weights(loras))
+        self._stage2_fingerprints = FingerprintPlan(dict(self._stage2_weights(loras)))
+        self._clean_stage2 = self._stage2_fingerprints.compute()
         self._loras = loras
 
     def _stage2_place(self) -> torch.device:
@@ -146,7 +147,7 @@ class ResidentMode(OriginalMode):
         assert self.stage2 is not None
         if self.stage2.residency is not Residency.RESIDENT:
             return None
-        return Fingerprint.of(self._stage2_weights(self._loras))
+        return self._stage2_fingerprints.compute()
 
     def repair_stage2(self, base_weights: Mapping[str, torch.Tensor]) -> int:
         # only a device copy can be damaged (nothing of ours writes a host snapshot, and reset

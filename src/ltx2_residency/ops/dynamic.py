@@ -144,8 +144,9 @@ class PeftAdapters:
                 continue
             self.faults.hit("attach.layer")
             self._attached.append(layer)  # before attaching: a failure part way is still swept
-            pending, self._touched = self._touched, True
-            self._touched = self.forward.attach(layer, {n: live[n] for n in names}) or pending
+            sweep_due = self._touched
+            self._touched = True  # a failure inside attach still gets PEFT's sweep
+            self._touched = self.forward.attach(layer, {n: live[n] for n in names}) or sweep_due
             enabled += 1
         self.active = live
         self.faults.hit("attach.after")

@@ -114,12 +114,6 @@ class Fingerprint:
                 return cls({name: d for (name, _), d in zip(items, fast, strict=True)})
             return cls({name: tensor_digest(t) for name, t in items})
 
-    @classmethod
-    def launch(cls, named: Iterable[tuple[str, torch.Tensor]]) -> PendingFingerprint:
-        """Start fingerprinting on the current stream without waiting for it (one kernel launch
-        where the kernels fit; otherwise computed now, the torch path syncs anyway)."""
-        return FingerprintPlan(dict(named)).launch()
-
     def differing(self, other: Fingerprint) -> list[str]:
         a, b = self._sums, other._sums
         if (a is not None and b is not None and a.shape == b.shape and a.device == b.device
@@ -147,8 +141,10 @@ class FingerprintPlan:
         self._addresses: list[int] | None = None
         self._layout: tuple[Any, ...] | None = None  # None: the torch path
 
-    def launch(self) -> PendingFingerprint:
-        """Start the fingerprint on the current stream (see :meth:`Fingerprint.launch`)."""
+    def compute(self) -> Fingerprint:
+        """The fingerprint, launched on the current stream without waiting: on the kernel path its
+        sums may still be in flight, and comparing or reading them waits for that stream (a
+        deferred verify launches it on the undo's side stream and compares at the settle)."""
         addresses = [t.data_ptr() for t in self._tensors]
         if addresses != self._addresses:
             from . import kernels
@@ -157,24 +153,10 @@ class FingerprintPlan:
             self._layout = kernels.digest_layout(tensors) if _kernels_fit(tensors) else None
             self._addresses = addresses
         if self._layout is None:
-            return PendingFingerprint(Fingerprint.of(zip(self._names, self._tensors, strict=True)))
+            return Fingerprint.of(zip(self._names, self._tensors, strict=True))
         from . import kernels
 
         with torch.no_grad():
             sums = kernels.launch_planned_digests(self._tensors[self._layout[0]].detach(), self._layout,
                                                   len(self._tensors))
-        return PendingFingerprint(Fingerprint(names=self._names, sums=sums))
-
-    def compute(self) -> Fingerprint:
-        return self.launch().result()
-
-
-class PendingFingerprint:
-    """A fingerprint whose sums may still be on their way (see :meth:`Fingerprint.launch`): reading
-    them waits for the stream that computes them."""
-
-    def __init__(self, fingerprint: Fingerprint) -> None:
-        self._fingerprint = fingerprint
-
-    def result(self) -> Fingerprint:
-        return self._fingerprint
+        return Fingerprint(names=self._names, sums=sums)

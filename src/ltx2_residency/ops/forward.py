@@ -67,31 +67,31 @@ def merge_above_tokens(out_features: int, in_features: int, ranks: Sequence[int]
 class FusedLoRALinear:
     """The forward of one adapted Linear during a dynamic phase (see the module doc)."""
 
-    __slots__ = ("bias", "deltas", "in_features", "merge_above", "out_features", "weight")
+    __slots__ = ("bias", "deltas", "factors", "in_features", "merge_above", "out_features", "weight")
 
     def __init__(self, base: nn.Linear, deltas: Sequence[LoRADelta], merge_above: float | None = None) -> None:
         self.weight = base.weight
         self.bias = base.bias
         self.deltas = tuple(deltas)
+        # the transposed views, made once: stage 1 is host-bound, and every aten call per layer
+        # and step shows in a request's time (``fusable`` already checked the dtypes)
+        self.factors = tuple((d.lora_A.t(), d.lora_B.t(), d.scale) for d in self.deltas)
         self.out_features, self.in_features = base.weight.shape
         self.merge_above = (merge_above if merge_above is not None else merge_above_tokens(
-            self.out_features, self.in_features, [d.lora_A.shape[0] for d in self.deltas],
-            base.weight.element_size()))
+            self.out_features, self.in_features, [d.rank for d in self.deltas], base.weight.element_size()))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight
         if x.numel() > self.merge_above * self.in_features:
             first, *rest = self.deltas
-            merged = torch.addmm(w, first.lora_B, first.lora_A, alpha=first.scale)  # a new buffer: W is only read
+            merged = torch.addmm(self.weight, first.lora_B, first.lora_A, alpha=first.scale)  # new buffer: W is read
             for d in rest:
                 merged.addmm_(d.lora_B, d.lora_A, alpha=d.scale)
             return F.linear(x, merged, self.bias)
-        y = F.linear(x, w, self.bias)
+        y = F.linear(x, self.weight, self.bias)
         flat_y = y.view(-1, self.out_features)
         flat_x = x.reshape(-1, self.in_features)
-        for d in self.deltas:
-            h = torch.mm(flat_x.to(d.lora_A.dtype), d.lora_A.t())
-            flat_y.addmm_(h, d.lora_B.t(), alpha=d.scale)  # y + s·h·Bᵀ in one rounding
+        for a_t, b_t, scale in self.factors:
+            flat_y.addmm_(torch.mm(flat_x, a_t), b_t, alpha=scale)  # y + s·(x·Aᵀ)·Bᵀ in one rounding
         return y
 
 

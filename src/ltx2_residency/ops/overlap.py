@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .fingerprint import PendingFingerprint
+from .fingerprint import Fingerprint
 
 
 @dataclass
@@ -25,7 +25,7 @@ class PendingUndo:
     event: torch.cuda.Event | None  # recorded on the undo stream after the undo's kernels
     settles_to: str  # the machine event that ends it: "restored" or "offloaded"
     request_id: int | None = None  # whose undo it is: the trace credits the settle to that request
-    fingerprint: PendingFingerprint | None = None  # the deferred verify, launched after the undo
+    fingerprint: Fingerprint | None = None  # the deferred verify, launched after the undo (sums in flight)
 
 
 class UndoStream:
