@@ -16,6 +16,8 @@ from torch import nn
 from conftest import assert_same_bits
 from ltx2_residency import ConfigError, FaultInjector, LoRASpec, RequestStateError, ResidencyManager, WeightState
 from ltx2_residency.ops.forward import (
+    CallSize,
+    FusedForward,
     FusedLoRALinear,
     LoRADelta,
     fusable,
@@ -86,6 +88,58 @@ def test_the_form_follows_the_token_count() -> None:
         assert calls == ["merge"]
     finally:
         torch.addmm = real_addmm  # type: ignore[assignment]
+
+
+def test_a_host_bound_small_call_rebuilds_every_weight() -> None:
+    base, deltas = _layer(64, 48, [8], True, seed=4)
+    call = CallSize(limit=1536)
+    fwd = FusedLoRALinear(base, deltas, merge_above=float("inf"), call=call)  # the roofline: never rebuild
+    stage1, stage2 = torch.zeros(1, 1536, 128), torch.zeros(2, 6144, 128)
+    call.note(nn.Identity(), (), {"hidden_states": stage1})
+    assert call.small
+    call.note(nn.Identity(), (stage2,), {})
+    assert not call.small
+    call.note(nn.Identity(), (), {"timestep": 3})
+    assert not call.small
+    calls: list[str] = []
+    real_addmm = torch.addmm
+
+    def spy(*args: Any, **kwargs: Any) -> torch.Tensor:
+        calls.append("merge")
+        return real_addmm(*args, **kwargs)
+
+    torch.addmm = spy  # type: ignore[assignment]
+    try:
+        x = torch.randn(3, 48).bfloat16()
+        fwd(x)
+        assert calls == []
+        call.small = True  # the DiT call is small: even a 3-token layer rebuilds (one launch, not two)
+        y = fwd(x)
+        assert calls == ["merge"]
+    finally:
+        torch.addmm = real_addmm  # type: ignore[assignment]
+    assert torch.equal(y, FusedLoRALinear(base, deltas, merge_above=0.0)(x))  # the transient-merge form
+
+
+def test_the_call_size_hook_lives_for_the_phase_and_only_steers_gpu_layers(
+        fresh_model: Callable[[], nn.Module], distilled_path: str, inputs: dict[str, Any]) -> None:
+    model = fresh_model()
+    mgr = _manager(model, distilled_path, "fused")
+    hooks = len(model._forward_pre_hooks)
+    with torch.no_grad(), mgr.request() as req:
+        req.enter("stage1")
+        dit = req.enter("stage2")
+        assert len(model._forward_pre_hooks) == hooks + 1
+        layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+        assert all(m.forward.call is None for m in layers)  # on the CPU the roofline alone decides
+        dit(**inputs)
+    assert len(model._forward_pre_hooks) == hooks
+    strategy = FusedForward(host_bound_tokens=10)
+    strategy.begin(model)
+    strategy.begin(model)  # idempotent: one hook
+    assert len(model._forward_pre_hooks) == hooks + 1
+    strategy.end()
+    assert len(model._forward_pre_hooks) == hooks and not strategy.call.small
 
 
 def test_crossover_at_ltx2_shapes_sits_between_the_two_stages() -> None:

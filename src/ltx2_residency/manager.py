@@ -47,7 +47,7 @@ from .modes import MODE_STRATEGIES, choose_auto
 from .ops.clean_source import HostCopy
 from .ops.dynamic import PeftAdapters
 from .ops.fingerprint import Fingerprint, FingerprintPlan
-from .ops.forward import DYNAMIC_FORWARDS, forward_named
+from .ops.forward import forward_named
 from .ops.merge import RESTORE_STRATEGIES, MergeStack, choose_restore
 from .ops.overlap import PendingUndo, UndoStream, keep_for_stream
 from .options import Verify, checked_options
@@ -284,14 +284,14 @@ class ResidencyManager:
 
     def set_dynamic_forward(self, dynamic_forward: str) -> None:
         """Run dynamic phases with ``"fused"`` or ``"peft"`` from the next request on."""
-        forward = DYNAMIC_FORWARDS[forward_named(dynamic_forward)]()
+        name = forward_named(dynamic_forward)  # a bad name raises before anything changes
         self._outside_requests("set_dynamic_forward()")
-        self._adapters.forward, self._costs = forward, None  # the cost model prices the forward in use
+        self._adapters.use_forward(name)
+        self._costs = None  # the cost model prices the forward in use  # the cost model prices the forward in use
 
     def _outside_requests(self, what: str) -> None:
         if self._request is not None:
-            raise RequestStateError(f"{what} takes effect between requests; call it after the "
-                                    "`with manager.request()` block")
+            raise RequestStateError(f"{what} takes effect between requests; call it after the `with` block")
 
     def memory(self) -> dict[str, int | float]:
         """Bytes held for weight management (the DiT itself excluded)."""

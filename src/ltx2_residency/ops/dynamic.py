@@ -133,10 +133,16 @@ class PeftAdapters:
         """Every Linear weight any managed LoRA targets, keyed by module path."""
         return {name: layer.get_base_layer().weight for name, layer in sorted(self.layers.items())}
 
+    def use_forward(self, name: str) -> None:
+        """Run later dynamic phases through the ``DYNAMIC_FORWARDS`` strategy ``name``."""
+        self.forward.end()  # a strategy left begun by a failed detach lets go of the model
+        self.forward = DYNAMIC_FORWARDS[name]()
+
     def activate(self, strengths: Mapping[str, float]) -> int:
         """Attach the adapters with non-zero strength, scaled; returns how many layers run one."""
         live = {n: s for n, s in strengths.items() if s != 0.0}
         self.faults.hit("attach.before")
+        self.forward.begin(self.model)
         enabled = 0
         for layer in self.layers.values():
             names = [n for n in live if n in layer.lora_A]
@@ -160,6 +166,7 @@ class PeftAdapters:
                 self.faults.hit("detach.layer")
                 del layer.forward
         self._attached = []
+        self.forward.end()
         if self._touched:
             # PEFT's per-layer calls cost ~30 ms at 1344 layers, on the request's critical path:
             # swept only when some adapter was enabled or scaled since the last sweep

@@ -13,8 +13,10 @@ same ``lora_A``/``lora_B`` tensors and picks per call the cheaper of two exact-i
   layers: their LoRA FLOPs per call exceed the ``rank·out·in`` of rebuilding the weight.
 
 The choice is a crossover token count per layer, from a roofline where a byte of traffic costs
-:data:`FLOPS_PER_BYTE` FLOPs. Both forms leave every shared weight untouched; layers whose base
-is not a plain, hook-free ``nn.Linear`` keep PEFT's forward.
+:data:`FLOPS_PER_BYTE` FLOPs, except in DiT calls small enough to be host-bound on a GPU
+(:data:`HOST_BOUND_TOKENS`): there every layer rebuilds its weight, one aten call instead of
+two, and the device time that costs hides under the host's. Both forms leave every shared weight
+untouched; layers whose base is not a plain, hook-free ``nn.Linear`` keep PEFT's forward.
 """
 
 from __future__ import annotations
@@ -32,6 +34,13 @@ from ..errors import ConfigError
 
 #: Roofline exchange rate of an H100-class card: ~600 TFLOP/s bf16 against ~2.5 TB/s.
 FLOPS_PER_BYTE = 240.0
+#: Tokens of a DiT call (its first input's, e.g. LTX-2's video latents) at or below which every
+#: layer on a GPU takes the transient merge. The full LTX-2 DiT on one H100 is host-bound at
+#: stage 1's 1536 tokens (162 ms of kernels under ~13,000 launches, ~260 ms): fewer launches win
+#: although the rebuilds cost more device time. Measured there, paired with the base in the same
+#: rounds: +11.0 % rebuilding every weight, +15.6 % factored everywhere; at 6144 tokens
+#: (device-bound) the roofline's per-layer choice is best, +9.9 % against +11.8 %.
+HOST_BOUND_TOKENS = 2048
 
 
 @dataclass(frozen=True)
@@ -64,12 +73,30 @@ def merge_above_tokens(out_features: int, in_features: int, ranks: Sequence[int]
     return per_call / per_token
 
 
+class CallSize:
+    """Whether the DiT call under way is host-bound-small, noted by a forward pre-hook on the model
+    root: the layers of one call choose by the call's size, not their own input's (LTX-2's audio
+    layers see ~126 tokens in both stages)."""
+
+    __slots__ = ("limit", "small")
+
+    def __init__(self, limit: int = HOST_BOUND_TOKENS) -> None:
+        self.limit = limit
+        self.small = False
+
+    def note(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        x = kwargs.get("hidden_states", args[0] if args else None)
+        self.small = isinstance(x, torch.Tensor) and x.dim() > 0 and x.numel() // x.shape[-1] <= self.limit
+
+
 class FusedLoRALinear:
     """The forward of one adapted Linear during a dynamic phase (see the module doc)."""
 
-    __slots__ = ("bias", "deltas", "factors", "in_features", "merge_above", "out_features", "weight")
+    __slots__ = ("bias", "call", "deltas", "factors", "in_features", "merge_above", "out_features", "weight")
 
-    def __init__(self, base: nn.Linear, deltas: Sequence[LoRADelta], merge_above: float | None = None) -> None:
+    def __init__(self, base: nn.Linear, deltas: Sequence[LoRADelta], merge_above: float | None = None,
+                 call: CallSize | None = None) -> None:
+        self.call = call  # None: choose by the roofline alone (off the GPU, or no DiT-level hook)
         self.weight = base.weight
         self.bias = base.bias
         self.deltas = tuple(deltas)
@@ -81,7 +108,7 @@ class FusedLoRALinear:
             self.out_features, self.in_features, [d.rank for d in self.deltas], base.weight.element_size()))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() > self.merge_above * self.in_features:
+        if x.numel() > self.merge_above * self.in_features or (self.call is not None and self.call.small):
             first, *rest = self.deltas
             merged = torch.addmm(self.weight, first.lora_B, first.lora_A, alpha=first.scale)  # new buffer: W is read
             for d in rest:
@@ -119,6 +146,12 @@ class PeftForward:
 
     name = "peft"
 
+    def begin(self, model: nn.Module) -> None:
+        """A dynamic phase starts on ``model`` (before any layer is attached)."""
+
+    def end(self) -> None:
+        """Every layer has been detached."""
+
     def attach(self, layer: LoraLayer, strengths: dict[str, float]) -> bool:
         for n, s in strengths.items():
             layer.set_scale(n, s)
@@ -138,12 +171,28 @@ class FusedForward(PeftForward):
 
     name = "fused"
 
+    def __init__(self, host_bound_tokens: int = HOST_BOUND_TOKENS) -> None:
+        self.call = CallSize(host_bound_tokens)
+        self._hook: torch.utils.hooks.RemovableHandle | None = None
+
+    def begin(self, model: nn.Module) -> None:
+        if self._hook is None:
+            self._hook = model.register_forward_pre_hook(self.call.note, with_kwargs=True)
+
+    def end(self) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        self.call.small = False
+
     def attach(self, layer: LoraLayer, strengths: dict[str, float]) -> bool:
         if not fusable(layer, list(strengths)):
             return super().attach(layer, strengths)
         deltas = [LoRADelta(layer.lora_A[n].weight, layer.lora_B[n].weight,
                             s * float(layer.lora_alpha[n]) / float(layer.r[n])) for n, s in strengths.items()]
-        layer.forward = FusedLoRALinear(layer.get_base_layer(), deltas)  # type: ignore[method-assign]
+        base = layer.get_base_layer()
+        # host-bound small calls are a GPU matter: on the CPU the launches are the compute
+        layer.forward = FusedLoRALinear(base, deltas, call=self.call if base.weight.is_cuda else None)  # type: ignore[method-assign]
         return False
 
 
