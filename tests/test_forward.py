@@ -267,3 +267,29 @@ def test_both_forms_at_ltx2_size_on_the_gpu(merge_above: float) -> None:
     gap, effect = (y - ref).abs().mean().item(), (plain - ref).abs().mean().item()
     assert gap < effect / 20, (gap, effect)  # bf16 rounding only, against a LoRA effect it would hide
     assert_same_bits(before, weight_bits({"w": base.weight}))
+
+
+def test_a_layers_forward_is_kept_across_phases_while_it_is_still_valid(model: nn.Module,
+                                                                        distilled_path: str) -> None:
+    spec = LoRASpec("distilled", path=distilled_path, strengths={"stage1": 0.0, "stage2": 1.0})
+    ResidencyManager(model, loras=[spec], merge_policy="dynamic")
+    first, second = [m for m in model.modules() if isinstance(m, LoraLayer)][:2]
+    strategy = FusedForward()
+
+    def attach(layer: LoraLayer, strength: float) -> FusedLoRALinear:
+        assert strategy.attach(layer, {"distilled": strength}) is False  # ours, not PEFT's
+        fwd = vars(layer).pop("forward")
+        assert isinstance(fwd, FusedLoRALinear)
+        return fwd
+
+    kept = attach(first, 1.0)
+    assert attach(first, 1.0) is kept  # the next phase at the same strength: no rebuild
+    assert attach(first, 0.5) is not kept and attach(first, 0.5).deltas[0].scale == pytest.approx(
+        kept.deltas[0].scale / 2)
+    again = attach(second, 1.0)
+    lora_a = second.lora_A["distilled"].weight
+    lora_a.data = lora_a.detach().clone()  # a move rebinds .data: the kept transposed view is stale
+    fresh = attach(second, 1.0)
+    assert fresh is not again and fresh.factors[0][0].data_ptr() == lora_a.data_ptr()
+    second.get_base_layer().register_forward_pre_hook(lambda *a: None)  # a hook now: PEFT's forward
+    assert strategy.attach(second, {"distilled": 1.0}) is True and "forward" not in vars(second)

@@ -355,6 +355,15 @@ def test_a_request_the_pipeline_refuses_exits_2(tmp_path: Path, capsys) -> None:
     assert "height=100: must be a positive multiple of 64" in capsys.readouterr().err.replace("\n", "")
 
 
+@pytest.mark.parametrize(("state", "ok"), [("clean", True), ("offloaded", True), ("quarantined", False),
+                                           ("restoring", False)])
+def test_a_dit_at_rest_passes_whichever_rest_its_mode_has(state: str, ok: bool) -> None:
+    # low-VRAM snapshot mode rests with its base offloaded to the pinned snapshot between requests
+    base = synthetic_baseline()
+    regs = {r.metric for r in compare({**result_at(base, 1.0), "dit_state_after": state}, base)}
+    assert ("dit_state_after" not in regs) is ok
+
+
 def test_update_refuses_a_run_that_left_the_dit_dirty(tmp_path: Path, capsys, monkeypatch) -> None:
     # a dirty DiT cannot be produced on purpose through the pipeline: the run is synthetic here
     path = write_baselines(tmp_path / "b.json", {"tiny": {**FAST_TINY, **expectations(1.0)}})

@@ -71,6 +71,10 @@ class MergePolicyName(str, Enum):
 TRANSIENT_STATES = frozenset({WeightState.MERGING, WeightState.ATTACHING, WeightState.RESTORING,
                               WeightState.PREFETCHING})
 
+#: States a DiT rests in between requests, its shared weights untouched: CLEAN, or OFFLOADED in
+#: low-VRAM snapshot mode (the base bound to its pinned snapshot until the next request loads it).
+REST_STATES = frozenset({WeightState.CLEAN, WeightState.OFFLOADED})
+
 #: The settled state a phase reaches for each way of applying its LoRAs.
 PHASE_TARGET = {
     (Phase.STAGE1, ApplyKind.NONE): WeightState.CLEAN,

@@ -92,12 +92,14 @@ class CallSize:
 class FusedLoRALinear:
     """The forward of one adapted Linear during a dynamic phase (see the module doc)."""
 
-    __slots__ = ("bias", "call", "deltas", "factors", "in_features", "merge_above", "out_features", "weight")
+    __slots__ = ("bias", "call", "deltas", "device", "factors", "in_features", "merge_above", "out_features",
+                 "weight")
 
     def __init__(self, base: nn.Linear, deltas: Sequence[LoRADelta], merge_above: float | None = None,
                  call: CallSize | None = None) -> None:
         self.call = call  # None: choose by the roofline alone (off the GPU, or no DiT-level hook)
         self.weight = base.weight
+        self.device = base.weight.device
         self.bias = base.bias
         self.deltas = tuple(deltas)
         # the transposed views, made once: stage 1 is host-bound, and every aten call per layer
@@ -106,6 +108,13 @@ class FusedLoRALinear:
         self.out_features, self.in_features = base.weight.shape
         self.merge_above = (merge_above if merge_above is not None else merge_above_tokens(
             self.out_features, self.in_features, [d.rank for d in self.deltas], base.weight.element_size()))
+
+    def current(self) -> bool:
+        """Still valid for its layer: the weight on the device it was made for, the transposed
+        views on the factors' present storage (a move rebinds ``.data``, which views do not follow)."""
+        return self.weight.device == self.device and all(
+            a_t.data_ptr() == d.lora_A.data_ptr() and b_t.data_ptr() == d.lora_B.data_ptr()
+            for (a_t, b_t, _), d in zip(self.factors, self.deltas, strict=True))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if x.numel() > self.merge_above * self.in_features or (self.call is not None and self.call.small):
@@ -122,15 +131,20 @@ class FusedLoRALinear:
         return y
 
 
-def fusable(layer: LoraLayer, names: Sequence[str]) -> bool:
-    """Our forward may stand in for PEFT's here: a plain Linear base without hooks or a patched
-    forward (an offload hook would be skipped), vanilla LoRA adapters of the base's dtype."""
+def _unhooked(layer: LoraLayer) -> bool:
+    """A plain Linear base without hooks or a patched forward (an offload hook would be skipped),
+    and no patch of somebody else's on the PEFT layer (ours is removed at every detach)."""
     base = layer.get_base_layer()
-    if type(base) is not nn.Linear or base._forward_hooks or base._forward_pre_hooks or "forward" in vars(base):
+    return (type(base) is nn.Linear and not base._forward_hooks and not base._forward_pre_hooks
+            and "forward" not in vars(base) and "forward" not in vars(layer))
+
+
+def fusable(layer: LoraLayer, names: Sequence[str]) -> bool:
+    """Our forward may stand in for PEFT's here: see :func:`_unhooked`, and vanilla LoRA adapters
+    of the base's dtype and device."""
+    if not _unhooked(layer):
         return False
-    if "forward" in vars(layer):
-        return False  # a patch of somebody else's (ours is removed at every detach)
-    w = base.weight
+    w = layer.get_base_layer().weight
     for n in names:
         if n in layer.lora_variant or not isinstance(layer.lora_dropout[n], nn.Identity):
             return False
@@ -174,6 +188,9 @@ class FusedForward(PeftForward):
     def __init__(self, host_bound_tokens: int = HOST_BOUND_TOKENS) -> None:
         self.call = CallSize(host_bound_tokens)
         self._hook: torch.utils.hooks.RemovableHandle | None = None
+        # each layer's last forward and the strengths it was made for: a dynamic switch walks
+        # 1344 layers, and building each anew through PEFT's module dicts cost 24 µs a layer
+        self._kept: dict[int, tuple[tuple[tuple[str, float], ...], FusedLoRALinear]] = {}
 
     def begin(self, model: nn.Module) -> None:
         if self._hook is None:
@@ -186,13 +203,20 @@ class FusedForward(PeftForward):
         self.call.small = False
 
     def attach(self, layer: LoraLayer, strengths: dict[str, float]) -> bool:
+        key = tuple(strengths.items())
+        kept = self._kept.get(id(layer))
+        if kept is not None and kept[0] == key and kept[1].current() and _unhooked(layer):
+            layer.forward = kept[1]  # type: ignore[method-assign]
+            return False
         if not fusable(layer, list(strengths)):
             return super().attach(layer, strengths)
         deltas = [LoRADelta(layer.lora_A[n].weight, layer.lora_B[n].weight,
                             s * float(layer.lora_alpha[n]) / float(layer.r[n])) for n, s in strengths.items()]
         base = layer.get_base_layer()
         # host-bound small calls are a GPU matter: on the CPU the launches are the compute
-        layer.forward = FusedLoRALinear(base, deltas, call=self.call if base.weight.is_cuda else None)  # type: ignore[method-assign]
+        forward = FusedLoRALinear(base, deltas, call=self.call if base.weight.is_cuda else None)
+        self._kept[id(layer)] = (key, forward)
+        layer.forward = forward  # type: ignore[method-assign]
         return False
 
 
