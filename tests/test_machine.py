@@ -73,9 +73,9 @@ def test_illegal_event_names_mode_state_event_and_legal_events() -> None:
         m.fire("merged_stage2")
     err = info.value
     assert (err.mode, err.state, err.event) == ("original", "clean", "merged_stage2")
-    assert err.legal == ("attach", "merge", "quarantine")
+    assert err.legal == ("attach", "merge", "premerge", "quarantine")
     msg = str(err)
-    for part in ("'original'", "'merged_stage2'", "'clean'", "attach, merge, quarantine"):
+    for part in ("'original'", "'merged_stage2'", "'clean'", "attach, merge, premerge, quarantine"):
         assert part in msg
     assert m.state is WeightState.CLEAN
 

@@ -265,3 +265,25 @@ def test_each_stage_declares_its_work_and_auto_decides_from_it() -> None:
     report = pipe(**KW).report
     assert report["merge_policy"] == "auto" and report["dit_state_after"] == "clean"
     assert f"{pipe.work(GenerationRequest(**KW), 2).tokens} tokens" in pipe.manager.policy.last.reason
+
+
+def test_stage2_merge_ahead_gives_the_same_video_and_rolls_back_from_a_fault() -> None:
+    faults = FaultInjector()
+    pipe = LTX2TwoStagePipeline.from_preset("tiny", merge_policy="merge", faults=faults)
+    clean = weight_bits(pipe.manager.managed_weights)
+    ahead = pipe(**KW)
+    assert pipe.prepared
+    events = [r["event"] for r in ahead.report["trace"]]
+    assert events[:3] == ["premerge", "merge", "merged_stage2"]
+    pipe.merge_ahead = False
+    usual = pipe(**KW)
+    assert not pipe.prepared and "premerge" not in [r["event"] for r in usual.report["trace"]]
+    assert np.array_equal(ahead.video, usual.video)
+
+    pipe.merge_ahead = True
+    faults.arm("merge.layer", lambda: RuntimeError("CUDA error: out of memory"), on_hit=5)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        pipe(**KW)  # in stage 1's last step, some blocks merged
+    assert pipe.manager.state is WeightState.CLEAN
+    assert_same_bits(clean, weight_bits(pipe.manager.managed_weights))
+    assert np.array_equal(pipe(**KW).video, ahead.video)

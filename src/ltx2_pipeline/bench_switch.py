@@ -116,6 +116,7 @@ def run(preset: str, relative_norm: float, requests: int, restore: str, device: 
     res["ours_exception_fraction"] = max(frac)
     if steps:
         res["steps"] = step_overhead(mgr, model, preset, device)
+        res["ahead"] = merge_ahead_cost(mgr, model, preset, device)
     mgr.verify_clean()  # what a server calls between requests: the manager's cached fingerprint plan
     res["fingerprint_ms"] = statistics.median(_timed(mgr.verify_clean) for _ in range(5))
     res["fingerprint_adhoc_ms"] = statistics.median(
@@ -208,6 +209,47 @@ def step_overhead(mgr: ResidencyManager, model: torch.nn.Module, preset: str, de
                       "dynamic_overhead_vs_base": med["dynamic"] / med["base"] - 1,
                       "dynamic_peft_overhead_vs_base": med["dynamic_peft"] / med["base"] - 1,
                       "merged_vs_base": med["merged"] / med["base"] - 1,
+                      "runs_ms": {k: [round(x, 1) for x in v] for k, v in times.items()}}
+    return out
+
+
+def merge_ahead_cost(mgr: ResidencyManager, model: torch.nn.Module, preset: str, device: str,
+                     reps: int = 7) -> dict:
+    """What the switch into stage 2's merge adds to stage 1's last DiT call, at each stage's token
+    count: merged at the switch, or ahead (``Request.prepare``: launched block by block behind the
+    call). Each round times the last call alone, call + switch, and prepare + call + switch, in
+    three requests; the cost is the paired difference to the call alone, median over rounds."""
+    from .tiny import tiny_inputs
+
+    out: dict = {}
+    for stage, (frames, height, width) in STEP_TOKENS[preset].items():
+        kw = tiny_inputs(model, frames=frames, height=height, width=width, text_tokens=TEXT_TOKENS[preset],
+                         audio_frames=AUDIO_FRAMES[preset])
+        kw = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
+        times: dict[str, list[float]] = {"call": [], "at_switch": [], "ahead": []}
+        gc.collect()
+        gc.disable()
+        try:
+            for rep in range(reps + 1):
+                for kind in times:
+                    with torch.no_grad(), mgr.request() as req:
+                        dit = req.enter("stage1")
+
+                        def last(d=dit, k=kind, r=req, x=kw) -> None:
+                            if k == "ahead":
+                                assert r.prepare("stage2", calls=1)
+                            d(**x)
+                            if k != "call":
+                                r.enter("stage2")
+                        ms = _timed(last)
+                    mgr.synchronize()
+                    if rep:
+                        times[kind].append(ms)
+        finally:
+            gc.enable()
+        pairs = {k: [t - c for t, c in zip(times[k], times["call"], strict=True)] for k in ("at_switch", "ahead")}
+        out[stage] = {"video_tokens": frames * height * width, "call_ms": statistics.median(times["call"]),
+                      **{f"switch_{k}_ms": statistics.median(v) for k, v in pairs.items()},
                       "runs_ms": {k: [round(x, 1) for x in v] for k, v in times.items()}}
     return out
 

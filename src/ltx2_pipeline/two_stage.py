@@ -23,7 +23,7 @@ import io
 import os
 import statistics
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -35,7 +35,7 @@ from diffusers.pipelines.ltx2.utils import STAGE_2_DISTILLED_SIGMA_VALUES
 from diffusers.utils import encode_video
 from torch import nn
 
-from ltx2_residency import LoRASpec, Phase, PhaseWork, ResidencyManager
+from ltx2_residency import LoRASpec, Phase, PhaseWork, Request, ResidencyManager
 
 from .components import PIPELINE_COMPONENTS
 from .errors import GenerationInputError
@@ -240,6 +240,9 @@ class LTX2TwoStagePipeline:
             pipe.set_progress_bar_config(disable=True)
         self.base = components["transformer"]
         self.device = _device_of(self.base)
+        # stage 2's merge starts behind stage 1's last step (Request.prepare); off: at the switch
+        self.merge_ahead = True
+        self.prepared = False  # whether the last request's stage-2 weights were started ahead
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -316,6 +319,7 @@ class LTX2TwoStagePipeline:
         req = request if request is not None else GenerationRequest(**kwargs)
         self.check(req)
         clock = _Clock(self.device, self.progress)
+        self.prepared = False
         if clock.cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
         gen = torch.Generator("cpu").manual_seed(req.seed)  # same noise on every device
@@ -336,7 +340,7 @@ class LTX2TwoStagePipeline:
                         negative_prompt_attention_mask=neg_mask, height=req.height // 2, width=req.width // 2,
                         num_frames=req.num_frames, frame_rate=req.frame_rate,
                         num_inference_steps=req.num_inference_steps, generator=gen, output_type="latent",
-                        callback_on_step_end=self._on_step(clock, "LTX2AVDenoisingStage"),
+                        callback_on_step_end=self._on_step(clock, "LTX2AVDenoisingStage", self._ahead(mreq, req)),
                         max_sequence_length=req.max_sequence_length, **req.guidance.kwargs(layers))
                 with clock.stage("LTX2UpsampleStage"):
                     upsampled = self.upsample(
@@ -406,10 +410,21 @@ class LTX2TwoStagePipeline:
         finally:
             pipe.transformer = self.base
 
+    def _ahead(self, mreq: Request, req: GenerationRequest) -> Callable[[int], None]:
+        """Stage 1's step callback: before its last step, announce that step's DiT calls (as many as
+        step 0 ran) so stage 2's merge can start behind them (``Request.prepare``)."""
+        def before_last_step(done: int) -> None:
+            if self.merge_ahead and done == req.num_inference_steps - 1:
+                self.prepared = mreq.prepare(Phase.STAGE2, strengths=req.strengths.get("stage2"),
+                                             work=self.work(req, 2), calls=max(1, mreq.calls // done))
+        return before_last_step
+
     @staticmethod
-    def _on_step(clock: _Clock, stage: str) -> Any:
-        def callback(_pipe: Any, _i: int, _t: torch.Tensor, _kw: dict[str, Any]) -> dict[str, Any]:
+    def _on_step(clock: _Clock, stage: str, then: Callable[[int], None] | None = None) -> Any:
+        def callback(_pipe: Any, i: int, _t: torch.Tensor, _kw: dict[str, Any]) -> dict[str, Any]:
             clock.step(stage)
+            if then is not None:
+                then(i + 1)
             return {}
         return callback
 

@@ -24,6 +24,7 @@ class WeightState(str, Enum):
     """What the managed DiT's weights are right now. Stored, never inferred from tensors."""
 
     CLEAN = "clean"
+    PREMERGING = "premerging"  # stage 1's last calls run while stage 2's merge starts behind them
     MERGING = "merging"
     STAGE1_MERGED = "stage1_merged"
     STAGE2_MERGED = "stage2_merged"

@@ -284,3 +284,31 @@ def validate_all(specs: list[LoRASpec], model: nn.Module) -> list[LoadedLoRA]:
     if dupes:
         raise ConfigError(f"LoRA names must be unique; repeated: {', '.join(dupes)}")
     return [validate_lora(s, model) for s in specs]
+
+
+def checked_specs(loras: object) -> list[LoRASpec]:
+    """The manager's ``loras`` argument as a list of specs, or a :class:`ConfigError`."""
+    if isinstance(loras, LoRASpec) or not isinstance(loras, (list, tuple)):
+        raise ConfigError(f"loras must be a list of LoRASpec (wrap a single spec in a list: "
+                          f"loras=[spec]); got {type(loras).__name__}")
+    for s in loras:
+        if not isinstance(s, LoRASpec):
+            raise ConfigError(f"loras must be LoRASpec objects, got {type(s).__name__}")
+    return list(loras)
+
+
+def resolve_strengths(specs: Mapping[str, LoRASpec], phase: Phase,
+                      overrides: Mapping[str, float] | None) -> dict[str, float]:
+    """Every managed LoRA's strength in ``phase``: its spec's, or a request's checked override."""
+    strengths = {name: spec.strength(phase) for name, spec in specs.items()}
+    if overrides is None:
+        return strengths
+    if not isinstance(overrides, Mapping):
+        raise StrengthError(f"strengths must be a mapping of LoRA name to strength, got "
+                            f"{type(overrides).__name__}")
+    for name, value in overrides.items():
+        if name not in strengths:
+            known = ", ".join(map(repr, strengths)) or "none"
+            raise StrengthError(f"strength override for unknown LoRA {name!r}; managed LoRAs: {known}")
+        strengths[name] = check_strength(value, f"override for LoRA {name!r} in {phase.value}")
+    return strengths

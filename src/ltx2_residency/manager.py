@@ -9,7 +9,6 @@ exactly) or QUARANTINED (the DiT refuses to run until :meth:`ResidencyManager.re
 from __future__ import annotations
 
 import contextlib
-import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Literal
@@ -27,7 +26,6 @@ from .domain import (
     Residency,
     ResidencyMode,
     WeightState,
-    check_strength,
     parse_enum,
 )
 from .errors import (
@@ -37,13 +35,12 @@ from .errors import (
     QuarantinedError,
     RepairError,
     RequestStateError,
-    RequestTimeoutError,
-    StrengthError,
 )
 from .faults import NO_FAULTS, FaultInjector
-from .lora import LoadedLoRA, LoRASpec, validate_all
+from .lora import LoadedLoRA, LoRASpec, checked_specs, resolve_strengths, validate_all
 from .machine import TABLES, Edge, WeightMachine
 from .modes import MODE_STRATEGIES, choose_auto
+from .ops.ahead import MergeAhead
 from .ops.clean_source import HostCopy
 from .ops.dynamic import PeftAdapters
 from .ops.fingerprint import Fingerprint, FingerprintPlan
@@ -51,6 +48,7 @@ from .ops.forward import forward_named
 from .ops.merge import RESTORE_STRATEGIES, MergeStack, choose_restore
 from .ops.overlap import PendingUndo, UndoStream, keep_for_stream
 from .options import Verify, checked_options
+from .ownership import Ownership
 from .policy import MergePolicy, PhaseContext, make_policy
 from .request import Request
 from .trace import Trace, TransitionRecord
@@ -125,13 +123,7 @@ class ResidencyManager:
         restore, verify, dynamic_forward = checked_options(
             restore=restore, verify=verify, clean_source=clean_source, request_timeout=request_timeout,
             overlap_restore=overlap_restore, dynamic_forward=dynamic_forward)
-        if isinstance(loras, LoRASpec) or not isinstance(loras, (list, tuple)):
-            raise ConfigError(f"loras must be a list of LoRASpec (wrap a single spec in a list: "
-                              f"loras=[spec]); got {type(loras).__name__}")
-        specs = list(loras)
-        for s in specs:
-            if not isinstance(s, LoRASpec):
-                raise ConfigError(f"loras must be LoRASpec objects, got {type(s).__name__}")
+        specs = checked_specs(loras)
 
         self.transformer = transformer
         self.native_ltx23 = bool(native_ltx23)
@@ -167,9 +159,11 @@ class ResidencyManager:
         self.overlap_restore = overlap_restore
         self._undo_stream = UndoStream(device) if overlap_restore else None
         self._pending: PendingUndo | None = None  # an overlapped undo its next user has not settled
+        self._ahead: MergeAhead | None = None  # stage 2's merge, started behind stage 1's last calls
         self._costs: CostModel | None = None  # merge_policy="auto" only
         self.machine = WeightMachine(TABLES[self.mode], {
             "merge": self._effect_merge,
+            "premerge": self._effect_premerge,
             "attach": self._effect_attach,
             "restore": self._effect_restore,
             "repair": self._effect_repair,
@@ -177,8 +171,7 @@ class ResidencyManager:
             "load": self._effect_load,
         })
         self._base_resident = True
-        self._cond = threading.Condition(threading.Lock())
-        self._owner: int | None = None
+        self._ownership = Ownership()
         self._request: Request | None = None
         self._context: tuple[int | None, str | None] = (None, None)
         self._guards = [d.module.register_forward_pre_hook(self._forward_guard) for d in self._mode.dits]
@@ -196,11 +189,11 @@ class ResidencyManager:
     def request(self, timeout: float | None = ...) -> Iterator[Request]:  # type: ignore[assignment]
         """Own the DiT for one request; leaving the block by any path restores CLEAN."""
         wait = self.request_timeout if timeout is ... else timeout
-        self._acquire(wait, "request()")
+        self._ownership.acquire(wait, "request()")
         try:
             self._settle_restore()
         except BaseException:
-            self._release()
+            self._ownership.release()
             raise
         req = Request(self)
         self._request = req
@@ -223,7 +216,7 @@ class ResidencyManager:
             finally:
                 req.closed = True
                 self._request = None
-                self._release()
+                self._ownership.release()
 
     def verify_clean(self, timeout: float | None = ...) -> None:  # type: ignore[assignment]
         """Raise :class:`DirtyWeightsError` unless every managed weight is bit-identical to clean.
@@ -239,21 +232,21 @@ class ResidencyManager:
         self._between_requests("synchronize() settles the DiT", timeout, lambda: self._settle_restore(host=True))
 
     def _between_requests(self, what: str, timeout: float | None, run: Callable[[], None]) -> None:
-        if self._owner == threading.get_ident():
+        if self._ownership.mine:
             if self._request is not None:
                 raise RequestStateError(f"{what} between requests; call it after the `with manager.request()` "
                                         "block")
             run()
             return
-        self._acquire(self.request_timeout if timeout is ... else timeout, what.split()[0])
+        self._ownership.acquire(self.request_timeout if timeout is ... else timeout, what.split()[0])
         try:
             run()
         finally:
-            self._release()
+            self._ownership.release()
 
     def repair(self, timeout: float | None = ...) -> None:  # type: ignore[assignment]
         """Bring a QUARANTINED DiT back to CLEAN from its clean source (a no-op when not quarantined)."""
-        self._acquire(self.request_timeout if timeout is ... else timeout, "repair()")
+        self._ownership.acquire(self.request_timeout if timeout is ... else timeout, "repair()")
         try:
             with contextlib.suppress(DirtyWeightsError):
                 self._settle_restore(host=True)  # a dirty deferred verify quarantines: repaired below
@@ -269,7 +262,7 @@ class ResidencyManager:
                     raise
                 raise RepairError(f"repair failed, the DiT stays quarantined: {exc!r}") from exc
         finally:
-            self._release()
+            self._ownership.release()
 
     def set_merge_policy(self, merge_policy: str) -> None:
         """Use another merge policy from the next request on (between requests only: a request
@@ -287,7 +280,7 @@ class ResidencyManager:
         name = forward_named(dynamic_forward)  # a bad name raises before anything changes
         self._outside_requests("set_dynamic_forward()")
         self._adapters.use_forward(name)
-        self._costs = None  # the cost model prices the forward in use  # the cost model prices the forward in use
+        self._costs = None  # the cost model prices the forward in use
 
     def _outside_requests(self, what: str) -> None:
         if self._request is not None:
@@ -326,11 +319,13 @@ class ResidencyManager:
                      work: PhaseWork | None = None) -> nn.Module:
         if self.state is WeightState.QUARANTINED:
             raise QuarantinedError(self._quarantine_message())
-        strengths = self._resolve_strengths(phase, overrides)
+        strengths = resolve_strengths(self.specs, phase, overrides)
         stage1 = req.strengths.get(Phase.STAGE1, strengths if phase is Phase.STAGE1 else {})
         premerged = phase is Phase.STAGE2 and self._mode.uses_premerged(strengths)
-        costs = self._cost_model() if self.policy.name is MergePolicyName.AUTO else None
-        kind = self.policy.decide(PhaseContext(self.mode, phase, strengths, stage1, self.native_ltx23, work, costs))
+        # a merge started ahead (req.prepare) is completed when the phase and strengths are the ones
+        # prepared; anything else undoes it and switches as usual
+        ahead = self.state is WeightState.PREMERGING and req.prepared == (phase, strengths)
+        kind = ApplyKind.MERGED if ahead else self._decide(phase, strengths, stage1, work)
         if phase is Phase.STAGE2 and self._mode.stage2 is not None:
             # a second DiT serves stage 2 at its pre-merged strengths; any other strength runs
             # dynamic on the base, whose weights stay untouched
@@ -339,7 +334,7 @@ class ResidencyManager:
         self._context = (req.id, phase.value)
         req.phase = None  # no phase may run until this switch has completed
         try:
-            if self.state not in (WeightState.CLEAN, WeightState.OFFLOADED):
+            if self.state not in (WeightState.CLEAN, WeightState.OFFLOADED) and not ahead:
                 self._restore_or_quarantine(final=False)
             if premerged:
                 self._fire("activate_stage2")
@@ -376,19 +371,30 @@ class ResidencyManager:
         req.strengths[phase] = strengths
         return self._mode.active.module
 
-    def _resolve_strengths(self, phase: Phase, overrides: Mapping[str, float] | None) -> dict[str, float]:
-        strengths = {name: spec.strength(phase) for name, spec in self.specs.items()}
-        if overrides is None:
-            return strengths
-        if not isinstance(overrides, Mapping):
-            raise StrengthError(f"strengths must be a mapping of LoRA name to strength, got "
-                                f"{type(overrides).__name__}")
-        for name, value in overrides.items():
-            if name not in strengths:
-                known = ", ".join(map(repr, strengths)) or "none"
-                raise StrengthError(f"strength override for unknown LoRA {name!r}; managed LoRAs: {known}")
-            strengths[name] = check_strength(value, f"override for LoRA {name!r} in {phase.value}")
-        return strengths
+    def _decide(self, phase: Phase, strengths: dict[str, float], stage1: Mapping[str, float],
+                work: PhaseWork | None) -> ApplyKind:
+        costs = self._cost_model() if self.policy.name is MergePolicyName.AUTO else None
+        return self.policy.decide(PhaseContext(self.mode, phase, strengths, stage1, self.native_ltx23, work, costs))
+
+    def _prepare_phase(self, req: Request, phase: Phase, overrides: Mapping[str, float] | None,
+                       work: PhaseWork | None, calls: int) -> bool:
+        """Start ``phase``'s merge behind the current phase's last ``calls`` DiT calls, when the
+        policy merges it into the shared DiT and nothing is applied now (see ``ops.ahead``)."""
+        strengths = resolve_strengths(self.specs, phase, overrides)
+        if not self.machine.can("premerge") or req.prepared is not None:
+            return False
+        stage1 = req.strengths.get(Phase.STAGE1, {})
+        if self._decide(phase, strengths, stage1, work) is not ApplyKind.MERGED:
+            return False
+        req.prepared = (phase, strengths)
+        req.mutated = True
+        try:
+            self._fire("premerge", plan=[(n, s) for n, s in strengths.items() if s != 0.0], calls=calls)
+        except BaseException as exc:
+            req.failed = exc
+            self._restore_or_quarantine(final=False)
+            raise
+        return True
 
     def _finish(self, req: Request) -> None:
         self._context = (req.id, None)
@@ -483,17 +489,31 @@ class ResidencyManager:
 
     def _effect_merge(self, edge: Edge, ctx: Mapping[str, Any]) -> int:
         self.faults.hit("merge.before")
-        written = 0
-        for name, strength in ctx["plan"]:
-            written += self._stack.push(name, self._adapters.targets(name), strength)
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None:
+            written = ahead.complete()
+        else:
+            written = sum(self._stack.push(name, self._adapters.targets(name), strength)
+                          for name, strength in ctx["plan"])
         self.faults.hit("merge.after")
         return written
+
+    def _effect_premerge(self, edge: Edge, ctx: Mapping[str, Any]) -> int:
+        self._ahead = MergeAhead(self._mode.base.module, self._stack, [(n, s, self._adapters.targets(n)) for n, s in
+                                 ctx["plan"]], ctx["calls"], self._undo_stream or UndoStream(self._mode.device))
+        return 0
+
+    def _drop_ahead(self) -> None:
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None:
+            ahead.abandon()
 
     def _effect_attach(self, edge: Edge, ctx: Mapping[str, Any]) -> int:
         self._adapters.activate(ctx["strengths"])
         return 0
 
     def _effect_restore(self, edge: Edge, ctx: Mapping[str, Any]) -> int:
+        self._drop_ahead()
         self.faults.hit("restore.before")
         self._adapters.deactivate()
         stream = self._undo_stream if ctx.get("overlap") and self._stack.frames else None
@@ -523,6 +543,7 @@ class ResidencyManager:
         if self._undo_stream is not None:
             self._undo_stream.join(host=True)  # a failed overlapped undo may have left work queued
         self._pending = None
+        self._drop_ahead()
         self._adapters.deactivate()
         self._mode.reset()
         self._base_resident = True
@@ -540,34 +561,10 @@ class ResidencyManager:
         self._stack.forget()
         return written + self._mode.repair_stage2(self._weights)
 
-    # ------------------------------------------------------------------ ownership and guard
-    def _acquire(self, timeout: float | None, what: str) -> None:
-        me = threading.get_ident()
-        deadline = None if timeout is None else time.monotonic() + timeout
-        with self._cond:
-            if self._owner == me:
-                raise RequestStateError(
-                    f"{what} called while this thread already owns the DiT (nested request?); "
-                    "finish the open request first"
-                )
-            while self._owner is not None:
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    raise RequestTimeoutError(
-                        f"{what} waited {timeout:.3g} s for the shared DiT, which another request "
-                        "still holds; raise request_timeout or add capacity"
-                    )
-                self._cond.wait(left)
-            self._owner = me
-
-    def _release(self) -> None:
-        with self._cond:
-            self._owner = None
-            self._cond.notify()
-
+    # ------------------------------------------------------------------ guard
     def _forward_guard(self, module: nn.Module, args: Any) -> None:
         state = self.machine.state
-        if state in TRANSIENT_STATES:
+        if state in TRANSIENT_STATES or (state is WeightState.PREMERGING and self._ahead is None):
             raise ForwardGuardError(f"the DiT cannot run while its weights are {state.value} "
                                     "(a weight operation is under way)")
         if state is WeightState.QUARANTINED:
@@ -579,15 +576,18 @@ class ResidencyManager:
                 f"the active DiT is {active.name!r} ({active.residency.value}); run the module "
                 "`req.enter(phase)` returned"
             )
-        if self.strict:
-            req = self._request
-            if req is None or self._owner != threading.get_ident() or req.phase is None:
-                raise ForwardGuardError(
-                    "the managed DiT ran outside a request phase; run it inside "
-                    "`with manager.request() as req:` on the module `req.enter(phase)` returns "
-                    "(or build the manager with strict=False)"
-                )
+        req = self._request
+        if self.strict and (req is None or not self._ownership.mine or req.phase is None):
+            raise ForwardGuardError(
+                "the managed DiT ran outside a request phase; run it inside "
+                "`with manager.request() as req:` on the module `req.enter(phase)` returns "
+                "(or build the manager with strict=False)"
+            )
         self.faults.hit("forward")
+        if self._ahead is not None:
+            self._ahead.admit()  # one of the calls announced with req.prepare(), or refused
+        if req is not None:
+            req.calls += 1
 
     def _repair_hint(self) -> str:
         if self._clean_source is None:

@@ -39,6 +39,8 @@ class Request:
         self.closed = False
         self.mutated = False  # set once a phase merged into the shared weights
         self.failed: BaseException | None = None  # a weight operation of this request failed
+        self.calls = 0  # DiT calls run in the current phase (counted by the forward guard)
+        self.prepared: tuple[Phase, dict[str, float]] | None = None  # what req.prepare() started
 
     def enter(self, phase: Phase | str,
               strengths: Mapping[str, float] | None = None,
@@ -50,6 +52,32 @@ class Request:
         video tokens, DiT calls per step): ``merge_policy="auto"`` weighs merging against
         dynamic adapters with it (the LTX-2 recipe is assumed without it).
         """
+        target = self._checked(phase, work, "enter")
+        module = self._manager._enter_phase(self, target, strengths, work)
+        self.calls = 0
+        return module
+
+    def prepare(self, phase: Phase | str, strengths: Mapping[str, float] | None = None,
+                work: PhaseWork | None = None, *, calls: int = 1) -> bool:
+        """Announce that the current phase has ``calls`` DiT calls left, and let the manager start
+        ``phase``'s weights behind them: in original mode, when ``phase`` merges into the shared
+        DiT, its merge is launched block by block as the last of those calls passes each block (on
+        a side stream on CUDA), and ``enter(phase)`` with the same strengths completes it. Returns
+        whether anything was started (``False``: ``enter`` switches as usual).
+
+        More DiT calls than announced are refused (``ForwardGuardError``); fewer leave the rest of
+        the merge to ``enter``. A failure anywhere undoes what was merged, as for any merge.
+        """
+        target = self._checked(phase, work, "prepare")
+        if self.phase is None:
+            raise PhaseOrderError(f"request {self.id} can prepare {target.value!r} only while the phase "
+                                  "before it runs; enter that phase first")
+        if isinstance(calls, bool) or not isinstance(calls, int) or calls < 1:
+            raise ConfigError(f"calls must be a positive int (the DiT calls the current phase has left), "
+                              f"got {calls!r}")
+        return self._manager._prepare_phase(self, target, strengths, work, calls)
+
+    def _checked(self, phase: Phase | str, work: PhaseWork | None, verb: str) -> Phase:
         if self.closed:
             raise RequestStateError(f"request {self.id} is closed; open a new one with "
                                     "`with manager.request() as req:`")
@@ -67,13 +95,13 @@ class Request:
             done = ", ".join(p.value for p in self.entered) or "none"
             legal = ", ".join(p.value for p in allowed) or "none (the request is complete)"
             raise PhaseOrderError(
-                f"request {self.id} cannot enter {target.value!r}: phases entered so far: {done}; "
+                f"request {self.id} cannot {verb} {target.value!r}: phases entered so far: {done}; "
                 f"next legal phase: {legal}. Phases run stage1 then stage2, once each; open a "
                 "new request for the next video."
             )
         if work is not None and not isinstance(work, PhaseWork):
             raise ConfigError(f"work must be a PhaseWork(steps, tokens, passes), got {type(work).__name__}")
-        return self._manager._enter_phase(self, target, strengths, work)
+        return target
 
     def __repr__(self) -> str:
         return f"Request(id={self.id}, phase={self.phase and self.phase.value}, closed={self.closed})"

@@ -33,15 +33,21 @@ class _Frame:
     targets: list[LayerTarget] = field(default_factory=list)
     undos: list[LayerUndo] = field(default_factory=list)
     factors: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
-    plan: kernels.Plan | None = None
+    plan: kernels.Plan | None = None  # set by the first launch: from then on an undo has something to undo
+    full: kernels.Plan | None = None  # every target of the frame, planned at begin()
+    launched: int = 0  # layers launched so far (in target order)
+    caps: list[int] = field(default_factory=list)
     flags: torch.Tensor | None = None
     idx: torch.Tensor | None = None
     val: torch.Tensor | None = None
     rec_start: torch.Tensor | None = None
     count: torch.Tensor | None = None
+    counters: torch.Tensor | None = None
+    capacity: torch.Tensor | None = None
     host_count: list[int] | None = None
     everyone: torch.Tensor | None = None  # all layers active: the usual undo, made at merge (no H2D copy then)
     host_start: list[int] | None = None
+    streams: set[int] = field(default_factory=set)  # side streams the pools were marked for
 
     def views(self, i: int) -> tuple[torch.Tensor, ...]:
         """Layer ``i``'s tile flags, record indices and record values (views into the pools)."""
@@ -84,12 +90,11 @@ class FusedRestore:
 
     def __init__(self) -> None:
         self._known: dict[tuple[str, float], list[int]] = {}  # (LoRA, strength) -> records per layer
-        self._frame: _Frame | None = None
         # per layer: the factors as the kernel reads them, valid while the adapter tensors are the
         # same objects at the same version on the weight's device; per (LoRA, strength): the launch
         # tables, valid while every address is the same (per-layer Python was most of a merge)
         self._factor_cache: dict[str, tuple[Any, ...]] = {}
-        self._plans: dict[tuple[str, float], tuple[tuple[int, ...], kernels.Plan]] = {}
+        self._plans: dict[tuple[str, float, int, int], tuple[tuple[int, ...], kernels.Plan]] = {}
 
     def _factors(self, target: LayerTarget) -> tuple[torch.Tensor, torch.Tensor]:
         w = target.weight
@@ -102,65 +107,108 @@ class FusedRestore:
         self._factor_cache[target.name] = (*key, factors)
         return factors
 
-    def _plan(self, frame: MergeFrame, state: _Frame, weights: list[torch.Tensor]) -> kernels.Plan:
-        addresses = tuple(t.data_ptr() for w, (b, a) in zip(weights, state.factors, strict=True) for t in (w, b, a))
-        hit = self._plans.get((frame.lora, frame.strength))
+    def _plan(self, frame: MergeFrame, targets: list[LayerTarget], factors: list[tuple[torch.Tensor, torch.Tensor]],
+              lo: int, hi: int) -> kernels.Plan:
+        """The launch tables of layers ``lo:hi`` (all of them: the frame's plan), cached while every
+        address is the same. A part's tiles are the same tiles, in the same order, as that slice of
+        the whole plan, so its flags and counters are slices of the frame's."""
+        targets, factors = targets[lo:hi], factors[lo:hi]
+        weights = [t.weight.detach() for t in targets]
+        addresses = tuple(t.data_ptr() for w, (b, a) in zip(weights, factors, strict=True) for t in (w, b, a))
+        key = (frame.lora, frame.strength, lo, hi)
+        hit = self._plans.get(key)
         if hit is not None and hit[0] == addresses:
             return hit[1]
-        p = kernels.plan(weights, state.factors, [frame.strength * t.scale for t in state.targets])
-        self._plans[(frame.lora, frame.strength)] = (addresses, p)
+        p = kernels.plan(weights, factors, [frame.strength * t.scale for t in targets])
+        self._plans[key] = (addresses, p)
         return p
 
     def begin(self, frame: MergeFrame, targets: list[LayerTarget]) -> None:
-        self._frame = _Frame(frame.strength)
+        """Check every target, plan the whole LoRA and size its record pools; nothing is written."""
+        state = frame.state = _Frame(frame.strength)
+        if not targets:
+            return
+        for target in targets:
+            w = target.weight.detach()
+            b, a = self._factors(target)
+            if not kernels.supports(w, a, b):
+                raise TypeError(f"the fused restore needs contiguous 2-D bfloat16 weights and factors; "
+                                f"{target.name!r} is {tuple(w.shape)} {w.dtype}; use restore='recompute'")
+            state.factors.append((b, a))
+        # the plan's order: merge() must register the targets in it
+        full = state.full = self._plan(frame, targets, state.factors, 0, len(targets))
+        device, n = targets[0].weight.device, full.layers
+        caps = state.caps = self._known.get((frame.lora, frame.strength)) or [
+            max(MIN_REGION, int(t.weight.numel() * FIRST_GUESS)) for t in targets]
+        state.flags = torch.zeros(full.tiles, dtype=torch.int8, device=device)
+        state.everyone = torch.ones(n, dtype=torch.int8, device=device)
+        state.counters, state.count = (torch.zeros(n, dtype=torch.int64, device=device) for _ in range(2))
+        state.host_start = _exclusive_cumsum(caps)
+        state.idx = torch.empty(sum(caps), dtype=torch.int32, device=device)
+        state.val = torch.empty(sum(caps), dtype=torch.int16, device=device)
+        state.rec_start = torch.tensor(state.host_start, dtype=torch.int64, device=device)
+        state.capacity = torch.tensor(caps, dtype=torch.int64, device=device)
 
-    def merge(self, target: LayerTarget, strength: float, digest: Digest | None) -> LayerUndo:
-        w = target.weight.detach()
-        b, a = self._factors(target)
-        if not kernels.supports(w, a, b):
-            raise TypeError(f"the fused restore needs contiguous 2-D bfloat16 weights and factors; "
-                            f"{target.name!r} is {tuple(w.shape)} {w.dtype}; use restore='recompute'")
-        state = self._frame
-        assert state is not None, "begin() first"
-        undo = _FusedUndo(digest, handle=(state, len(state.targets)))
+    def merge(self, frame: MergeFrame, target: LayerTarget, digest: Digest | None) -> LayerUndo:
+        state = frame.state
+        assert isinstance(state, _Frame) and state.full is not None, "begin() first"
+        i = len(state.targets)
+        assert i < state.full.layers, "more layers than begin() planned"
+        undo = _FusedUndo(digest, handle=(state, i))
         state.targets.append(target)
         state.undos.append(undo)
-        state.factors.append((b, a))
-        return undo  # written by finish(): a failure before it leaves every weight untouched
+        return undo  # written by flush() or finish(): a failure before leaves every weight untouched
+
+    def flush(self, frame: MergeFrame) -> None:
+        """Launch the layers registered since the last launch (asynchronous, current stream)."""
+        state = frame.state
+        assert isinstance(state, _Frame)
+        lo, hi = state.launched, len(state.targets)
+        if hi == lo or state.full is None:
+            return
+        assert state.flags is not None and state.counters is not None and state.count is not None
+        assert state.rec_start is not None and state.capacity is not None and state.everyone is not None
+        assert state.idx is not None and state.val is not None
+        full = state.full
+        p = full if (lo, hi) == (0, full.layers) else self._plan(frame, state.targets, state.factors, lo, hi)
+        t0, t1 = full.tile_offsets[lo], full.tile_offsets[hi]
+        stream = torch.cuda.current_stream(state.flags.device).cuda_stream if state.flags.is_cuda else 0
+        if stream not in state.streams:
+            # launched on a side stream (a merge ahead): the pools made on the caller's stream
+            # must outlive this stream's use of them, whichever stream frees them
+            state.streams.add(stream)
+            keep_for_stream([state.flags, state.counters, state.count, state.rec_start, state.capacity,
+                             state.everyone, state.idx, state.val, *p.tables, p.tile_layer, p.tile_local])
+        state.plan = full
+        state.launched = hi
+        kernels.lora_tiles(0, p, state.everyone[lo:hi], state.flags[t0:t1], state.counters[lo:hi],
+                           state.count[lo:hi], state.rec_start[lo:hi], state.capacity[lo:hi], state.idx, state.val)
 
     def finish(self, frame: MergeFrame) -> None:
-        state, self._frame = self._frame, None
-        if state is None or not state.targets:
+        state = frame.state
+        assert isinstance(state, _Frame)
+        if not state.targets:
             return
         try:
-            self._launch(frame, state)
+            self.flush(frame)
+            self._settle(frame, state)
         finally:
             # each LayerUndo holds its frame state: dropping the reverse references leaves no cycle,
             # so a popped frame's records (GiBs at real shapes) are freed at once, not by the GC
             state.undos = []
 
-    def _launch(self, frame: MergeFrame, state: _Frame) -> None:
-        weights = [t.weight.detach() for t in state.targets]
-        device = weights[0].device
-        p = self._plan(frame, state, weights)
-        n = p.layers
-        caps = self._known.get((frame.lora, frame.strength)) or [
-            max(MIN_REGION, int(w.numel() * FIRST_GUESS)) for w in weights]
-        state.flags = torch.zeros(p.tiles, dtype=torch.int8, device=device)
-        everyone = state.everyone = torch.ones(n, dtype=torch.int8, device=device)
-        counters, valid = (torch.zeros(n, dtype=torch.int64, device=device) for _ in range(2))
-        starts = _exclusive_cumsum(caps)
-        idx = torch.empty(sum(caps), dtype=torch.int32, device=device)
-        val = torch.empty(sum(caps), dtype=torch.int16, device=device)
-        rec_start = torch.tensor(starts, dtype=torch.int64, device=device)
-        state.idx, state.val, state.rec_start, state.count = idx, val, rec_start, valid
-        capacity = torch.tensor(caps, dtype=torch.int64, device=device)
-        state.plan = p  # from here on an undo has something to undo
-        kernels.lora_tiles(0, p, everyone, state.flags, counters, valid, rec_start, capacity, idx, val)
-        # the one sync of the merge: non-finite tiles, tiles without room, records per layer
+    def _settle(self, frame: MergeFrame, state: _Frame) -> None:
+        """The one sync of a merge: non-finite tiles, tiles without room, records per layer; then
+        the tiles without room merged into a second pool and the records packed."""
+        p = state.full
+        assert p is not None and state.flags is not None and state.count is not None
+        assert state.counters is not None and state.idx is not None and state.val is not None
+        device, n, caps = state.flags.device, p.layers, state.caps
+        idx, val, valid, starts = state.idx, state.val, state.count, state.host_start
+        assert starts is not None
         summary = torch.cat([torch.stack([(state.flags == kernels.TILE_NON_FINITE).any(),
                                           (state.flags == kernels.TILE_NO_ROOM).any()]).to(torch.int64),
-                             valid, counters]).tolist()
+                             valid, state.counters]).tolist()
         non_finite, no_room = summary[:2]
         got, asked = summary[2:2 + n], summary[2 + n:]
         if non_finite:

@@ -29,9 +29,10 @@ write of ``W``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+import contextlib
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -113,14 +114,17 @@ class _TorchStrategy:
                 digest: Digest | None) -> LayerUndo:
         raise NotImplementedError
 
-    def merge(self, target: LayerTarget, strength: float, digest: Digest | None) -> LayerUndo:
-        merged, delta = _merge_checked(target, strength)
+    def merge(self, frame: MergeFrame, target: LayerTarget, digest: Digest | None) -> LayerUndo:
+        merged, delta = _merge_checked(target, frame.strength)
         undo = self.capture(target, merged, delta, digest)
         target.weight.detach().copy_(merged)
         return undo
 
     def begin(self, frame: MergeFrame, targets: list[LayerTarget]) -> None:
         """A frame starts; the torch strategies keep nothing across layers."""
+
+    def flush(self, frame: MergeFrame) -> None:
+        """The layers given so far must be written now; the torch strategies wrote them already."""
 
     def finish(self, frame: MergeFrame) -> None:
         """Every layer of a frame is merged; nothing is pending for the torch strategies."""
@@ -170,7 +174,8 @@ class RestoreStrategy(Protocol):
     name: str
 
     def begin(self, frame: MergeFrame, targets: list[LayerTarget]) -> None: ...
-    def merge(self, target: LayerTarget, strength: float, digest: Digest | None) -> LayerUndo: ...
+    def merge(self, frame: MergeFrame, target: LayerTarget, digest: Digest | None) -> LayerUndo: ...
+    def flush(self, frame: MergeFrame) -> None: ...
     def finish(self, frame: MergeFrame) -> None: ...
     def undo(self, target: LayerTarget, undo: LayerUndo, strength: float) -> None: ...
 
@@ -196,10 +201,23 @@ class MergeFrame:
     lora: str
     strength: float
     layers: list[tuple[LayerTarget, LayerUndo]] = field(default_factory=list)
+    state: Any = None  # the strategy's own (fused: the launch's plan, flags and record pools)
 
     @property
     def nbytes_held(self) -> int:
         return sum(u.nbytes for _, u in self.layers)
+
+
+@contextlib.contextmanager
+def _reported(frame: MergeFrame) -> Iterator[None]:
+    """A non-finite merge surfaces as the user's error: the LoRA, its strength, the layer."""
+    try:
+        yield
+    except NonFiniteMergeError as exc:
+        raise LoRAValueError(
+            f"merging LoRA {frame.lora!r} at strength {frame.strength} into {exc.layer!r} gives "
+            "non-finite weights; lower the strength or check the LoRA"
+        ) from None
 
 
 class MergeStack:
@@ -227,30 +245,39 @@ class MergeStack:
         recorded right after it: a failure at any point leaves a stack that undoes exactly
         what was written.
         """
+        frame = self.open(lora, targets, strength)
+        self.merge_layers(frame, targets)
+        return self.close(frame)
+
+    def open(self, lora: str, targets: list[LayerTarget], strength: float) -> MergeFrame:
+        """Start merging one LoRA into ``targets``; :meth:`merge_layers` then takes them in this
+        order, in one call (:meth:`push`) or group by group, and :meth:`close` ends the frame."""
         frame = MergeFrame(lora, strength)
         self.frames.append(frame)
-        written = 0
-        elements = 0
         with torch.no_grad():
-            try:
-                self.strategy.begin(frame, targets)
-                for target in targets:
-                    self.faults.hit("merge.layer")
-                    w = target.weight.detach()
-                    digest = tensor_digest(w) if self.check_layers else None
-                    undo = self.strategy.merge(target, strength, digest)
-                    frame.layers.append((target, undo))
-                    written += w.numel() * w.element_size()
-                    elements += w.numel()
-                self.strategy.finish(frame)
-            except NonFiniteMergeError as exc:
-                raise LoRAValueError(
-                    f"merging LoRA {lora!r} at strength {strength} into {exc.layer!r} gives "
-                    "non-finite weights; lower the strength or check the LoRA"
-                ) from None
-            exceptions = sum(u.exceptions for _, u in frame.layers)
+            self.strategy.begin(frame, targets)
+        return frame
+
+    def merge_layers(self, frame: MergeFrame, targets: list[LayerTarget], launch: bool = False) -> None:
+        """Merge the next ``targets`` of ``frame``. A batched strategy writes them at
+        :meth:`close` unless ``launch`` asks for them now (asynchronously, on the current stream)."""
+        with torch.no_grad(), _reported(frame):
+            for target in targets:
+                self.faults.hit("merge.layer")
+                digest = tensor_digest(target.weight.detach()) if self.check_layers else None
+                frame.layers.append((target, self.strategy.merge(frame, target, digest)))
+            if launch:
+                self.strategy.flush(frame)
+
+    def close(self, frame: MergeFrame) -> int:
+        """End ``frame``: every layer written and checked; returns weight bytes written."""
+        with torch.no_grad(), _reported(frame):
+            self.strategy.finish(frame)
+        weights = [t.weight for t, _ in frame.layers]
+        elements = sum(w.numel() for w in weights)
+        exceptions = sum(u.exceptions for _, u in frame.layers)
         self.last_exception_fraction = exceptions / elements if elements else 0.0
-        return written
+        return sum(w.numel() * w.element_size() for w in weights)
 
     def pop_all(self) -> int:
         """Undo every frame, newest first, each layer checked; returns weight bytes written.

@@ -1,0 +1,130 @@
+"""Merging ahead: the next phase's exact merge rides behind the current phase's last DiT calls.
+
+A DiT call runs its blocks in order, and once the last call of stage 1 has passed a block, that
+block's weights are free: its part of stage 2's merge can start then, on a side stream, while the
+call goes on through the later blocks. Stage 1 of an LTX-2 request is host-bound at its token
+counts (the GPU idles between launches), so most of the merge fills those gaps and the switch to
+stage 2 is left with the tail (the last blocks) and one host sync for the finiteness check.
+
+The mechanism only: the manager decides when (``Request.prepare``), holds the state
+(``premerging``), and counts the calls through its forward guard (:meth:`MergeAhead.admit`).
+The merge is the stack's own (:meth:`MergeStack.open` / ``merge_layers`` / ``close``), so the
+bits, the undo records and the last-in-first-out undo are those of an ordinary merge; only
+when each group of layers is launched differs. On the CPU there is no stream: each group merges
+inline, in the hook, which is what the CPU tests exercise.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from ..errors import ForwardGuardError
+from .merge import LayerTarget, MergeFrame, MergeStack
+from .overlap import UndoStream
+
+OUTSIDE = ""  # the group of layers that sit in no numbered block (merged when the call ends)
+
+
+def block_of(name: str) -> str:
+    """The block a layer belongs to: its path up to the first numbered module
+    (``transformer_blocks.7.attn1.to_q`` -> ``transformer_blocks.7``), :data:`OUTSIDE` if none."""
+    parts = name.split(".")
+    for i, part in enumerate(parts[:-1]):
+        if part.isdigit():
+            return ".".join(parts[: i + 1])
+    return OUTSIDE
+
+
+def by_block(targets: list[LayerTarget]) -> dict[str, list[LayerTarget]]:
+    """``targets`` grouped by block, in first-seen order (each group one slice of a frame)."""
+    groups: dict[str, list[LayerTarget]] = {}
+    for t in targets:
+        groups.setdefault(block_of(t.name), []).append(t)
+    return groups
+
+
+class MergeAhead:
+    """One phase's merge, opened now and launched block by block during the next ``calls`` DiT
+    calls: each block's group after the last of those calls has run the block.
+
+    A block that runs again after its group was launched is refused (its weights are no longer
+    the phase's); so is any DiT call beyond ``calls``. Both raise :class:`ForwardGuardError`
+    before the block or call runs, and the request's restore undoes what was launched.
+    """
+
+    def __init__(self, root: nn.Module, stack: MergeStack, plan: list[tuple[str, float, list[LayerTarget]]],
+                 calls: int, stream: UndoStream) -> None:
+        self.stack = stack
+        self.stream = stream
+        self.calls_left = calls
+        self.frames: list[tuple[MergeFrame, dict[str, list[LayerTarget]]]] = []
+        for lora, strength, targets in plan:
+            groups = by_block(targets)
+            self.frames.append((stack.open(lora, [t for g in groups.values() for t in g], strength), groups))
+        self.pending = list(dict.fromkeys(b for _, groups in self.frames for b in groups))
+        self.launched: set[str] = set()
+        self._hooks: list[Any] = [root.register_forward_hook(self._call_done)]
+        for block in self.pending:
+            if block != OUTSIDE:
+                module = root.get_submodule(block)
+                self._hooks.append(module.register_forward_pre_hook(self._block_starts(block)))
+                self._hooks.append(module.register_forward_hook(self._block_done(block)))
+
+    def admit(self) -> None:
+        """A DiT call starts (called by the manager's forward guard)."""
+        if self.calls_left <= 0:
+            raise ForwardGuardError(
+                "the DiT ran after the calls its request announced with req.prepare(): the next "
+                "phase's merge is under way; enter that phase (req.enter) to run the DiT again")
+        self.calls_left -= 1
+
+    def _block_starts(self, block: str) -> Any:
+        def hook(module: nn.Module, args: Any) -> None:
+            if block in self.launched:
+                raise ForwardGuardError(
+                    f"block {block!r} ran again in the last call announced with req.prepare(), after "
+                    "its weights were merged for the next phase; for a model that runs a block "
+                    "twice in one call, prepare after the phase's last call instead")
+        return hook
+
+    def _block_done(self, block: str) -> Any:
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            if self.calls_left == 0 and block not in self.launched:
+                self._launch(block)
+        return hook
+
+    def _call_done(self, module: nn.Module, args: Any, output: Any) -> None:
+        if self.calls_left == 0:
+            for block in list(self.pending):  # layers the call did not pass, and those in no block
+                self._launch(block)
+
+    def _launch(self, block: str) -> None:
+        self.pending.remove(block)
+        self.launched.add(block)
+        with self.stream.running():  # after the call's work so far on the caller's stream
+            for frame, groups in self.frames:
+                self.stack.merge_layers(frame, groups.get(block, []), launch=True)
+
+    def complete(self) -> int:
+        """The switch itself: the rest launched, the caller's stream ordered after the merge, and
+        every frame closed (the host sync that checks finiteness). Returns weight bytes written."""
+        self.disarm()
+        for block in list(self.pending):
+            self._launch(block)
+        self.stream.join()
+        return sum(self.stack.close(frame) for frame, _ in self.frames)
+
+    def disarm(self) -> None:
+        """Remove the hooks; what was launched stays on the stack (an undo takes it from there)."""
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+
+    def abandon(self) -> None:
+        """A failure before the switch: stop, and order the caller's stream after what was launched,
+        so the undo that follows sees it written."""
+        self.disarm()
+        self.stream.join()
+

@@ -1,0 +1,286 @@
+"""Merging ahead (``Request.prepare``): stage 2's merge launched block by block behind stage 1's
+last DiT calls. It must give the very bits of the usual switch, leave stage 1's last call on the
+base weights, refuse what would run on half-merged weights, and roll back from any failure.
+
+On the CPU each block's group merges inline in the block's hook; the GPU test at the end runs the
+real side stream at LTX-2 layer sizes.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import assert_same_bits
+from ltx2_residency import (
+    ConfigError,
+    FaultInjector,
+    ForwardGuardError,
+    LoRASpec,
+    LoRAValueError,
+    PhaseOrderError,
+    ResidencyManager,
+    WeightState,
+)
+from ltx2_residency.ops.ahead import OUTSIDE, block_of, by_block
+from ltx2_residency.testing import synthetic_lora, weight_bits
+
+RESTORES = ["recompute", "fused"]
+STRENGTHS = {"stage1": 0.0, "stage2": 1.0}  # the distilled recipe: stage 1 on the base weights
+
+
+def make(model: nn.Module, path: str, restore: str = "recompute", **kw) -> ResidencyManager:
+    kw.setdefault("merge_policy", "merge")
+    return ResidencyManager(model, loras=[LoRASpec("distilled", path, STRENGTHS)], restore=restore, **kw)
+
+
+def usual(fresh_model, path, inputs, restore, strengths=None) -> tuple[dict, torch.Tensor]:
+    """The merged stage-2 weights and stage-2 output of the usual switch."""
+    mgr = make(fresh_model(), path, restore)
+    with torch.no_grad(), mgr.request() as req:
+        req.enter("stage1")(**inputs)
+        dit = req.enter("stage2", strengths=strengths)
+        return weight_bits(mgr.managed_weights), dit(**inputs)[0]
+
+
+def events(mgr: ResidencyManager) -> list[str]:
+    return [r.event for r in mgr.trace]
+
+
+def test_block_of_names_the_numbered_block() -> None:
+    assert block_of("transformer_blocks.7.attn1.to_q") == "transformer_blocks.7"
+    assert block_of("audio.blocks.12.ff.net.0.proj") == "audio.blocks.12"
+    assert block_of("proj_out") == OUTSIDE
+    assert block_of("7") == OUTSIDE  # a bare number names the layer, not a block
+
+    class T:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+    groups = by_block([T(n) for n in ("b.1.x", "b.0.x", "b.1.y", "out", "b.0.y")])  # type: ignore[misc]
+    assert {k: [t.name for t in v] for k, v in groups.items()} == {
+        "b.1": ["b.1.x", "b.1.y"], "b.0": ["b.0.x", "b.0.y"], OUTSIDE: ["out"]}
+
+
+@pytest.mark.parametrize("restore", RESTORES)
+def test_merge_ahead_gives_the_usual_bits_and_the_last_call_runs_on_the_base(
+        fresh_model, distilled_path, inputs, restore) -> None:
+    want_weights, want_out = usual(fresh_model, distilled_path, inputs, restore)
+    model = fresh_model()
+    mgr = make(model, distilled_path, restore)
+    clean = weight_bits(mgr.managed_weights)
+    with torch.no_grad(), mgr.request() as req:
+        dit = req.enter("stage1")
+        base_out = dit(**inputs)[0]
+        assert req.calls == 1
+        assert req.prepare("stage2", calls=1) is True
+        assert mgr.state is WeightState.PREMERGING
+        assert_same_bits(clean, weight_bits(mgr.managed_weights))  # nothing launched before the call
+        last = dit(**inputs)[0]
+        assert torch.equal(last, base_out)  # each block merged after the call had passed it
+        with pytest.raises(ForwardGuardError, match="announced"):
+            dit(**inputs)  # a call beyond those announced would see merged weights
+        assert mgr.state is WeightState.PREMERGING
+        out = req.enter("stage2")(**inputs)[0]
+        assert mgr.state is WeightState.STAGE2_MERGED
+        assert_same_bits(want_weights, weight_bits(mgr.managed_weights))
+        assert torch.equal(out, want_out)
+    assert mgr.state is WeightState.CLEAN
+    assert_same_bits(clean, weight_bits(mgr.managed_weights))
+    assert events(mgr) == ["premerge", "merge", "merged_stage2", "restore", "restored"]
+
+
+def test_fewer_calls_than_announced_leave_the_rest_to_the_switch(fresh_model, distilled_path, inputs) -> None:
+    want_weights, want_out = usual(fresh_model, distilled_path, inputs, "recompute")
+    mgr = make(fresh_model(), distilled_path)
+    clean = weight_bits(mgr.managed_weights)
+    with torch.no_grad(), mgr.request() as req:
+        dit = req.enter("stage1")
+        assert req.prepare("stage2", calls=3)
+        dit(**inputs)
+        assert_same_bits(clean, weight_bits(mgr.managed_weights))  # two calls still to come
+        out = req.enter("stage2")(**inputs)[0]
+        assert_same_bits(want_weights, weight_bits(mgr.managed_weights))
+        assert torch.equal(out, want_out)
+    assert_same_bits(clean, weight_bits(mgr.managed_weights))
+
+
+def test_other_strengths_at_the_switch_undo_the_merge_ahead(fresh_model, distilled_path, inputs) -> None:
+    want_weights, want_out = usual(fresh_model, distilled_path, inputs, "recompute", {"distilled": 0.5})
+    mgr = make(fresh_model(), distilled_path)
+    clean = weight_bits(mgr.managed_weights)
+    with torch.no_grad(), mgr.request() as req:
+        dit = req.enter("stage1")
+        assert req.prepare("stage2", calls=1)
+        dit(**inputs)
+        out = req.enter("stage2", strengths={"distilled": 0.5})(**inputs)[0]
+        assert_same_bits(want_weights, weight_bits(mgr.managed_weights))
+        assert torch.equal(out, want_out)
+    assert_same_bits(clean, weight_bits(mgr.managed_weights))
+    assert events(mgr)[:4] == ["premerge", "restore", "restored", "merge"]
+
+
+@pytest.mark.parametrize("restore", RESTORES)
+@pytest.mark.parametrize("on_hit", [1, 7, 40])
+def test_a_fault_part_way_through_the_last_call_rolls_back_exactly(
+        fresh_model, distilled_path, inputs, restore, on_hit) -> None:
+    faults = FaultInjector()
+    mgr = make(fresh_model(), distilled_path, restore, faults=faults)
+    clean = weight_bits(mgr.managed_weights)
+    faults.arm("merge.layer", lambda: RuntimeError("boom"), on_hit=on_hit)
+    with pytest.raises(RuntimeError, match="boom"), torch.no_grad(), mgr.request() as req:
+        dit = req.enter("stage1")
+        assert req.prepare("stage2", calls=1)
+        dit(**inputs)
+        req.enter("stage2")  # reached only when the fault falls after the last call (the switch's part)
+    assert mgr.state is WeightState.CLEAN
+    assert_same_bits(clean, weight_bits(mgr.managed_weights))
+    with torch.no_grad(), mgr.request() as req:  # the next request runs as usual
+        req.enter("stage1")
+        assert req.prepare("stage2")
+        req.enter("stage2")
+    assert_same_bits(clean, weight_bits(mgr.managed_weights))
+
+
+def test_a_failure_between_the_last_call_and_the_switch_rolls_back(fresh_model, distilled_path, inputs) -> None:
+    mgr = make(fresh_model(), distilled_path)
+    clean = weight_bits(mgr.managed_weights)
+    with pytest.raises(RuntimeError, match="upsampler"), torch.no_grad(), mgr.request() as req:
+        dit = req.enter("stage1")
+        assert req.prepare("stage2")
+        dit(**inputs)
+        assert clean.keys() == weight_bits(mgr.managed_weights).keys()
+        raise RuntimeError("upsampler failed")
+    assert mgr.state is WeightState.CLEAN
+    assert_same_bits(clean, weight_bits(mgr.managed_weights))
+
+
+@pytest.mark.parametrize("restore", RESTORES)
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the interpreter's numpy: on purpose
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+def test_a_non_finite_merge_ahead_is_a_lora_error_and_rolls_back(fresh_model, distilled_path, inputs,
+                                                                  restore) -> None:
+    mgr = make(fresh_model(), distilled_path, restore)
+    clean = weight_bits(mgr.managed_weights)
+    with pytest.raises(LoRAValueError, match="non-finite"), torch.no_grad(), mgr.request() as req:
+        dit = req.enter("stage1")
+        assert req.prepare("stage2", strengths={"distilled": 1e300})
+        dit(**inputs)  # recompute finds it in the block's hook; fused at the switch's one sync
+        req.enter("stage2", strengths={"distilled": 1e300})
+    assert mgr.state is WeightState.CLEAN
+    assert_same_bits(clean, weight_bits(mgr.managed_weights))
+
+
+def test_prepare_starts_nothing_where_no_merge_into_the_shared_dit_follows(fresh_model, distilled_path,
+                                                                            inputs) -> None:
+    for kw in ({"merge_policy": "dynamic"}, {"mode": "resident"}, {"mode": "snapshot", "low_vram": False}):
+        mgr = make(fresh_model(), distilled_path, **kw)
+        with torch.no_grad(), mgr.request() as req:
+            dit = req.enter("stage1")
+            assert req.prepare("stage2") is False, kw
+            dit(**inputs)
+            dit(**inputs)  # no call limit when nothing was started
+            req.enter("stage2")(**inputs)
+        assert "premerge" not in events(mgr)
+    hq = ResidencyManager(fresh_model(), loras=[LoRASpec("distilled", distilled_path, {"stage1": 0.25,
+                                                                                       "stage2": 0.5})],
+                          merge_policy="merge")
+    with torch.no_grad(), hq.request() as req:
+        req.enter("stage1")
+        assert hq.state is WeightState.STAGE1_MERGED
+        assert req.prepare("stage2") is False  # stage 1's own merge is on the weights
+        req.enter("stage2")
+
+
+def test_prepare_refuses_bad_calls_and_order_and_leaves_the_dit_alone(model, distilled_path) -> None:
+    mgr = make(model, distilled_path)
+    clean = weight_bits(mgr.managed_weights)
+    with mgr.request() as req:
+        with pytest.raises(PhaseOrderError, match="cannot prepare 'stage2'"):
+            req.prepare("stage2")
+        with pytest.raises(PhaseOrderError, match="only while the phase before it runs"):
+            req.prepare("stage1")  # nothing runs before stage 1
+        req.enter("stage1")
+        with pytest.raises(PhaseOrderError, match="cannot prepare 'stage1'"):
+            req.prepare("stage1")
+        for bad in (0, -1, True, 1.5, "1"):
+            with pytest.raises(ConfigError, match="calls must be a positive int"):
+                req.prepare("stage2", calls=bad)  # type: ignore[arg-type]
+        assert mgr.state is WeightState.CLEAN
+        assert req.prepare("stage2")
+        assert req.prepare("stage2") is False  # once per request
+    assert_same_bits(clean, weight_bits(mgr.managed_weights))
+
+
+class _BlockTwice(nn.Module):
+    """A toy DiT whose forward runs its first block twice."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.transformer_blocks = nn.ModuleList(nn.Sequential(nn.Linear(16, 16)) for _ in range(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        first = self.transformer_blocks[0]
+        return self.transformer_blocks[1](first(first(x)))
+
+
+def test_a_block_that_runs_twice_in_the_last_call_is_refused_before_it_runs_merged() -> None:
+    model = _BlockTwice()
+    names = ["transformer_blocks.0.0", "transformer_blocks.1.0"]
+    spec = LoRASpec("distilled", tensors=synthetic_lora(model, names, rank=4, relative_norm=0.1), strengths=STRENGTHS)
+    mgr = ResidencyManager(model, loras=[spec], merge_policy="merge")
+    clean = weight_bits(mgr.managed_weights)
+    with pytest.raises(ForwardGuardError, match="ran again"), torch.no_grad(), mgr.request() as req:
+        dit = req.enter("stage1")
+        assert req.prepare("stage2")
+        dit(torch.ones(2, 16))
+    assert mgr.state is WeightState.CLEAN
+    assert_same_bits(clean, weight_bits(mgr.managed_weights))
+
+
+@pytest.mark.gpu
+def test_merge_ahead_on_the_side_stream_gives_the_usual_bits_at_ltx2_layer_sizes() -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("the side stream needs a GPU")
+
+    class Blocks(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.transformer_blocks = nn.ModuleList(
+                nn.Sequential(nn.Linear(4096, 4096), nn.GELU(), nn.Linear(4096, 4096)) for _ in range(6))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            for block in self.transformer_blocks:
+                x = x + block(x)
+            return x
+
+    torch.manual_seed(0)
+    base = Blocks().to("cuda", torch.bfloat16)
+    names = [n for n, m in base.named_modules() if isinstance(m, nn.Linear)]
+    tensors = synthetic_lora(base, names, rank=384, relative_norm=0.1)
+    x = torch.randn(1536, 4096, device="cuda", dtype=torch.bfloat16)
+    results = []
+    for ahead in (False, True):
+        model = Blocks().to("cuda", torch.bfloat16)
+        model.load_state_dict(base.state_dict())
+        mgr = ResidencyManager(model, loras=[LoRASpec("distilled", tensors=tensors, strengths=STRENGTHS)],
+                               merge_policy="merge")
+        assert mgr.restore == "fused" and mgr.overlap_restore
+        clean = weight_bits(mgr.managed_weights)
+        with torch.no_grad(), mgr.request() as req:
+            dit = req.enter("stage1")
+            first = dit(x)
+            if ahead:
+                assert req.prepare("stage2")
+            last = dit(x)
+            out = req.enter("stage2")(x)
+            merged = weight_bits(mgr.managed_weights)
+        mgr.synchronize()
+        assert_same_bits(clean, weight_bits(mgr.managed_weights))
+        assert torch.equal(first, last)
+        results.append((merged, out))
+        mgr.close()
+    assert_same_bits(results[0][0], results[1][0])
+    assert torch.equal(results[0][1], results[1][1])
