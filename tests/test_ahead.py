@@ -30,14 +30,30 @@ RESTORES = ["recompute", "fused"]
 STRENGTHS = {"stage1": 0.0, "stage2": 1.0}  # the distilled recipe: stage 1 on the base weights
 
 
+def device_for(restore: str) -> str:
+    """``fused`` runs compiled on a GPU (with its real side stream), else in the CPU interpreter."""
+    return "cuda" if restore == "fused" and torch.cuda.is_available() else "cpu"
+
+
 def make(model: nn.Module, path: str, restore: str = "recompute", **kw) -> ResidencyManager:
     kw.setdefault("merge_policy", "merge")
+    model.to(device_for(restore))
     return ResidencyManager(model, loras=[LoRASpec("distilled", path, STRENGTHS)], restore=restore, **kw)
+
+
+def moved(inputs: dict, restore: str) -> dict:
+    return {k: v.to(device_for(restore)) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+
+
+def clean_bits(mgr: ResidencyManager) -> dict:
+    mgr.synchronize()  # an overlapped undo (GPU) settles before the weights are read
+    return weight_bits(mgr.managed_weights)
 
 
 def usual(fresh_model, path, inputs, restore, strengths=None) -> tuple[dict, torch.Tensor]:
     """The merged stage-2 weights and stage-2 output of the usual switch."""
     mgr = make(fresh_model(), path, restore)
+    inputs = moved(inputs, restore)
     with torch.no_grad(), mgr.request() as req:
         req.enter("stage1")(**inputs)
         dit = req.enter("stage2", strengths=strengths)
@@ -67,8 +83,8 @@ def test_block_of_names_the_numbered_block() -> None:
 def test_merge_ahead_gives_the_usual_bits_and_the_last_call_runs_on_the_base(
         fresh_model, distilled_path, inputs, restore) -> None:
     want_weights, want_out = usual(fresh_model, distilled_path, inputs, restore)
-    model = fresh_model()
-    mgr = make(model, distilled_path, restore)
+    mgr = make(fresh_model(), distilled_path, restore)
+    inputs = moved(inputs, restore)
     clean = weight_bits(mgr.managed_weights)
     with torch.no_grad(), mgr.request() as req:
         dit = req.enter("stage1")
@@ -86,8 +102,8 @@ def test_merge_ahead_gives_the_usual_bits_and_the_last_call_runs_on_the_base(
         assert mgr.state is WeightState.STAGE2_MERGED
         assert_same_bits(want_weights, weight_bits(mgr.managed_weights))
         assert torch.equal(out, want_out)
+    assert_same_bits(clean, clean_bits(mgr))
     assert mgr.state is WeightState.CLEAN
-    assert_same_bits(clean, weight_bits(mgr.managed_weights))
     assert events(mgr) == ["premerge", "merge", "merged_stage2", "restore", "restored"]
 
 
@@ -127,6 +143,7 @@ def test_a_fault_part_way_through_the_last_call_rolls_back_exactly(
         fresh_model, distilled_path, inputs, restore, on_hit) -> None:
     faults = FaultInjector()
     mgr = make(fresh_model(), distilled_path, restore, faults=faults)
+    inputs = moved(inputs, restore)
     clean = weight_bits(mgr.managed_weights)
     faults.arm("merge.layer", lambda: RuntimeError("boom"), on_hit=on_hit)
     with pytest.raises(RuntimeError, match="boom"), torch.no_grad(), mgr.request() as req:
@@ -134,13 +151,13 @@ def test_a_fault_part_way_through_the_last_call_rolls_back_exactly(
         assert req.prepare("stage2", calls=1)
         dit(**inputs)
         req.enter("stage2")  # reached only when the fault falls after the last call (the switch's part)
+    assert_same_bits(clean, clean_bits(mgr))
     assert mgr.state is WeightState.CLEAN
-    assert_same_bits(clean, weight_bits(mgr.managed_weights))
     with torch.no_grad(), mgr.request() as req:  # the next request runs as usual
         req.enter("stage1")
         assert req.prepare("stage2")
         req.enter("stage2")
-    assert_same_bits(clean, weight_bits(mgr.managed_weights))
+    assert_same_bits(clean, clean_bits(mgr))
 
 
 def test_a_failure_between_the_last_call_and_the_switch_rolls_back(fresh_model, distilled_path, inputs) -> None:
@@ -162,14 +179,15 @@ def test_a_failure_between_the_last_call_and_the_switch_rolls_back(fresh_model, 
 def test_a_non_finite_merge_ahead_is_a_lora_error_and_rolls_back(fresh_model, distilled_path, inputs,
                                                                   restore) -> None:
     mgr = make(fresh_model(), distilled_path, restore)
+    inputs = moved(inputs, restore)
     clean = weight_bits(mgr.managed_weights)
     with pytest.raises(LoRAValueError, match="non-finite"), torch.no_grad(), mgr.request() as req:
         dit = req.enter("stage1")
         assert req.prepare("stage2", strengths={"distilled": 1e300})
         dit(**inputs)  # recompute finds it in the block's hook; fused at the switch's one sync
         req.enter("stage2", strengths={"distilled": 1e300})
+    assert_same_bits(clean, clean_bits(mgr))
     assert mgr.state is WeightState.CLEAN
-    assert_same_bits(clean, weight_bits(mgr.managed_weights))
 
 
 def test_prepare_starts_nothing_where_no_merge_into_the_shared_dit_follows(fresh_model, distilled_path,
@@ -238,6 +256,50 @@ def test_a_block_that_runs_twice_in_the_last_call_is_refused_before_it_runs_merg
         dit(torch.ones(2, 16))
     assert mgr.state is WeightState.CLEAN
     assert_same_bits(clean, weight_bits(mgr.managed_weights))
+
+
+class _Deep(nn.Module):
+    """A toy DiT of 12 blocks (names sort 0, 1, 10, 11, 2, ...: not the order they run in), run
+    forwards or backwards."""
+
+    def __init__(self, backwards: bool = False) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.transformer_blocks = nn.ModuleList(nn.Sequential(nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 32))
+                                                for _ in range(12))
+        self.backwards = backwards
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in (self.transformer_blocks[::-1] if self.backwards else self.transformer_blocks):
+            x = x + block(x)
+        return x
+
+
+@pytest.mark.parametrize("restore", RESTORES)
+@pytest.mark.parametrize("backwards", [False, True])
+def test_blocks_merge_in_the_order_they_run_whatever_their_names_sort_to(restore, backwards) -> None:
+    device = device_for(restore)
+    names = [n for n, m in _Deep().named_modules() if isinstance(m, nn.Linear)]
+    tensors = synthetic_lora(_Deep().to(torch.bfloat16), names, rank=4, relative_norm=0.1)
+    x = torch.randn(8, 32, generator=torch.Generator().manual_seed(1)).to(device, torch.bfloat16)
+    model = _Deep(backwards).to(device, torch.bfloat16)
+    mgr = ResidencyManager(model, loras=[LoRASpec("distilled", tensors=tensors, strengths=STRENGTHS)],
+                           merge_policy="merge", restore=restore)
+    clean = weight_bits(mgr.managed_weights)
+    results = []
+    for ahead in (False, True, True, False):  # records sized by the merge before, in either order
+        with torch.no_grad(), mgr.request() as req:
+            dit = req.enter("stage1")
+            base = dit(x)
+            if ahead:
+                assert req.prepare("stage2")
+            assert torch.equal(dit(x), base)
+            out = req.enter("stage2")(x)
+            results.append((weight_bits(mgr.managed_weights), out))
+        assert_same_bits(clean, clean_bits(mgr))
+    for merged, out in results[1:]:
+        assert_same_bits(results[0][0], merged)
+        assert torch.equal(results[0][1], out)
 
 
 @pytest.mark.gpu

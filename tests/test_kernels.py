@@ -97,7 +97,7 @@ def test_records_that_overflow_the_first_guess_are_merged_into_a_second_pool(mon
     frame = stack.frames[0]
     assert all(bool((undo.tensors[0] == kernels.TILE_MERGED).all()) for _, undo in frame.layers)
     needed = sum(undo.exceptions for _, undo in frame.layers)
-    assert needed > 2 * fused.MIN_REGION and sum(strategy._known[("distilled", 1.0)]) == needed
+    assert needed > 2 * fused.MIN_REGION and sum(strategy._known[("distilled", 1.0)].values()) == needed
     state = frame.layers[0][1].handle[0]
     assert state.idx.numel() == needed, "the records were packed: no slack from the guess is held"
     stack.pop_all()

@@ -37,6 +37,11 @@ def block_of(name: str) -> str:
     return OUTSIDE
 
 
+def _block_order(block: str) -> tuple[bool, tuple[str | int, ...]]:
+    """``transformer_blocks.2`` before ``transformer_blocks.10``; layers in no block last."""
+    return block == OUTSIDE, tuple(int(p) if p.isdigit() else p for p in block.split("."))
+
+
 def by_block(targets: list[LayerTarget]) -> dict[str, list[LayerTarget]]:
     """``targets`` grouped by block, in first-seen order (each group one slice of a frame)."""
     groups: dict[str, list[LayerTarget]] = {}
@@ -59,12 +64,14 @@ class MergeAhead:
         self.stack = stack
         self.stream = stream
         self.calls_left = calls
+        # blocks by index (a ModuleList's order: the order a DiT runs them); a frame's layers are
+        # planned, and launched, in that order
         self.frames: list[tuple[MergeFrame, dict[str, list[LayerTarget]]]] = []
         for lora, strength, targets in plan:
-            groups = by_block(targets)
+            groups = dict(sorted(by_block(targets).items(), key=lambda g: _block_order(g[0])))
             self.frames.append((stack.open(lora, [t for g in groups.values() for t in g], strength), groups))
-        self.pending = list(dict.fromkeys(b for _, groups in self.frames for b in groups))
-        self.launched: set[str] = set()
+        self.pending = sorted(dict.fromkeys(b for _, groups in self.frames for b in groups), key=_block_order)
+        self.passed: set[str] = set()  # blocks the last call has run (launched, or waiting for earlier ones)
         self._hooks: list[Any] = [root.register_forward_hook(self._call_done)]
         for block in self.pending:
             if block != OUTSIDE:
@@ -82,7 +89,7 @@ class MergeAhead:
 
     def _block_starts(self, block: str) -> Any:
         def hook(module: nn.Module, args: Any) -> None:
-            if block in self.launched:
+            if block in self.passed:
                 raise ForwardGuardError(
                     f"block {block!r} ran again in the last call announced with req.prepare(), after "
                     "its weights were merged for the next phase; for a model that runs a block "
@@ -91,18 +98,25 @@ class MergeAhead:
 
     def _block_done(self, block: str) -> Any:
         def hook(module: nn.Module, args: Any, output: Any) -> None:
-            if self.calls_left == 0 and block not in self.launched:
-                self._launch(block)
+            if self.calls_left == 0:
+                self.passed.add(block)
+                # in plan order: a block run before an earlier one waits for it (frames are planned
+                # in declaration order; launching out of it would misplace the layers' records)
+                while self.pending and self.pending[0] in self.passed:
+                    self._launch(self.pending[0])
         return hook
 
     def _call_done(self, module: nn.Module, args: Any, output: Any) -> None:
         if self.calls_left == 0:
-            for block in list(self.pending):  # layers the call did not pass, and those in no block
-                self._launch(block)
+            self._launch_rest()  # blocks the call did not run, and the layers in no block
+
+    def _launch_rest(self) -> None:
+        while self.pending:
+            self._launch(self.pending[0])
 
     def _launch(self, block: str) -> None:
-        self.pending.remove(block)
-        self.launched.add(block)
+        self.pending.pop(0)
+        self.passed.add(block)
         with self.stream.running():  # after the call's work so far on the caller's stream
             for frame, groups in self.frames:
                 self.stack.merge_layers(frame, groups.get(block, []), launch=True)
@@ -111,8 +125,7 @@ class MergeAhead:
         """The switch itself: the rest launched, the caller's stream ordered after the merge, and
         every frame closed (the host sync that checks finiteness). Returns weight bytes written."""
         self.disarm()
-        for block in list(self.pending):
-            self._launch(block)
+        self._launch_rest()
         self.stream.join()
         return sum(self.stack.close(frame) for frame, _ in self.frames)
 

@@ -35,6 +35,8 @@ class _Frame:
     factors: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
     plan: kernels.Plan | None = None  # set by the first launch: from then on an undo has something to undo
     full: kernels.Plan | None = None  # every target of the frame, planned at begin()
+    planned: list[LayerTarget] = field(default_factory=list)  # the plan's order: merge() must follow it
+    parts: dict[Any, kernels.Plan] = field(default_factory=dict)  # plans of parts launched alone (cached)
     launched: int = 0  # layers launched so far (in target order)
     caps: list[int] = field(default_factory=list)
     flags: torch.Tensor | None = None
@@ -89,57 +91,58 @@ class FusedRestore:
     keeps_for_stream = True  # undo_batch marks its pooled tensors for an overlapped undo's stream
 
     def __init__(self) -> None:
-        self._known: dict[tuple[str, float], list[int]] = {}  # (LoRA, strength) -> records per layer
+        # (LoRA, strength) -> records per layer name (a frame may order its layers either way:
+        # a merge ahead plans them block by block in the order the model declares its blocks)
+        self._known: dict[tuple[str, float], dict[str, int]] = {}
         # per layer: the factors as the kernel reads them, valid while the adapter tensors are the
         # same objects at the same version on the weight's device; per (LoRA, strength): the launch
         # tables, valid while every address is the same (per-layer Python was most of a merge)
         self._factor_cache: dict[str, tuple[Any, ...]] = {}
-        self._plans: dict[tuple[str, float, int, int], tuple[tuple[int, ...], kernels.Plan]] = {}
+        # per frame layout: the addresses it was planned for, its plan, and its parts' plans
+        self._plans: dict[tuple[str, float, int], tuple[tuple[int, ...], kernels.Plan, dict[Any, kernels.Plan]]] = {}
 
     def _factors(self, target: LayerTarget) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rank-padded factors of ``target`` on its weight's device, checked once for the kernels."""
         w = target.weight
-        key = (target.lora_A, target.lora_B, target.lora_A._version, target.lora_B._version, w.device, w.dtype)
+        key = (target.lora_A, target.lora_B, target.lora_A._version, target.lora_B._version, w.data_ptr(), w.dtype)
         hit = self._factor_cache.get(target.name)
         if hit is not None and hit[0] is key[0] and hit[1] is key[1] and hit[2:6] == key[2:]:
             return hit[-1]  # type: ignore[no-any-return]
-        factors = kernels.pad_rank(target.lora_B.detach().to(device=w.device, dtype=w.dtype).contiguous(),
-                                   target.lora_A.detach().to(device=w.device, dtype=w.dtype).contiguous())
-        self._factor_cache[target.name] = (*key, factors)
-        return factors
+        b, a = kernels.pad_rank(target.lora_B.detach().to(device=w.device, dtype=w.dtype).contiguous(),
+                                target.lora_A.detach().to(device=w.device, dtype=w.dtype).contiguous())
+        if not kernels.supports(w.detach(), a, b):
+            raise TypeError(f"the fused restore needs contiguous 2-D bfloat16 weights and factors; "
+                            f"{target.name!r} is {tuple(w.shape)} {w.dtype}; use restore='recompute'")
+        self._factor_cache[target.name] = (*key, (b, a))
+        return b, a
 
-    def _plan(self, frame: MergeFrame, targets: list[LayerTarget], factors: list[tuple[torch.Tensor, torch.Tensor]],
-              lo: int, hi: int) -> kernels.Plan:
-        """The launch tables of layers ``lo:hi`` (all of them: the frame's plan), cached while every
-        address is the same. A part's tiles are the same tiles, in the same order, as that slice of
-        the whole plan, so its flags and counters are slices of the frame's."""
-        targets, factors = targets[lo:hi], factors[lo:hi]
+    def _plan(self, frame: MergeFrame, targets: list[LayerTarget],
+              factors: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[kernels.Plan, dict[Any, kernels.Plan]]:
+        """The launch tables of a frame's layers, and a cache for its parts' (see :meth:`flush`),
+        kept while every address is the same."""
         weights = [t.weight.detach() for t in targets]
         addresses = tuple(t.data_ptr() for w, (b, a) in zip(weights, factors, strict=True) for t in (w, b, a))
-        key = (frame.lora, frame.strength, lo, hi)
+        key = (frame.lora, frame.strength, hash(tuple(t.name for t in targets)))
         hit = self._plans.get(key)
         if hit is not None and hit[0] == addresses:
-            return hit[1]
+            return hit[1], hit[2]
         p = kernels.plan(weights, factors, [frame.strength * t.scale for t in targets])
-        self._plans[key] = (addresses, p)
-        return p
+        self._plans[key] = (addresses, p, {})
+        return p, self._plans[key][2]
 
     def begin(self, frame: MergeFrame, targets: list[LayerTarget]) -> None:
         """Check every target, plan the whole LoRA and size its record pools; nothing is written."""
         state = frame.state = _Frame(frame.strength)
         if not targets:
             return
-        for target in targets:
-            w = target.weight.detach()
-            b, a = self._factors(target)
-            if not kernels.supports(w, a, b):
-                raise TypeError(f"the fused restore needs contiguous 2-D bfloat16 weights and factors; "
-                                f"{target.name!r} is {tuple(w.shape)} {w.dtype}; use restore='recompute'")
-            state.factors.append((b, a))
-        # the plan's order: merge() must register the targets in it
-        full = state.full = self._plan(frame, targets, state.factors, 0, len(targets))
+        state.factors = [self._factors(t) for t in targets]
+        state.planned = list(targets)
+        full, state.parts = self._plan(frame, targets, state.factors)
+        state.full = full
         device, n = targets[0].weight.device, full.layers
-        caps = state.caps = self._known.get((frame.lora, frame.strength)) or [
-            max(MIN_REGION, int(t.weight.numel() * FIRST_GUESS)) for t in targets]
+        known = self._known.get((frame.lora, frame.strength), {})
+        caps = state.caps = [c if (c := known.get(t.name)) is not None else
+                             max(MIN_REGION, int(t.weight.numel() * FIRST_GUESS)) for t in targets]
         state.flags = torch.zeros(full.tiles, dtype=torch.int8, device=device)
         state.everyone = torch.ones(n, dtype=torch.int8, device=device)
         state.counters, state.count = (torch.zeros(n, dtype=torch.int64, device=device) for _ in range(2))
@@ -153,7 +156,10 @@ class FusedRestore:
         state = frame.state
         assert isinstance(state, _Frame) and state.full is not None, "begin() first"
         i = len(state.targets)
-        assert i < state.full.layers, "more layers than begin() planned"
+        if i >= len(state.planned) or state.planned[i] is not target:
+            # a layer's tiles, flags and records sit where begin() planned it: another order would
+            # launch one layer's tiles with another's records
+            raise RuntimeError(f"fused merge: {target.name!r} registered out of the order begin() planned")
         undo = _FusedUndo(digest, handle=(state, i))
         state.targets.append(target)
         state.undos.append(undo)
@@ -170,7 +176,11 @@ class FusedRestore:
         assert state.rec_start is not None and state.capacity is not None and state.everyone is not None
         assert state.idx is not None and state.val is not None
         full = state.full
-        p = full if (lo, hi) == (0, full.layers) else self._plan(frame, state.targets, state.factors, lo, hi)
+        p = full if (lo, hi) == (0, full.layers) else state.parts.get((lo, hi))
+        if p is None:  # a part's tiles are that slice of the frame's tiles: its flags and counters are slices
+            p = state.parts[(lo, hi)] = kernels.plan([t.weight.detach() for t in state.targets[lo:hi]],
+                                                     state.factors[lo:hi],
+                                                     [frame.strength * t.scale for t in state.targets[lo:hi]])
         t0, t1 = full.tile_offsets[lo], full.tile_offsets[hi]
         stream = torch.cuda.current_stream(state.flags.device).cuda_stream if state.flags.is_cuda else 0
         if stream not in state.streams:
@@ -230,7 +240,7 @@ class FusedRestore:
                 parts[i].append((starts2[i], extra))
             pools.append((idx2, val2))
         counts = [sum(c for _, c in layer_parts) for layer_parts in parts]
-        self._known[(frame.lora, frame.strength)] = counts
+        self._known[(frame.lora, frame.strength)] = {t.name: c for t, c in zip(state.targets, counts, strict=True)}
         if not no_room and counts == caps:
             packed = (idx, val)  # sized exactly from the last merge: nothing to pack
         else:  # pack every layer's records into one pool of exactly the records kept
