@@ -346,3 +346,14 @@ def test_merge_ahead_on_the_side_stream_gives_the_usual_bits_at_ltx2_layer_sizes
         mgr.close()
     assert_same_bits(results[0][0], results[1][0])
     assert torch.equal(results[0][1], results[1][1])
+
+
+def test_a_merge_ahead_is_declined_where_the_last_call_keeps_the_gpu_busy() -> None:
+    from ltx2_residency import PhaseWork
+    from ltx2_residency.ops.forward import HOST_BOUND_TOKENS
+    from ltx2_residency.policy import hides_merge
+
+    assert hides_merge(PhaseWork(4, HOST_BOUND_TOKENS, 3), "cuda")
+    assert not hides_merge(PhaseWork(4, HOST_BOUND_TOKENS + 1, 3), "cuda")  # compute-bound: no idle time
+    assert hides_merge(None, "cuda")  # the recipe's stage 1 (1536 tokens a call)
+    assert hides_merge(PhaseWork(4, 10**6, 1), "cpu")  # inline on the CPU either way

@@ -49,7 +49,7 @@ from .ops.merge import RESTORE_STRATEGIES, MergeStack, choose_restore
 from .ops.overlap import PendingUndo, UndoStream, keep_for_stream
 from .options import Verify, checked_options
 from .ownership import Ownership
-from .policy import MergePolicy, PhaseContext, make_policy
+from .policy import MergePolicy, PhaseContext, hides_merge, make_policy
 from .request import Request
 from .trace import Trace, TransitionRecord
 
@@ -381,7 +381,7 @@ class ResidencyManager:
         """Start ``phase``'s merge behind the current phase's last ``calls`` DiT calls, when the
         policy merges it into the shared DiT and nothing is applied now (see ``ops.ahead``)."""
         strengths = resolve_strengths(self.specs, phase, overrides)
-        if not self.machine.can("premerge") or req.prepared is not None:
+        if not self.machine.can("premerge") or not hides_merge(req.work.get(Phase.STAGE1), self._mode.device.type):
             return False
         stage1 = req.strengths.get(Phase.STAGE1, {})
         if self._decide(phase, strengths, stage1, work) is not ApplyKind.MERGED:

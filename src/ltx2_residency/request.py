@@ -40,6 +40,7 @@ class Request:
         self.mutated = False  # set once a phase merged into the shared weights
         self.failed: BaseException | None = None  # a weight operation of this request failed
         self.calls = 0  # DiT calls run in the current phase (counted by the forward guard)
+        self.work: dict[Phase, PhaseWork] = {}  # what each phase entered said it would run
         self.prepared: tuple[Phase, dict[str, float]] | None = None  # what req.prepare() started
 
     def enter(self, phase: Phase | str,
@@ -55,6 +56,8 @@ class Request:
         target = self._checked(phase, work, "enter")
         module = self._manager._enter_phase(self, target, strengths, work)
         self.calls = 0
+        if work is not None:
+            self.work[target] = work
         return module
 
     def prepare(self, phase: Phase | str, strengths: Mapping[str, float] | None = None,
@@ -75,6 +78,8 @@ class Request:
         if isinstance(calls, bool) or not isinstance(calls, int) or calls < 1:
             raise ConfigError(f"calls must be a positive int (the DiT calls the current phase has left), "
                               f"got {calls!r}")
+        if self.prepared is not None:
+            return False  # once per request
         return self._manager._prepare_phase(self, target, strengths, work, calls)
 
     def _checked(self, phase: Phase | str, work: PhaseWork | None, verb: str) -> Phase:

@@ -100,6 +100,9 @@ class FusedRestore:
         self._factor_cache: dict[str, tuple[Any, ...]] = {}
         # per frame layout: the addresses it was planned for, its plan, and its parts' plans
         self._plans: dict[tuple[str, float, int], tuple[tuple[int, ...], kernels.Plan, dict[Any, kernels.Plan]]] = {}
+        # per frame layout: record regions as the device reads them, kept while the sizes are the same
+        # (a host list to a device tensor waits for the stream: at a merge ahead, for stage 1's work)
+        self._regions: dict[tuple[str, float, int], tuple[list[int], torch.Tensor, torch.Tensor]] = {}
 
     def _factors(self, target: LayerTarget) -> tuple[torch.Tensor, torch.Tensor]:
         """The rank-padded factors of ``target`` on its weight's device, checked once for the kernels."""
@@ -116,19 +119,28 @@ class FusedRestore:
         self._factor_cache[target.name] = (*key, (b, a))
         return b, a
 
-    def _plan(self, frame: MergeFrame, targets: list[LayerTarget],
+    def _plan(self, key: tuple[str, float, int], frame: MergeFrame, targets: list[LayerTarget],
               factors: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[kernels.Plan, dict[Any, kernels.Plan]]:
         """The launch tables of a frame's layers, and a cache for its parts' (see :meth:`flush`),
         kept while every address is the same."""
         weights = [t.weight.detach() for t in targets]
         addresses = tuple(t.data_ptr() for w, (b, a) in zip(weights, factors, strict=True) for t in (w, b, a))
-        key = (frame.lora, frame.strength, hash(tuple(t.name for t in targets)))
         hit = self._plans.get(key)
         if hit is not None and hit[0] == addresses:
             return hit[1], hit[2]
         p = kernels.plan(weights, factors, [frame.strength * t.scale for t in targets])
         self._plans[key] = (addresses, p, {})
         return p, self._plans[key][2]
+
+    def _region_tables(self, key: tuple[str, float, int], caps: list[int],
+                       device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each layer's first record slot and its capacity, as device tensors."""
+        hit = self._regions.get(key)
+        if hit is None or hit[0] != caps:
+            starts = _exclusive_cumsum(caps)
+            hit = self._regions[key] = (list(caps), torch.tensor(starts, dtype=torch.int64, device=device),
+                                        torch.tensor(caps, dtype=torch.int64, device=device))
+        return hit[1], hit[2]
 
     def begin(self, frame: MergeFrame, targets: list[LayerTarget]) -> None:
         """Check every target, plan the whole LoRA and size its record pools; nothing is written."""
@@ -137,7 +149,8 @@ class FusedRestore:
             return
         state.factors = [self._factors(t) for t in targets]
         state.planned = list(targets)
-        full, state.parts = self._plan(frame, targets, state.factors)
+        key = (frame.lora, frame.strength, hash(tuple(t.name for t in targets)))
+        full, state.parts = self._plan(key, frame, targets, state.factors)
         state.full = full
         device, n = targets[0].weight.device, full.layers
         known = self._known.get((frame.lora, frame.strength), {})
@@ -149,8 +162,7 @@ class FusedRestore:
         state.host_start = _exclusive_cumsum(caps)
         state.idx = torch.empty(sum(caps), dtype=torch.int32, device=device)
         state.val = torch.empty(sum(caps), dtype=torch.int16, device=device)
-        state.rec_start = torch.tensor(state.host_start, dtype=torch.int64, device=device)
-        state.capacity = torch.tensor(caps, dtype=torch.int64, device=device)
+        state.rec_start, state.capacity = self._region_tables(key, caps, device)  # read-only for the kernels
 
     def merge(self, frame: MergeFrame, target: LayerTarget, digest: Digest | None) -> LayerUndo:
         state = frame.state
