@@ -136,15 +136,16 @@ class ManagerMachine(RuleBasedStateMachine):
 
     # ------------------------------------------------------------ set-up
     @initialize(
-        policy=st.sampled_from(["sglang", "dynamic", "merge"]),
+        policy=st.sampled_from(["sglang", "dynamic", "merge", "merge"]),  # merge twice: merges ahead need it
         native_ltx23=st.booleans(),
         restore=st.sampled_from(["recompute", "copy"]),
         verify=st.sampled_from(["after_merge", "always", "never"]),
         check_layers=st.booleans(),
         overlap=st.booleans(),
         with_user=st.booleans(),
-        distilled=st.fixed_dictionaries({"stage1": strengths, "stage2": strengths}),
-        user=st.fixed_dictionaries({"stage1": strengths, "stage2": strengths}),
+        # stage 1 on the base weights half the time (the distilled recipe: what a merge ahead needs)
+        distilled=st.fixed_dictionaries({"stage1": st.just(0.0) | strengths, "stage2": strengths}),
+        user=st.fixed_dictionaries({"stage1": st.just(0.0) | strengths, "stage2": strengths}),
     )
     def build(self, policy: str, native_ltx23: bool, restore: str, verify: str, check_layers: bool,
               overlap: bool, with_user: bool, distilled: dict[str, float], user: dict[str, float]) -> None:
@@ -181,6 +182,7 @@ class ManagerMachine(RuleBasedStateMachine):
         self.req_strengths: dict[Phase, dict[str, float]] = {}
         self.applied: dict[str, float] = {}  # live strengths the current state holds
         self.failed: BaseException | None = None  # what broke a switch of the open request
+        self.ahead: tuple[dict[str, float], int] | None = None  # a merge ahead: strengths, calls left
         # Checks that change nothing run once per situation, so the steps go to transitions
         # rather than to repeating an identical refusal (e.g. forwards on a quarantined DiT).
         self.seen: set[tuple[str, tuple[Any, ...]]] = set()
@@ -286,6 +288,7 @@ class ManagerMachine(RuleBasedStateMachine):
         self.req_strengths = {}
         self.applied = {}
         self.failed = None
+        self.ahead = None
 
     def _settled(self) -> None:
         """The call just made settled a pending overlapped undo: ``restored`` is in the trace."""
@@ -306,13 +309,24 @@ class ManagerMachine(RuleBasedStateMachine):
                 run()
             assert expect in str(info.value)
             return
+        if self.expected is S.PREMERGING:
+            assert self.ahead is not None
+            strengths, left = self.ahead
+            if not left:  # the announced calls are spent: the weights are stage 2's, part merged
+                STEPS["forward_refused_after_announced"] += 1
+                with self._no_side_effects(), torch.no_grad(), pytest.raises(ForwardGuardError) as info:
+                    run()
+                assert "announced" in str(info.value)
+                return
+            self.ahead = (strengths, left - 1)
         STEPS[f"forward_{self.expected.value}"] += 1
         with torch.no_grad():
             out = run()[0]
         assert out.shape == self.mat.base_output.shape
         assert bool(torch.isfinite(out).all())
-        if self.expected is S.CLEAN:
-            # disabled PEFT layers call their base layer: bit-identical to the unwrapped model
+        if self.expected in (S.CLEAN, S.PREMERGING):
+            # disabled PEFT layers call their base layer: bit-identical to the unwrapped model (a
+            # merge ahead writes each block only after the call has run it)
             assert torch.equal(out, self.mat.base_output)
         elif max(self.applied.values(), default=0.0) >= _VISIBLE:
             assert not torch.equal(out, self.mat.base_output), "the phase's LoRAs had no effect"
@@ -332,6 +346,8 @@ class ManagerMachine(RuleBasedStateMachine):
             assert _differing(now, self.clean_bits), "a merged state whose weights are clean"
         if self.expected in _UNTOUCHED:
             assert mgr.memory()["restore_capture_bytes"] == 0, "undo captures outlived their merge"
+        if self.expected is S.PREMERGING and self.ahead is not None and self.ahead[1] > 0:
+            assert_same_bits(now, self.clean_bits)  # nothing merged before the last announced call
         if len(mgr.trace):
             assert mgr.trace[-1].dest == mgr.state.value
         else:
@@ -387,9 +403,9 @@ class ManagerMachine(RuleBasedStateMachine):
             with pytest.raises(type(body)) as info:
                 exit_with(self.cm, body)
             assert info.value is body, "the body's exception was replaced or swallowed"
-        if self.expected in _MERGED and self.overlap:
+        if (self.expected in _MERGED or self.expected is S.PREMERGING) and self.overlap:
             self.expected = S.RESTORING  # the undo is launched; the DiT's next user settles it
-        elif self.expected in _APPLIED:
+        elif self.expected in _APPLIED or self.expected is S.PREMERGING:
             self.expected = S.CLEAN
         self._request_closed()
 
@@ -435,12 +451,22 @@ class ManagerMachine(RuleBasedStateMachine):
         assert self.req is not None and self.mgr is not None
         phase = _NEXT[self.phase]
         assert phase is not None
-        if data.draw(_SOMETIMES, label="fail inside switch"):
+        if self.expected is S.PREMERGING:
+            if self._enter_after_prepare(data):
+                return
+        elif data.draw(_SOMETIMES, label="fail inside switch"):
             self._fail_inside_enter(phase, data)
             return
-        overrides = data.draw(self._overrides(), label="overrides")
+        prepared = self.ahead[0] if self.ahead is not None else None
+        recipe = st.just({n: 0.0 for n in self.names})  # stage 1 on the base: a merge ahead may follow
+        overrides = (prepared if prepared is not None and data.draw(st.booleans(), label="as prepared")
+                     else data.draw(recipe | self._overrides() if phase is Phase.STAGE1 else self._overrides(),
+                                    label="overrides"))
         resolved = self._resolve(phase, overrides)
-        decision = self._decide(phase, resolved)
+        decision = "merged" if resolved == prepared else self._decide(phase, resolved)
+        if prepared is not None:
+            STEPS[f"enter_after_prepare_{'same' if resolved == prepared else 'other'}"] += 1
+        self.ahead = None
         STEPS[f"enter_{phase.value}_{decision}"] += 1
         dit = self.req.enter(phase.value if as_string else phase, strengths=overrides)
         assert dit is self.mgr.transformer
@@ -451,6 +477,47 @@ class ManagerMachine(RuleBasedStateMachine):
         self.applied = {n: s for n, s in resolved.items() if s != 0.0} if decision != "none" else {}
         if run:  # the pipeline runs the module it was handed
             self._forward()
+
+    @precondition(lambda self: self.can_switch and self.phase is Phase.STAGE1 and self.ahead is None
+                  and self.req is not None and self.req.prepared is None)
+    @rule(calls=st.integers(1, 2), data=st.data())
+    def prepare_stage2(self, calls: int, data: st.DataObject) -> None:
+        """Announce stage 1's last calls: stage 2's merge starts behind them when it merges into
+        a clean DiT (req.prepare); otherwise nothing happens."""
+        assert self.req is not None
+        overrides = data.draw(self._overrides(), label="overrides")
+        resolved = self._resolve(Phase.STAGE2, overrides)
+        started = self.expected is S.CLEAN and self._decide(Phase.STAGE2, resolved) == "merged"
+        STEPS[f"prepare_{'started' if started else 'declined'}"] += 1
+        if not started:
+            with self._no_side_effects():
+                assert self.req.prepare("stage2", strengths=overrides, calls=calls) is False
+            return
+        assert self.req.prepare("stage2", strengths=overrides, calls=calls) is True
+        self.expected = S.PREMERGING
+        self.ahead = (resolved, calls)
+
+    def _enter_after_prepare(self, data: st.DataObject) -> bool:
+        """Sometimes fail the switch that completes a merge ahead: it rolls back to clean."""
+        assert self.req is not None and self.ahead is not None
+        if not data.draw(_SOMETIMES, label="fail completing the merge ahead"):
+            return False
+        point = data.draw(st.sampled_from(["merge.before", "merge.after"]), label="fault point")
+        armed = self._arm(point, 1, data)
+        STEPS[f"fail_enter_after_prepare:{point}"] += 1
+        try:
+            with pytest.raises(BaseException) as info:
+                self.req.enter(Phase.STAGE2, strengths=self.ahead[0])
+        finally:
+            self.faults.disarm()
+        injected = self._consumed(armed, info.value)
+        assert info.value is injected, f"{info.value!r} replaced the failure {injected!r}"
+        self.expected = S.CLEAN
+        self.phase = None
+        self.failed = info.value
+        self.applied = {}
+        self.ahead = None
+        return True
 
     @precondition(lambda self: self.req is not None and self._fresh("refused_enter"))
     @rule(data=st.data())
@@ -523,7 +590,7 @@ class ManagerMachine(RuleBasedStateMachine):
 
     def _forward_key(self) -> tuple[Any, ...]:
         # a forward's outcome depends on the weight state and on whether a phase is entered only
-        return (self.expected, self.req is not None and self.phase is not None)
+        return (self.expected, self.req is not None and self.phase is not None, self.ahead and self.ahead[1])
 
     # ------------------------------------------------------------ injected failures
     def _fail_inside_enter(self, phase: Phase, data: st.DataObject) -> None:
