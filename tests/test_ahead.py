@@ -107,34 +107,26 @@ def test_merge_ahead_gives_the_usual_bits_and_the_last_call_runs_on_the_base(
     assert events(mgr) == ["premerge", "merge", "merged_stage2", "restore", "restored"]
 
 
-def test_fewer_calls_than_announced_leave_the_rest_to_the_switch(fresh_model, distilled_path, inputs) -> None:
-    want_weights, want_out = usual(fresh_model, distilled_path, inputs, "recompute")
+@pytest.mark.parametrize(("calls", "at_switch", "trace"), [
+    (3, None, ["premerge", "merge", "merged_stage2"]),  # fewer calls than announced: the switch merges the rest
+    (1, {"distilled": 0.5}, ["premerge", "restore", "restored", "merge"]),  # other strengths: undone, then as usual
+])
+def test_the_switch_completes_or_replaces_what_was_started(fresh_model, distilled_path, inputs, calls, at_switch,
+                                                           trace) -> None:
+    want_weights, want_out = usual(fresh_model, distilled_path, inputs, "recompute", at_switch)
     mgr = make(fresh_model(), distilled_path)
     clean = weight_bits(mgr.managed_weights)
     with torch.no_grad(), mgr.request() as req:
         dit = req.enter("stage1")
-        assert req.prepare("stage2", calls=3)
+        assert req.prepare("stage2", calls=calls)
         dit(**inputs)
-        assert_same_bits(clean, weight_bits(mgr.managed_weights))  # two calls still to come
-        out = req.enter("stage2")(**inputs)[0]
+        if calls > 1:
+            assert_same_bits(clean, weight_bits(mgr.managed_weights))  # calls still to come
+        out = req.enter("stage2", strengths=at_switch)(**inputs)[0]
         assert_same_bits(want_weights, weight_bits(mgr.managed_weights))
         assert torch.equal(out, want_out)
     assert_same_bits(clean, weight_bits(mgr.managed_weights))
-
-
-def test_other_strengths_at_the_switch_undo_the_merge_ahead(fresh_model, distilled_path, inputs) -> None:
-    want_weights, want_out = usual(fresh_model, distilled_path, inputs, "recompute", {"distilled": 0.5})
-    mgr = make(fresh_model(), distilled_path)
-    clean = weight_bits(mgr.managed_weights)
-    with torch.no_grad(), mgr.request() as req:
-        dit = req.enter("stage1")
-        assert req.prepare("stage2", calls=1)
-        dit(**inputs)
-        out = req.enter("stage2", strengths={"distilled": 0.5})(**inputs)[0]
-        assert_same_bits(want_weights, weight_bits(mgr.managed_weights))
-        assert torch.equal(out, want_out)
-    assert_same_bits(clean, weight_bits(mgr.managed_weights))
-    assert events(mgr)[:4] == ["premerge", "restore", "restored", "merge"]
+    assert events(mgr)[:len(trace)] == trace
 
 
 @pytest.mark.parametrize("restore", RESTORES)
