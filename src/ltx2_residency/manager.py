@@ -46,7 +46,7 @@ from .ops.dynamic import PeftAdapters
 from .ops.fingerprint import Fingerprint, FingerprintPlan
 from .ops.forward import forward_named
 from .ops.merge import RESTORE_STRATEGIES, MergeStack, choose_restore
-from .ops.overlap import PendingUndo, UndoStream, keep_for_stream
+from .ops.overlap import PendingUndo, UndoStream
 from .options import Verify, checked_options
 from .ownership import Ownership
 from .policy import MergePolicy, PhaseContext, hides_merge, make_policy
@@ -518,13 +518,8 @@ class ResidencyManager:
         self._adapters.deactivate()
         stream = self._undo_stream if ctx.get("overlap") and self._stack.frames else None
         if stream is not None:
-            # what the undo reads is freed by the pop below but still read by the side stream;
-            # a strategy that keeps its own (fused: a few pooled tensors, not 3 views a layer) says so
-            held = [] if getattr(self._stack.strategy, "keeps_for_stream", False) else [
-                t for frame in self._stack.frames for _, undo in frame.layers for t in undo.tensors]
             with stream.running():
-                keep_for_stream(held)
-                written = self._stack.pop_all()
+                written = self._stack.pop_all(side_stream=True)
                 event = stream.mark()
         else:
             written = self._stack.pop_all()

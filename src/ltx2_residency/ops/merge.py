@@ -39,6 +39,7 @@ import torch
 from ..errors import LoRAValueError, ResidencyError
 from ..faults import FaultInjector
 from .fingerprint import Digest, tensor_digest
+from .overlap import keep_for_stream
 
 _HALF = (torch.bfloat16, torch.float16)
 
@@ -279,12 +280,17 @@ class MergeStack:
         self.last_exception_fraction = exceptions / elements if elements else 0.0
         return sum(w.numel() * w.element_size() for w in weights)
 
-    def pop_all(self) -> int:
+    def pop_all(self, side_stream: bool = False) -> int:
         """Undo every frame, newest first, each layer checked; returns weight bytes written.
 
         A batched strategy (``fused``) undoes the layers of a frame together; the per-layer fault
         point still fires layer by layer, and the layers passed before a fault are undone first.
+        ``side_stream``: the undo is queued on a side stream (the current one) while the pops free
+        what it reads, so that memory is marked for the stream first; a strategy that marks its own
+        (fused: a few pooled tensors, not 3 views a layer) says so with ``keeps_for_stream``.
         """
+        if side_stream and not getattr(self.strategy, "keeps_for_stream", False):
+            keep_for_stream([t for frame in self.frames for _, undo in frame.layers for t in undo.tensors])
         written = 0
         batched = getattr(self.strategy, "batched", False) and not self.check_layers
         with torch.no_grad():
