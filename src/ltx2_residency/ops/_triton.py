@@ -50,6 +50,7 @@ def lora_tiles(
     BN: tl.constexpr,
     BK: tl.constexpr,
     BR: tl.constexpr,
+    EARLY_W: tl.constexpr = False,
 ):
     """One program per tile of any layer of a LoRA (all layers in one launch: per-layer launches
     cost more host time than the GPU spends on a layer).
@@ -81,6 +82,9 @@ def lora_tiles(
     active = tl.load(active_table + layer) != 0
     # merge: tiles not merged yet (a retry skips those done); undo: merged tiles of the layers undone now
     run = active & ((flag != 1) if MODE == 0 else (flag == 1))
+    w_ptrs = w_ptr + rows[:, None] * n_cols + cols[None, :]
+    if EARLY_W:  # the weight's read in flight while the delta is computed (nothing in the loop needs it)
+        w = tl.load(w_ptrs, mask=inside & run, other=0.0)
     acc = tl.zeros((BN, BK), dtype=tl.float32)
     for r0 in range(0, RANK, BR):  # RANK: the largest rank of the launch (compile-time); smaller ones mask
         rr = r0 + tl.arange(0, BR)
@@ -99,8 +103,8 @@ def lora_tiles(
         else:
             acc += tl.dot(b, a)
     d = acc * scale
-    w_ptrs = w_ptr + rows[:, None] * n_cols + cols[None, :]
-    w = tl.load(w_ptrs, mask=inside & run, other=0.0)
+    if not EARLY_W:
+        w = tl.load(w_ptrs, mask=inside & run, other=0.0)
     out = bf16_rne(w.to(tl.float32) + d)
     if MODE == 0:
         redo = bf16_rne(out.to(tl.float32) - d)

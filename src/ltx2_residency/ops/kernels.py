@@ -72,11 +72,12 @@ def _load() -> Any:
 
 
 # ---------------------------------------------------------------------------- merge / restore
-def _tiles() -> tuple[int, int, int, int, int]:
-    """(BN, BK, BR, warps, stages); ``LTX2_FUSED_TILES`` overrides them for tuning runs."""
-    raw = os.environ.get("LTX2_FUSED_TILES", "64,128,64,4,3")
-    bn, bk, br, warps, stages = (int(x) for x in raw.split(","))
-    return bn, bk, br, warps, stages
+def _tiles() -> tuple[int, int, int, int, int, int]:
+    """(BN, BK, BR, warps, stages, early weight load); ``LTX2_FUSED_TILES`` overrides them for
+    tuning runs (the sixth field optional)."""
+    raw = os.environ.get("LTX2_FUSED_TILES", "128,64,64,4,3,1")
+    bn, bk, br, warps, stages, *early = (int(x) for x in raw.split(","))
+    return bn, bk, br, warps, stages, (early[0] if early else 0)
 
 
 @dataclass
@@ -160,12 +161,12 @@ def lora_tiles(mode: int, p: Plan, active: torch.Tensor, flags: torch.Tensor, co
                val: torch.Tensor) -> None:
     """One launch over every tile of every layer: merge (mode 0) or undo (mode 1) the layers
     whose ``active`` entry is set; asynchronous."""
-    bn, bk, br, warps, stages = _tiles()
+    bn, bk, br, warps, stages, early = _tiles()
     br = min(br, max(16, 1 << (p.max_rank - 1).bit_length()))  # tl.dot needs >= 16; no wider than the rank
     _load().lora_tiles[(p.tiles,)](
         p.tile_layer, p.tile_local, *p.bases, *p.tables, active, flags, counters, valid, rec_start, capacity, idx,
         val, 1.0 if mode == 0 else -1.0, UNIT=p.unit, RANK=p.max_rank, MODE=mode, F32_DOT=_interpreting(),
-        BN=bn, BK=bk, BR=br, num_warps=warps, num_stages=stages)
+        BN=bn, BK=bk, BR=br, EARLY_W=bool(early), num_warps=warps, num_stages=stages)
 
 
 def scatter(p: Plan, active: torch.Tensor, rec_start: torch.Tensor, count: torch.Tensor, max_count: int,
