@@ -101,7 +101,7 @@ class MergeAhead:
             if self.calls_left == 0:
                 self.passed.add(block)
                 # in plan order: a block run before an earlier one waits for it (frames are planned
-                # in declaration order; launching out of it would misplace the layers' records)
+                # in block-index order; launching out of it would misplace the layers' records)
                 while self.pending and self.pending[0] in self.passed:
                     self._launch(self.pending[0])
         return hook
