@@ -398,7 +398,7 @@ def test_phase_context_keeps_its_positional_fields() -> None:
     ctx = PhaseContext(ORIG, Phase.STAGE2, {"d": 1.0}, {"d": 0.0}, True)
     assert (ctx.work, ctx.costs) == (None, None)
     assert [f.name for f in dataclasses.fields(PhaseContext)] == [
-        "mode", "phase", "strengths", "stage1_strengths", "native_ltx23", "work", "costs"]
+        "mode", "phase", "strengths", "stage1_strengths", "native_ltx23", "work", "costs", "ahead"]
 
 
 @pytest.mark.parametrize("forward", ["peft", "fused"])
@@ -440,3 +440,18 @@ def test_headroom_counts_the_allocators_cached_memory_and_records_follow_the_las
     cpu = CostModel(H100, cm.ltx2_adapter_cost())
     cpu.refresh_headroom()
     assert cpu.headroom_bytes is None
+
+
+def test_a_merge_ahead_is_priced_at_the_share_left_on_the_path() -> None:
+    model = cm.ltx2_reference_model()
+    work = PhaseWork(3, 6144, 1)
+    at_switch = model.choose(work, True)
+    ahead = model.choose(work, True, ahead=True)
+    undo = model.undo_ms()
+    assert ahead.merge_ms - undo == pytest.approx(cm.AHEAD_CRITICAL_SHARE * (at_switch.merge_ms - undo))
+    assert ahead.dynamic_ms == at_switch.dynamic_ms
+    assert "merge ahead" in ahead.reason
+    # a merge that loses at the switch can win ahead: priced just above dynamic there, below it ahead
+    model.observe_merge(at_switch.dynamic_ms - undo + 1.0)
+    assert model.choose(work, True).kind is ApplyKind.DYNAMIC
+    assert model.choose(work, True, ahead=True).kind is ApplyKind.MERGED

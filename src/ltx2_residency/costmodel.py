@@ -32,6 +32,9 @@ RECORD_FRACTION = 0.125
 MERGE_OVERHEAD = 1.5
 #: The undo runs asynchronously; a request waited for 39 of its 194 ms (docs/benchmarks.md).
 UNDO_CRITICAL_SHARE = 0.2
+#: Merged ahead (``Request.prepare``), the share of a merge left on the request's path: 28-70 ms of
+#: 127-136 ms at 1536 tokens on an H100, by how host-bound stage 1's last call was (the larger end).
+AHEAD_CRITICAL_SHARE = 0.55
 #: Host time of one PEFT LoRA layer's forward, in eager launches: its 4 kernels plus the Python
 #: around them. Measured 105 µs per call over a disabled layer (H200 host, 9.8 µs launches) and
 #: 83-150 µs per layer in the full DiT (H100 and H200): ~12 launches.
@@ -300,21 +303,26 @@ class CostModel:
     def dynamic_ms(self, work: PhaseWork) -> float:
         return work.steps * work.passes * self.forward_overhead_ms(work.tokens)
 
-    def choose(self, work: PhaseWork, strengths_live: bool, previous_merged: bool = False) -> Decision:
-        """Merge only if strictly cheaper and its records fit; a tie leaves the shared DiT untouched."""
+    def choose(self, work: PhaseWork, strengths_live: bool, previous_merged: bool = False,
+               ahead: bool = False) -> Decision:
+        """Merge only if strictly cheaper and its records fit; a tie leaves the shared DiT untouched.
+        ``ahead``: the merge would run behind the phase before's last calls, its cost mostly hidden."""
         if not strengths_live:
             return Decision(ApplyKind.NONE, 0.0, 0.0, "every strength is 0: the base weights run")
         # the manager restores a merged previous phase before either way (manager._enter_phase),
         # so its undo is charged to both sides: it shows in the totals and never tips the choice
         before = self.undo_ms() if previous_merged else 0.0
-        merge, dynamic = before + self.merge_ms(), before + self.dynamic_ms(work)
+        merge_ms = self.merge_ms() - self.undo_ms()
+        merge = before + (AHEAD_CRITICAL_SHARE if ahead else 1.0) * merge_ms + self.undo_ms()
+        dynamic = before + self.dynamic_ms(work)
         need = self.record_bytes()
         if self.headroom_bytes is not None and need > self.headroom_bytes:
             return Decision(ApplyKind.DYNAMIC, merge, dynamic,
                             f"the merge's undo records need {need / 2**30:.2f} GiB, "
                             f"only {self.headroom_bytes / 2**30:.2f} GiB free")
         kind = ApplyKind.MERGED if merge < dynamic else ApplyKind.DYNAMIC
-        return Decision(kind, merge, dynamic, f"merge {merge:.1f} ms vs dynamic {dynamic:.1f} ms "
+        how = "merge ahead" if ahead else "merge"
+        return Decision(kind, merge, dynamic, f"{how} {merge:.1f} ms vs dynamic {dynamic:.1f} ms "
                                               f"over {work.steps * work.passes} calls at {work.tokens} tokens")
 
 

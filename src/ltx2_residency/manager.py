@@ -350,7 +350,8 @@ class ResidencyManager:
                     self._fire("merge", plan=[(n, s) for n, s in strengths.items() if s != 0.0])
                     req.mutated = True
                     if self._costs is not None:  # the auto policy prices the next merge from this one
-                        self._costs.observe_merge(max(self.trace[-1].duration_ms, 1e-3))
+                        if not ahead:  # a merge ahead's switch is its tail: most of it ran in stage 1
+                            self._costs.observe_merge(max(self.trace[-1].duration_ms, 1e-3))
                         self._costs.observe_records(self._stack.last_exception_fraction)
                     self._fire(f"merged_{phase.value}")
                 elif kind is ApplyKind.DYNAMIC:
@@ -372,9 +373,10 @@ class ResidencyManager:
         return self._mode.active.module
 
     def _decide(self, phase: Phase, strengths: dict[str, float], stage1: Mapping[str, float],
-                work: PhaseWork | None) -> ApplyKind:
+                work: PhaseWork | None, ahead: bool = False) -> ApplyKind:
         costs = self._cost_model() if self.policy.name is MergePolicyName.AUTO else None
-        return self.policy.decide(PhaseContext(self.mode, phase, strengths, stage1, self.native_ltx23, work, costs))
+        return self.policy.decide(PhaseContext(self.mode, phase, strengths, stage1, self.native_ltx23, work, costs,
+                                               ahead))
 
     def _prepare_phase(self, req: Request, phase: Phase, overrides: Mapping[str, float] | None,
                        work: PhaseWork | None, calls: int) -> bool:
@@ -384,7 +386,7 @@ class ResidencyManager:
         if not self.machine.can("premerge") or not hides_merge(req.work.get(Phase.STAGE1), self._mode.device.type):
             return False
         stage1 = req.strengths.get(Phase.STAGE1, {})
-        if self._decide(phase, strengths, stage1, work) is not ApplyKind.MERGED:
+        if self._decide(phase, strengths, stage1, work, ahead=True) is not ApplyKind.MERGED:
             return False
         req.prepared = (phase, strengths)
         req.mutated = True

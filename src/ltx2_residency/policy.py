@@ -23,6 +23,7 @@ class PhaseContext:
     native_ltx23: bool
     work: PhaseWork | None = None  # what the phase will run (AutoPolicy); None: the LTX-2 recipe's
     costs: CostModel | None = None  # the manager's measured model (AutoPolicy); None: the reference one
+    ahead: bool = False  # the merge would run ahead, behind the phase before's last calls (req.prepare)
 
 
 class MergePolicy(Protocol):
@@ -96,7 +97,7 @@ class AutoPolicy:
                 self._reference = ltx2_reference_model()
             costs = self._reference
         # previous_merged only adds the same restore to both sides (see CostModel.choose)
-        self.last = costs.choose(ctx.work or RECIPE[ctx.phase], _live(ctx.strengths))
+        self.last = costs.choose(ctx.work or RECIPE[ctx.phase], _live(ctx.strengths), ahead=ctx.ahead)
         return self.last.kind
 
 
