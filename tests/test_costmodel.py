@@ -455,3 +455,17 @@ def test_a_merge_ahead_is_priced_at_the_share_left_on_the_path() -> None:
     model.observe_merge(at_switch.dynamic_ms - undo + 1.0)
     assert model.choose(work, True).kind is ApplyKind.DYNAMIC
     assert model.choose(work, True, ahead=True).kind is ApplyKind.MERGED
+
+
+def test_a_managers_model_skips_the_first_merge_and_undo_it_sees() -> None:
+    ref = cm.ltx2_reference_model()
+    model = CostModel(ref.rates, ref.adapters, skip_cold=True)
+    estimate, undo_estimate = model.merge_ms(), model.undo_ms()
+    model.observe_merge(5000.0)  # the first merge of a process: the kernels compiled inside it
+    model.observe_undo(900.0)
+    assert (model.merge_ms(), model.undo_ms()) == (estimate, undo_estimate)
+    model.observe_merge(120.0)
+    model.observe_undo(3.0)
+    assert (model.merge_ms(), model.undo_ms()) == (123.0, 3.0)
+    with pytest.raises(ConfigError):
+        model.observe_merge(-1.0)  # still checked while cold

@@ -208,7 +208,7 @@ class CostModel:
 
     def __init__(self, rates: DeviceRates, adapters: AdapterCost, *, headroom_bytes: int | None = None,
                  record_fraction: float = RECORD_FRACTION, device: torch.device | None = None,
-                 dynamic_forward: str = "peft") -> None:
+                 dynamic_forward: str = "peft", skip_cold: bool = False) -> None:
         if not 0.0 <= record_fraction <= 1.0:
             raise ConfigError(f"record_fraction must be in [0, 1], got {record_fraction!r}")
         if dynamic_forward not in ("peft", "fused"):
@@ -219,6 +219,10 @@ class CostModel:
         self.headroom_bytes = headroom_bytes  # free device memory; None = unlimited (a server updates it)
         self._merge_seen: float | None = None  # measured times replace the estimates
         self._undo_seen: float | None = None
+        # skip_cold: on a GPU a process's first merge and first undo carry the kernels' first launches
+        # (Triton's compilation, hundreds of ms); taken as the cost, one such time could keep a phase
+        # dynamic for good, as no merge would run again to correct it
+        self._cold = {"merge", "undo"} if skip_cold else set()
 
     @classmethod
     def for_targets(cls, targets: Sequence[Any], dynamic_forward: str = "peft") -> CostModel:
@@ -228,7 +232,7 @@ class CostModel:
                   for t in targets]
         device = targets[0].weight.device
         return cls(DeviceRates.measure(device), AdapterCost.of(layers), device=device,
-                   dynamic_forward=dynamic_forward)
+                   dynamic_forward=dynamic_forward, skip_cold=device.type == "cuda")
 
     def refresh_headroom(self) -> None:
         """Take the device's free memory now as the headroom (CUDA; unlimited elsewhere)."""
@@ -246,11 +250,19 @@ class CostModel:
 
     def observe_merge(self, ms: float) -> None:
         """The last merge's measured time (it ends in a host sync, so the trace's duration is it)."""
-        self._merge_seen = _positive_float(ms, "observe_merge(ms)")
+        ms = _positive_float(ms, "observe_merge(ms)")
+        if "merge" in self._cold:
+            self._cold.discard("merge")
+            return
+        self._merge_seen = ms
 
     def observe_undo(self, ms: float) -> None:
         """The last undo's measured time on the request's path (the rest runs asynchronously)."""
-        self._undo_seen = _positive_float(ms, "observe_undo(ms)")
+        ms = _positive_float(ms, "observe_undo(ms)")
+        if "undo" in self._cold:
+            self._cold.discard("undo")
+            return
+        self._undo_seen = ms
 
     def record_bytes(self) -> int:
         """Temporary device memory the merge needs for its exact-undo records."""
