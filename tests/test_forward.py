@@ -70,9 +70,8 @@ def test_both_forms_match_float64_and_only_read_the_weight(case: dict[str, Any],
     assert_same_bits(before, weight_bits({"w": base.weight}))
 
 
-def test_the_form_follows_the_token_count() -> None:
-    base, deltas = _layer(64, 48, [8], True, seed=3)
-    fwd = FusedLoRALinear(base, deltas, merge_above=10)
+def _count_rebuilds(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every transient merge (the one ``torch.addmm`` of our forward) appends to the list returned."""
     calls: list[str] = []
     real_addmm = torch.addmm
 
@@ -80,17 +79,21 @@ def test_the_form_follows_the_token_count() -> None:
         calls.append("merge")
         return real_addmm(*args, **kwargs)
 
-    torch.addmm = spy  # type: ignore[assignment]
-    try:
-        fwd(torch.randn(2, 5, 48).bfloat16())  # 10 tokens: not above the crossover
-        assert calls == []
-        fwd(torch.randn(11, 48).bfloat16())
-        assert calls == ["merge"]
-    finally:
-        torch.addmm = real_addmm  # type: ignore[assignment]
+    monkeypatch.setattr(torch, "addmm", spy)
+    return calls
 
 
-def test_a_host_bound_small_call_rebuilds_every_weight() -> None:
+def test_the_form_follows_the_token_count(monkeypatch: pytest.MonkeyPatch) -> None:
+    base, deltas = _layer(64, 48, [8], True, seed=3)
+    fwd = FusedLoRALinear(base, deltas, merge_above=10)
+    calls = _count_rebuilds(monkeypatch)
+    fwd(torch.randn(2, 5, 48).bfloat16())  # 10 tokens: not above the crossover
+    assert calls == []
+    fwd(torch.randn(11, 48).bfloat16())
+    assert calls == ["merge"]
+
+
+def test_a_host_bound_small_call_rebuilds_every_weight(monkeypatch: pytest.MonkeyPatch) -> None:
     base, deltas = _layer(64, 48, [8], True, seed=4)
     call = CallSize(limit=1536)
     fwd = FusedLoRALinear(base, deltas, merge_above=float("inf"), call=call)  # the roofline: never rebuild
@@ -101,23 +104,14 @@ def test_a_host_bound_small_call_rebuilds_every_weight() -> None:
     assert not call.small
     call.note(nn.Identity(), (), {"timestep": 3})
     assert not call.small
-    calls: list[str] = []
-    real_addmm = torch.addmm
-
-    def spy(*args: Any, **kwargs: Any) -> torch.Tensor:
-        calls.append("merge")
-        return real_addmm(*args, **kwargs)
-
-    torch.addmm = spy  # type: ignore[assignment]
-    try:
-        x = torch.randn(3, 48).bfloat16()
-        fwd(x)
-        assert calls == []
-        call.small = True  # the DiT call is small: even a 3-token layer rebuilds (one launch, not two)
-        y = fwd(x)
-        assert calls == ["merge"]
-    finally:
-        torch.addmm = real_addmm  # type: ignore[assignment]
+    calls = _count_rebuilds(monkeypatch)
+    x = torch.randn(3, 48).bfloat16()
+    fwd(x)
+    assert calls == []
+    call.small = True  # the DiT call is small: even a 3-token layer rebuilds (one launch, not two)
+    y = fwd(x)
+    assert calls == ["merge"]
+    monkeypatch.undo()
     assert torch.equal(y, FusedLoRALinear(base, deltas, merge_above=0.0)(x))  # the transient-merge form
 
 
