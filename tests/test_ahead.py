@@ -80,8 +80,9 @@ def test_block_of_names_the_numbered_block() -> None:
 
 
 @pytest.mark.parametrize("restore", RESTORES)
-def test_merge_ahead_gives_the_usual_bits_and_the_last_call_runs_on_the_base(
-        fresh_model, distilled_path, inputs, restore) -> None:
+@pytest.mark.parametrize("calls", [1, 2])  # 2: checked behind the first (fused), written behind the last
+def test_merge_ahead_gives_the_usual_bits_and_the_announced_calls_run_on_the_base(
+        fresh_model, distilled_path, inputs, restore, calls) -> None:
     want_weights, want_out = usual(fresh_model, distilled_path, inputs, restore)
     mgr = make(fresh_model(), distilled_path, restore)
     inputs = moved(inputs, restore)
@@ -90,11 +91,13 @@ def test_merge_ahead_gives_the_usual_bits_and_the_last_call_runs_on_the_base(
         dit = req.enter("stage1")
         base_out = dit(**inputs)[0]
         assert req.calls == 1
-        assert req.prepare("stage2", calls=1) is True
+        assert req.prepare("stage2", calls=calls) is True
         assert mgr.state is WeightState.PREMERGING
-        assert_same_bits(clean, weight_bits(mgr.managed_weights))  # nothing launched before the call
-        last = dit(**inputs)[0]
-        assert torch.equal(last, base_out)  # each block merged after the call had passed it
+        assert mgr._ahead is not None and mgr._ahead.checked is (restore == "fused" and calls > 1)
+        for _ in range(calls):
+            # nothing written before the last call (a check only reads the weights)
+            assert_same_bits(clean, weight_bits(mgr.managed_weights))
+            assert torch.equal(dit(**inputs)[0], base_out)  # each block merged after the last call had passed it
         with pytest.raises(ForwardGuardError, match="announced"):
             dit(**inputs)  # a call beyond those announced would see merged weights
         assert mgr.state is WeightState.PREMERGING
@@ -130,9 +133,9 @@ def test_the_switch_completes_or_replaces_what_was_started(fresh_model, distille
 
 
 @pytest.mark.parametrize("restore", RESTORES)
-@pytest.mark.parametrize("on_hit", [1, 7, 40])
+@pytest.mark.parametrize(("on_hit", "calls"), [(1, 1), (7, 1), (40, 1), (7, 2)])  # 2: checked ahead first
 def test_a_fault_part_way_through_the_last_call_rolls_back_exactly(
-        fresh_model, distilled_path, inputs, restore, on_hit) -> None:
+        fresh_model, distilled_path, inputs, restore, on_hit, calls) -> None:
     faults = FaultInjector()
     mgr = make(fresh_model(), distilled_path, restore, faults=faults)
     inputs = moved(inputs, restore)
@@ -140,8 +143,9 @@ def test_a_fault_part_way_through_the_last_call_rolls_back_exactly(
     faults.arm("merge.layer", lambda: RuntimeError("boom"), on_hit=on_hit)
     with pytest.raises(RuntimeError, match="boom"), torch.no_grad(), mgr.request() as req:
         dit = req.enter("stage1")
-        assert req.prepare("stage2", calls=1)
-        dit(**inputs)
+        assert req.prepare("stage2", calls=calls)
+        for _ in range(calls):
+            dit(**inputs)
         req.enter("stage2")  # reached only when the fault falls after the last call (the switch's part)
     assert_same_bits(clean, clean_bits(mgr))
     assert mgr.state is WeightState.CLEAN
@@ -168,15 +172,17 @@ def test_a_failure_between_the_last_call_and_the_switch_rolls_back(fresh_model, 
 @pytest.mark.parametrize("restore", RESTORES)
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the interpreter's numpy: on purpose
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("calls", [1, 2])
 def test_a_non_finite_merge_ahead_is_a_lora_error_and_rolls_back(fresh_model, distilled_path, inputs,
-                                                                  restore) -> None:
+                                                                  restore, calls) -> None:
     mgr = make(fresh_model(), distilled_path, restore)
     inputs = moved(inputs, restore)
     clean = weight_bits(mgr.managed_weights)
     with pytest.raises(LoRAValueError, match="non-finite"), torch.no_grad(), mgr.request() as req:
         dit = req.enter("stage1")
-        assert req.prepare("stage2", strengths={"distilled": 1e300})
-        dit(**inputs)  # recompute finds it in the block's hook; fused at the switch's one sync
+        assert req.prepare("stage2", strengths={"distilled": 1e300}, calls=calls)
+        for _ in range(calls):  # recompute finds it in the block's hook; fused at the switch's one sync
+            dit(**inputs)
         req.enter("stage2", strengths={"distilled": 1e300})
     assert_same_bits(clean, clean_bits(mgr))
     assert mgr.state is WeightState.CLEAN
@@ -316,7 +322,7 @@ def test_merge_ahead_on_the_side_stream_gives_the_usual_bits_at_ltx2_layer_sizes
     tensors = synthetic_lora(base, names, rank=384, relative_norm=0.1)
     x = torch.randn(1536, 4096, device="cuda", dtype=torch.bfloat16)
     results = []
-    for ahead in (False, True):
+    for ahead in (0, 1, 2):  # calls announced (2: checked behind the first, written behind the second)
         model = Blocks().to("cuda", torch.bfloat16)
         model.load_state_dict(base.state_dict())
         mgr = ResidencyManager(model, loras=[LoRASpec("distilled", tensors=tensors, strengths=STRENGTHS)],
@@ -327,8 +333,11 @@ def test_merge_ahead_on_the_side_stream_gives_the_usual_bits_at_ltx2_layer_sizes
             dit = req.enter("stage1")
             first = dit(x)
             if ahead:
-                assert req.prepare("stage2")
-            last = dit(x)
+                assert req.prepare("stage2", calls=ahead)
+            caller = torch.cuda.current_stream()
+            for _ in range(max(1, ahead)):
+                last = dit(x)  # announced calls run on the urgent stream, then hand back to the caller's
+                assert torch.cuda.current_stream() == caller
             out = req.enter("stage2")(x)
             merged = weight_bits(mgr.managed_weights)
         mgr.synchronize()
@@ -336,8 +345,9 @@ def test_merge_ahead_on_the_side_stream_gives_the_usual_bits_at_ltx2_layer_sizes
         assert torch.equal(first, last)
         results.append((merged, out))
         mgr.close()
-    assert_same_bits(results[0][0], results[1][0])
-    assert torch.equal(results[0][1], results[1][1])
+    for merged, out in results[1:]:
+        assert_same_bits(results[0][0], merged)
+        assert torch.equal(results[0][1], out)
 
 
 def test_a_merge_ahead_is_declined_where_the_last_call_keeps_the_gpu_busy() -> None:

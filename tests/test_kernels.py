@@ -108,6 +108,59 @@ def test_records_that_overflow_the_first_guess_are_merged_into_a_second_pool(mon
     assert all(torch.equal(a, b) for a, b in zip(_bits(layers), original, strict=True))
 
 
+def _push_checked(stack: MergeStack, targets: list[LayerTarget], check_ok=None) -> None:
+    """A merge in two halves (as a merge ahead runs it): the whole frame checked first, the
+    weights left alone, then written in two launches."""
+    before = _bits([t.weight for t in targets])
+    frame = stack.open("distilled", targets, 1.0)
+    assert stack.check(frame)
+    assert all(torch.equal(a, b) for a, b in zip(_bits([t.weight for t in targets]), before, strict=True))
+    if check_ok is not None:
+        check_ok(frame.state.flags)
+    half = len(targets) // 2
+    stack.merge_layers(frame, targets[:half], launch=True)
+    stack.merge_layers(frame, targets[half:], launch=True)
+    stack.close(frame)
+
+
+@pytest.mark.parametrize("first_guess", [fused.FIRST_GUESS, 0.0])  # 0.0: most tiles find no room in the check
+def test_a_checked_merge_writes_the_merges_bits_and_records_and_undoes_exactly(monkeypatch, first_guess) -> None:
+    monkeypatch.setattr(fused, "FIRST_GUESS", first_guess)
+    shapes = ((256, 192), (128, 128), (130, 70))
+    layers, twins = _layers(7, shapes), _layers(7, shapes)
+    original = _bits(layers)
+    ours, reference = MergeStack(fused.FusedRestore(), NO_FAULTS), MergeStack(fused.FusedRestore(), NO_FAULTS)
+    reference.push("distilled", _targets(twins, 8), 1.0)
+
+    def flags_say_checked(flags: torch.Tensor) -> None:
+        seen = set(flags.cpu().tolist())
+        if first_guess:
+            assert seen == {kernels.TILE_CHECKED}
+        else:  # merged whole at the close, into a second pool
+            assert kernels.TILE_NO_ROOM in seen and seen <= {kernels.TILE_CHECKED, kernels.TILE_NO_ROOM}
+
+    _push_checked(ours, _targets(layers, 8), flags_say_checked)
+    assert all(torch.equal(a, b) for a, b in zip(_bits(layers), _bits(twins), strict=True))
+    assert [u.exceptions for _, u in ours.frames[0].layers] == [u.exceptions for _, u in reference.frames[0].layers]
+    assert all(bool((u.tensors[0] == kernels.TILE_MERGED).all()) for _, u in ours.frames[0].layers)
+    ours.pop_all()
+    assert all(torch.equal(a, b) for a, b in zip(_bits(layers), original, strict=True))
+
+
+def test_a_checked_frame_abandoned_before_its_writes_leaves_the_weights_alone() -> None:
+    layers = _layers(9)
+    original = _bits(layers)
+    stack = MergeStack(fused.FusedRestore(), NO_FAULTS)
+    targets = _targets(layers, 10)
+    frame = stack.open("distilled", targets, 1.0)
+    assert stack.check(frame)
+    stack.merge_layers(frame, targets[:1], launch=True)  # one layer written, then a failure
+    stack.pop_all()
+    assert all(torch.equal(a, b) for a, b in zip(_bits(layers), original, strict=True))
+    assert not MergeStack(RecomputeRestore(), NO_FAULTS).check(MergeStack(RecomputeRestore(), NO_FAULTS).open(
+        "distilled", _targets(_layers(9), 10), 1.0)), "recompute has no separate check"
+
+
 def test_a_fault_between_layer_launches_rolls_back_exactly() -> None:
     faults = FaultInjector()
     layers = _layers(5)
@@ -191,8 +244,11 @@ def test_compiled_kernels_at_ltx2_sizes_merge_within_an_ulp_and_undo_exactly() -
     original = _bits(layers)
     ours = MergeStack(fused.FusedRestore(), NO_FAULTS)
     reference = MergeStack(RecomputeRestore(), NO_FAULTS)
-    for _ in range(2):  # the second merge runs on regions sized from the first
-        ours.push("distilled", _targets(layers, 12, rank=384), 1.0)
+    for checked in (False, True, True):  # the second merge runs on regions sized from the first
+        if checked:  # as a merge ahead runs it: checked, then written
+            _push_checked(ours, _targets(layers, 12, rank=384))
+        else:
+            ours.push("distilled", _targets(layers, 12, rank=384), 1.0)
         reference.push("distilled", _targets(twins, 12, rank=384), 1.0)
         for a, b in zip(_bits(layers), _bits(twins), strict=True):
             assert int((a.int() - b.int()).abs().max()) <= 1 and int((a != b).sum()) <= a.numel() // 100

@@ -213,12 +213,20 @@ def step_overhead(mgr: ResidencyManager, model: torch.nn.Module, preset: str, de
     return out
 
 
+# per kind of round: DiT calls, calls announced with req.prepare (0: none), whether it switches
+AHEAD_ROUNDS = {"call": (1, 0, False), "at_switch": (1, 0, True), "ahead": (1, 1, True),
+                "calls2": (2, 0, False), "ahead_checked": (2, 2, True)}
+# each cost: its round against the round that runs the same calls alone
+AHEAD_PAIRS = {"at_switch": "call", "ahead": "call", "ahead_checked": "calls2"}
+
+
 def merge_ahead_cost(mgr: ResidencyManager, model: torch.nn.Module, preset: str, device: str,
                      reps: int = 7) -> dict:
-    """What the switch into stage 2's merge adds to stage 1's last DiT call, at each stage's token
-    count: merged at the switch, or ahead (``Request.prepare``: launched block by block behind the
-    call). Each round times the last call alone, call + switch, and prepare + call + switch, in
-    three requests; the cost is the paired difference to the call alone, median over rounds."""
+    """What the switch into stage 2's merge adds to stage 1's last DiT calls, at each stage's token
+    count: merged at the switch, ahead behind the last call (``Request.prepare(calls=1)``), or
+    ahead over the last two (``calls=2``: checked behind the first, written behind the second).
+    Each round runs every kind of :data:`AHEAD_ROUNDS` as its own request; a cost is the paired
+    difference to the round of the same calls alone, median over rounds."""
     from .tiny import tiny_inputs
 
     out: dict = {}
@@ -226,20 +234,21 @@ def merge_ahead_cost(mgr: ResidencyManager, model: torch.nn.Module, preset: str,
         kw = tiny_inputs(model, frames=frames, height=height, width=width, text_tokens=TEXT_TOKENS[preset],
                          audio_frames=AUDIO_FRAMES[preset])
         kw = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
-        times: dict[str, list[float]] = {"call": [], "at_switch": [], "ahead": []}
+        times: dict[str, list[float]] = {k: [] for k in AHEAD_ROUNDS}
         gc.collect()
         gc.disable()
         try:
             for rep in range(reps + 1):
-                for kind in times:
+                for kind, (calls, announced, switch) in AHEAD_ROUNDS.items():
                     with torch.no_grad(), mgr.request() as req:
                         dit = req.enter("stage1")
 
-                        def last(d=dit, k=kind, r=req, x=kw) -> None:
-                            if k == "ahead":
-                                assert r.prepare("stage2", calls=1)
-                            d(**x)
-                            if k != "call":
+                        def last(d=dit, r=req, x=kw, n=calls, a=announced, sw=switch) -> None:
+                            if a:
+                                assert r.prepare("stage2", calls=a)
+                            for _ in range(n):
+                                d(**x)
+                            if sw:
                                 r.enter("stage2")
                         ms = _timed(last)
                     mgr.synchronize()
@@ -247,7 +256,7 @@ def merge_ahead_cost(mgr: ResidencyManager, model: torch.nn.Module, preset: str,
                         times[kind].append(ms)
         finally:
             gc.enable()
-        pairs = {k: [t - c for t, c in zip(times[k], times["call"], strict=True)] for k in ("at_switch", "ahead")}
+        pairs = {k: [t - c for t, c in zip(times[k], times[alone], strict=True)] for k, alone in AHEAD_PAIRS.items()}
         out[stage] = {"video_tokens": frames * height * width, "call_ms": statistics.median(times["call"]),
                       **{f"switch_{k}_ms": statistics.median(v) for k, v in pairs.items()},
                       "runs_ms": {k: [round(x, 1) for x in v] for k, v in times.items()}}

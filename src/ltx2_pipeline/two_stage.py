@@ -49,6 +49,9 @@ STAGES = ("TextEncodingStage", "LTX2LoRASwitchStage_stage1", "LTX2AVDenoisingSta
 #: A path (either key format), in-memory tensors, or a ready spec.
 DistilledLoRA = str | os.PathLike[str] | Mapping[str, torch.Tensor] | LoRASpec
 DENOISE_STAGES = {"LTX2AVDenoisingStage": "stage1", "LTX2RefinementStage": "stage2"}
+#: Stage 1's last steps a merge ahead is announced over: its check (the undo records) rides behind
+#: the first, its writes behind the last (one step: the whole merge behind the last).
+AHEAD_STEPS = 2
 
 
 @dataclass(frozen=True)
@@ -411,13 +414,17 @@ class LTX2TwoStagePipeline:
             pipe.transformer = self.base
 
     def _ahead(self, mreq: Request, req: GenerationRequest) -> Callable[[int], None]:
-        """Stage 1's step callback: before its last step, announce that step's DiT calls (as many as
-        step 0 ran) so stage 2's merge can start behind them (``Request.prepare``)."""
-        def before_last_step(done: int) -> None:
-            if self.merge_ahead and done == req.num_inference_steps - 1:
+        """Stage 1's step callback: before its last :data:`AHEAD_STEPS` steps (after the first),
+        announce their DiT calls (as many a step as the steps so far ran) so stage 2's merge can
+        start behind them (``Request.prepare``): checked behind the first, written behind the last."""
+        steps = req.num_inference_steps
+        at = max(1, steps - AHEAD_STEPS)
+
+        def before_last_steps(done: int) -> None:
+            if self.merge_ahead and done == at < steps:
                 self.prepared = mreq.prepare(Phase.STAGE2, strengths=req.strengths.get("stage2"),
-                                             work=self.work(req, 2), calls=max(1, mreq.calls // done))
-        return before_last_step
+                                             work=self.work(req, 2), calls=max(1, mreq.calls // done) * (steps - done))
+        return before_last_steps
 
     @staticmethod
     def _on_step(clock: _Clock, stage: str, then: Callable[[int], None] | None = None) -> Any:

@@ -32,9 +32,10 @@ RECORD_FRACTION = 0.125
 MERGE_OVERHEAD = 1.5
 #: The undo runs asynchronously; a request waited for 39 of its 194 ms (docs/benchmarks.md).
 UNDO_CRITICAL_SHARE = 0.2
-#: Merged ahead (``Request.prepare``), the share of a merge left on the request's path: 28-70 ms of
-#: 127-136 ms at 1536 tokens on an H100, by how host-bound stage 1's last call was (the larger end).
-AHEAD_CRITICAL_SHARE = 0.55
+#: Merged ahead (``Request.prepare``), the share of a merge left on the request's path, with the
+#: announced calls on the urgent stream: 25-58 ms of 116-131 ms at 1536 tokens on an H200, by how
+#: host-bound stage 1's calls were (the larger end; 28-70 ms of 127-136 on an H100 without it).
+AHEAD_CRITICAL_SHARE = 0.45
 #: Host time of one PEFT LoRA layer's forward, in eager launches: its 4 kernels plus the Python
 #: around them. Measured 105 µs per call over a disabled layer (H200 host, 9.8 µs launches) and
 #: 83-150 µs per layer in the full DiT (H100 and H200): ~12 launches.

@@ -59,6 +59,8 @@ def lora_tiles(
     ``UNIT`` elements (8 when every address and row is 16-byte aligned, as at LTX-2's shapes; 1
     otherwise), ranks in units of 16: the compiler can then prove the alignment and issue wide,
     pipelined loads (a bare table-loaded pointer gives 2-byte loads, 5x slower).
+    ``MODE``: 0 merge, 1 undo, 2 check (the merge's records and flags, the weight left as it is),
+    3 write (the checked tiles' merged values; the same arithmetic, so the same bits).
     The undo is this same body with ``sign = -1``: ``bf16(W' + acc * (-s))`` is bit for bit the
     ``bf16(W' - d)`` the merge checked (negation is exact). A separate subtracting body compiled
     with software pipelining (Triton 3.6, ``num_stages=3``) left the weights unchanged on a
@@ -80,8 +82,14 @@ def lora_tiles(
     inside = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
     flag = tl.load(flags_ptr + pid)
     active = tl.load(active_table + layer) != 0
-    # merge: tiles not merged yet (a retry skips those done); undo: merged tiles of the layers undone now
-    run = active & ((flag != 1) if MODE == 0 else (flag == 1))
+    # merge/check: tiles neither merged nor checked (a retry skips those done); write: checked
+    # tiles; undo: merged tiles of the layers undone now
+    if MODE == 1:
+        run = active & (flag == 1)
+    elif MODE == 3:
+        run = active & (flag == 4)
+    else:
+        run = active & (flag != 1) & (flag != 4)
     w_ptrs = w_ptr + rows[:, None] * n_cols + cols[None, :]
     if EARLY_W:  # the weight's read in flight while the delta is computed (nothing in the loop needs it)
         w = tl.load(w_ptrs, mask=inside & run, other=0.0)
@@ -106,7 +114,7 @@ def lora_tiles(
     if not EARLY_W:
         w = tl.load(w_ptrs, mask=inside & run, other=0.0)
     out = bf16_rne(w.to(tl.float32) + d)
-    if MODE == 0:
+    if MODE == 0 or MODE == 2:
         redo = bf16_rne(out.to(tl.float32) - d)
         of = out.to(tl.float32)
         bad = ((of != of) | (tl.abs(of) == float("inf"))) & inside
@@ -128,11 +136,14 @@ def lora_tiles(
         keep = miss & write
         tl.store(idx_ptr + first + slot, rows[:, None] * n_cols + cols[None, :], mask=keep)
         tl.store(val_ptr + first + slot, w.to(tl.int16, bitcast=True), mask=keep)
-        tl.store(w_ptrs, out, mask=inside & write)
-        new_flag = tl.where(write, 1, tl.where(n_bad > 0, 2, 3))
+        if MODE == 0:
+            tl.store(w_ptrs, out, mask=inside & write)
+        new_flag = tl.where(write, 1 if MODE == 0 else 4, tl.where(n_bad > 0, 2, 3))
         tl.store(flags_ptr + pid, tl.where(run, new_flag, flag).to(tl.int8))
     else:
         tl.store(w_ptrs, out, mask=inside & run)
+        if MODE == 3:
+            tl.store(flags_ptr + pid, tl.where(run, 1, flag).to(tl.int8))
 
 
 @triton.jit

@@ -5,6 +5,9 @@ block's weights are free: its part of stage 2's merge can start then, on a side 
 call goes on through the later blocks. Stage 1 of an LTX-2 request is host-bound at its token
 counts (the GPU idles between launches), so most of the merge fills those gaps and the switch to
 stage 2 is left with the tail (the last blocks) and one host sync for the finiteness check.
+Announced two calls or more ahead, a strategy that can (``fused``) splits the merge: its check
+(the undo records, the weights only read) is launched at once, behind the calls before the
+last, and the last call's gaps are left with the writes, about half the work.
 
 The mechanism only: the manager decides when (``Request.prepare``), holds the state
 (``premerging``), and counts the calls through its forward guard (:meth:`MergeAhead.admit`).
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
 
 from ..errors import ForwardGuardError
@@ -25,6 +29,20 @@ from .merge import LayerTarget, MergeFrame, MergeStack
 from .overlap import UndoStream
 
 OUTSIDE = ""  # the group of layers that sit in no numbered block (merged when the call ends)
+
+
+def keep_for(stream: torch.cuda.Stream, output: Any) -> None:
+    """Mark every tensor in a module's output (tensors, tuples, lists, dicts, dataclass-like
+    outputs) as used by ``stream``."""
+    if isinstance(output, torch.Tensor):
+        if output.is_cuda:
+            output.record_stream(stream)
+    elif isinstance(output, (tuple, list)):
+        for item in output:
+            keep_for(stream, item)
+    elif isinstance(output, dict):  # diffusers' BaseOutput is a dict too
+        for item in output.values():
+            keep_for(stream, item)
 
 
 def block_of(name: str) -> str:
@@ -52,7 +70,8 @@ def by_block(targets: list[LayerTarget]) -> dict[str, list[LayerTarget]]:
 
 class MergeAhead:
     """One phase's merge, opened now and launched block by block during the next ``calls`` DiT
-    calls: each block's group after the last of those calls has run the block.
+    calls: each block's group after the last of those calls has run the block (with
+    ``calls > 1``, checked first, see :meth:`MergeStack.check`).
 
     A block that runs again after its group was launched is refused (its weights are no longer
     the phase's); so is any DiT call beyond ``calls``. Both raise :class:`ForwardGuardError`
@@ -70,9 +89,20 @@ class MergeAhead:
         for lora, strength, targets in plan:
             groups = dict(sorted(by_block(targets).items(), key=lambda g: _block_order(g[0])))
             self.frames.append((stack.open(lora, [t for g in groups.values() for t in g], strength), groups))
+        # with calls to spare before the last one, the records are taken now, behind them (the
+        # weights are only read): the last call's gaps are left with the writes, half the work
+        self.checked = False
+        if calls > 1:
+            with self.stream.running():
+                self.checked = all([stack.check(frame) for frame, _ in self.frames])
         self.pending = sorted(dict.fromkeys(b for _, groups in self.frames for b in groups), key=_block_order)
         self.passed: set[str] = set()  # blocks the last call has run (launched, or waiting for earlier ones)
-        self._hooks: list[Any] = [root.register_forward_hook(self._call_done)]
+        # each call on the high-priority stream: the merge's tiles then wait for the call's kernels,
+        # not the call's for the merge's (a hook that always runs, so a failing call switches back)
+        self._caller: torch.cuda.Stream | None = None
+        self._hooks: list[Any] = [root.register_forward_pre_hook(self._call_starts),
+                                  root.register_forward_hook(self._call_done),
+                                  root.register_forward_hook(self._call_ends, always_call=True)]
         for block in self.pending:
             if block != OUTSIDE:
                 module = root.get_submodule(block)
@@ -105,6 +135,25 @@ class MergeAhead:
                 while self.pending and self.pending[0] in self.passed:
                     self._launch(self.pending[0])
         return hook
+
+    def _call_starts(self, module: nn.Module, args: Any) -> None:
+        urgent = self.stream.urgent()
+        if urgent is None or self._caller is not None:
+            return
+        caller = torch.cuda.current_stream(self.stream.device)
+        urgent.wait_stream(caller)
+        torch.cuda.set_stream(urgent)
+        self._caller = caller
+
+    def _call_ends(self, module: nn.Module, args: Any, output: Any) -> None:
+        caller, self._caller = self._caller, None
+        if caller is None:
+            return
+        urgent = torch.cuda.current_stream(self.stream.device)
+        caller.wait_stream(urgent)
+        torch.cuda.set_stream(caller)
+        # made on the urgent stream, used on the caller's: not handed out again before it is done
+        keep_for(caller, output)
 
     def _call_done(self, module: nn.Module, args: Any, output: Any) -> None:
         if self.calls_left == 0:

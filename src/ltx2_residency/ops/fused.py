@@ -50,6 +50,7 @@ class _Frame:
     everyone: torch.Tensor | None = None  # all layers active: the usual undo, made at merge (no H2D copy then)
     host_start: list[int] | None = None
     streams: set[int] = field(default_factory=set)  # side streams the pools were marked for
+    checked: bool = False  # check() ran: launches write the checked tiles (records already taken)
 
     def views(self, i: int) -> tuple[torch.Tensor, ...]:
         """Layer ``i``'s tile flags, record indices and record values (views into the pools)."""
@@ -194,17 +195,42 @@ class FusedRestore:
                                                      state.factors[lo:hi],
                                                      [frame.strength * t.scale for t in state.targets[lo:hi]])
         t0, t1 = full.tile_offsets[lo], full.tile_offsets[hi]
+        self._mark_for_stream(state, p)
+        state.plan = full
+        state.launched = hi
+        kernels.lora_tiles(kernels.WRITE if state.checked else kernels.MERGE, p, state.everyone[lo:hi],
+                           state.flags[t0:t1], state.counters[lo:hi], state.count[lo:hi], state.rec_start[lo:hi],
+                           state.capacity[lo:hi], state.idx, state.val)
+
+    def check(self, frame: MergeFrame) -> None:
+        """Take the whole frame's records now, writing no weight (asynchronous, current stream):
+        a merge ahead checks while the weights still serve the phase before, so that what is
+        left for the last call's gaps is the write, half the merge's work. Before any layer is
+        registered; the tiles' flags then say which tiles the launches of :meth:`flush` write."""
+        state = frame.state
+        assert isinstance(state, _Frame) and not state.targets, "check() right after begin()"
+        p = state.full
+        if p is None:
+            return
+        assert state.flags is not None and state.counters is not None and state.count is not None
+        assert state.rec_start is not None and state.capacity is not None and state.everyone is not None
+        assert state.idx is not None and state.val is not None
+        self._mark_for_stream(state, p)
+        state.checked = True
+        kernels.lora_tiles(kernels.CHECK, p, state.everyone, state.flags, state.counters, state.count,
+                           state.rec_start, state.capacity, state.idx, state.val)
+
+    @staticmethod
+    def _mark_for_stream(state: _Frame, p: kernels.Plan) -> None:
+        assert state.flags is not None
         stream = torch.cuda.current_stream(state.flags.device).cuda_stream if state.flags.is_cuda else 0
         if stream not in state.streams:
             # launched on a side stream (a merge ahead): the pools made on the caller's stream
             # must outlive this stream's use of them, whichever stream frees them
             state.streams.add(stream)
-            keep_for_stream([state.flags, state.counters, state.count, state.rec_start, state.capacity,
-                             state.everyone, state.idx, state.val, *p.tables, p.tile_layer, p.tile_local])
-        state.plan = full
-        state.launched = hi
-        kernels.lora_tiles(0, p, state.everyone[lo:hi], state.flags[t0:t1], state.counters[lo:hi],
-                           state.count[lo:hi], state.rec_start[lo:hi], state.capacity[lo:hi], state.idx, state.val)
+            keep_for_stream([t for t in (state.flags, state.counters, state.count, state.rec_start, state.capacity,
+                                         state.everyone, state.idx, state.val) if t is not None]
+                            + [*p.tables, p.tile_layer, p.tile_local])
 
     def finish(self, frame: MergeFrame) -> None:
         state = frame.state
@@ -244,7 +270,8 @@ class FusedRestore:
             idx2 = torch.empty(max(1, sum(short)), dtype=torch.int32, device=device)
             val2 = torch.empty(max(1, sum(short)), dtype=torch.int16, device=device)
             valid2 = torch.zeros(n, dtype=torch.int64, device=device)
-            kernels.lora_tiles(0, p, torch.tensor([1 if s else 0 for s in short], dtype=torch.int8, device=device),
+            kernels.lora_tiles(kernels.MERGE, p,
+                               torch.tensor([1 if s else 0 for s in short], dtype=torch.int8, device=device),
                                state.flags, torch.zeros(n, dtype=torch.int64, device=device), valid2,
                                torch.tensor(starts2, dtype=torch.int64, device=device),
                                torch.tensor(short, dtype=torch.int64, device=device), idx2, val2)
@@ -292,7 +319,8 @@ class FusedRestore:
         else:  # part of a LoRA (a fault stopped the undo part way): a host-to-device copy
             active = torch.tensor(chosen, dtype=torch.int8, device=device)
         none = torch.zeros(p.layers, dtype=torch.int64, device=device)
-        kernels.lora_tiles(1, p, active, state.flags, none, none, state.rec_start, none, state.idx, state.val)
+        kernels.lora_tiles(kernels.UNDO, p, active, state.flags, none, none, state.rec_start, none, state.idx,
+                           state.val)
         if state.host_count is None:  # finish() raised after its launch: the records as they fell
             state.host_count = [int(c) for c in state.count.tolist()]
         most = max((state.host_count[i] for i, c in enumerate(chosen) if c), default=0)

@@ -16,6 +16,11 @@ cores, scales it, and then
 - *restore*: writes ``bf16(W' - d)`` for the tiles the merge wrote; the recorded originals are
   then scattered back.
 
+The merge also comes in two halves, for a merge started ahead while the weights are still in
+use: *check* is the merge without its write (records and flags, ``W`` untouched), and *write*
+later writes ``bf16(W + d)`` for the checked tiles only. The write is the undo's cost (one GEMM
+and one read and write of ``W``, no check, no records), about half the whole merge's.
+
 Memory traffic is one read and one write of ``W`` plus 6 bytes per recorded position (7.7 % of
 the elements at ‖ΔW‖ = 10 % of ‖W‖): the floor of an in-place merge, with the delta's FLOPs
 hidden under it.
@@ -37,7 +42,8 @@ import torch
 
 CHUNK = 1 << 15  # must equal fingerprint._CHUNK: the digests are the same function
 ALIGN = 16  # bytes: the unit of the kernels' address offsets
-TILE_NOT_RUN, TILE_MERGED, TILE_NON_FINITE, TILE_NO_ROOM = 0, 1, 2, 3
+TILE_NOT_RUN, TILE_MERGED, TILE_NON_FINITE, TILE_NO_ROOM, TILE_CHECKED = 0, 1, 2, 3, 4
+MERGE, UNDO, CHECK, WRITE = 0, 1, 2, 3  # lora_tiles' modes
 
 _module: Any = None
 _module_interprets = False
@@ -159,13 +165,13 @@ def supports(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor) -
 def lora_tiles(mode: int, p: Plan, active: torch.Tensor, flags: torch.Tensor, counters: torch.Tensor,
                valid: torch.Tensor, rec_start: torch.Tensor, capacity: torch.Tensor, idx: torch.Tensor,
                val: torch.Tensor) -> None:
-    """One launch over every tile of every layer: merge (mode 0) or undo (mode 1) the layers
-    whose ``active`` entry is set; asynchronous."""
+    """One launch over every tile of every layer: merge, undo, check or write (``mode``, see
+    :data:`MERGE`) the layers whose ``active`` entry is set; asynchronous."""
     bn, bk, br, warps, stages, early = _tiles()
     br = min(br, max(16, 1 << (p.max_rank - 1).bit_length()))  # tl.dot needs >= 16; no wider than the rank
     _load().lora_tiles[(p.tiles,)](
         p.tile_layer, p.tile_local, *p.bases, *p.tables, active, flags, counters, valid, rec_start, capacity, idx,
-        val, 1.0 if mode == 0 else -1.0, UNIT=p.unit, RANK=p.max_rank, MODE=mode, F32_DOT=_interpreting(),
+        val, -1.0 if mode == UNDO else 1.0, UNIT=p.unit, RANK=p.max_rank, MODE=mode, F32_DOT=_interpreting(),
         BN=bn, BK=bk, BR=br, EARLY_W=bool(early), num_warps=warps, num_stages=stages)
 
 

@@ -259,6 +259,17 @@ class MergeStack:
             self.strategy.begin(frame, targets)
         return frame
 
+    def check(self, frame: MergeFrame) -> bool:
+        """Take ``frame``'s undo records now, before any of its layers is written, where the
+        strategy can (``fused``: one launch, asynchronous, the weights only read); its launches
+        then only write. Returns whether it did."""
+        check = getattr(self.strategy, "check", None)
+        if check is None or frame.layers:
+            return False
+        with torch.no_grad(), _reported(frame):
+            check(frame)
+        return True
+
     def merge_layers(self, frame: MergeFrame, targets: list[LayerTarget], launch: bool = False) -> None:
         """Merge the next ``targets`` of ``frame``. A batched strategy writes them at
         :meth:`close` unless ``launch`` asks for them now (asynchronously, on the current stream)."""

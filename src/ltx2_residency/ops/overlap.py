@@ -34,6 +34,20 @@ class UndoStream:
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._urgent: torch.cuda.Stream | None = None
+
+    def urgent(self) -> torch.cuda.Stream | None:
+        """A high-priority stream for the work the side stream's must not delay (None on the CPU).
+        The side stream has the default priority, the lowest: a big kernel on it would otherwise
+        hold every SM until its last tile is dispatched, and each of a host-bound DiT call's small
+        kernels would wait behind it; from a higher-priority stream they are dispatched first, and
+        the side stream's tiles fill the gaps (H200, a merge behind a 1536-token call: +27 ms
+        over the call against +154 ms)."""
+        if self.stream is None:
+            return None
+        if self._urgent is None:
+            self._urgent = torch.cuda.Stream(self.device, priority=-1)
+        return self._urgent
 
     @contextlib.contextmanager
     def running(self) -> Iterator[None]:
