@@ -350,6 +350,46 @@ def test_merge_ahead_on_the_side_stream_gives_the_usual_bits_at_ltx2_layer_sizes
         assert torch.equal(results[0][1], out)
 
 
+@pytest.mark.gpu
+def test_announced_calls_run_on_a_stream_ahead_of_the_merges_and_hand_back_the_callers() -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("streams need a GPU")
+    seen: list[torch.cuda.Stream] = []
+
+    class Blocks(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.transformer_blocks = nn.ModuleList(nn.Sequential(nn.Linear(256, 256)) for _ in range(2))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            seen.append(torch.cuda.current_stream())
+            for block in self.transformer_blocks:
+                x = block(x)
+            return x
+
+    model = Blocks().to("cuda", torch.bfloat16)
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    spec = LoRASpec("distilled", tensors=synthetic_lora(model, names, rank=16, relative_norm=0.1), strengths=STRENGTHS)
+    mgr = ResidencyManager(model, loras=[spec], merge_policy="merge")
+    x = torch.randn(8, 256, device="cuda", dtype=torch.bfloat16)
+    high = torch.cuda.Stream(priority=-1)
+    with torch.no_grad(), mgr.request() as req:
+        dit = req.enter("stage1")
+        assert req.prepare("stage2", calls=3)
+        caller = torch.cuda.current_stream()
+        dit(x)  # on the default stream (the lowest priority, like the side stream's): switched
+        assert seen[-1] != caller and seen[-1].priority < mgr._undo_stream.stream.priority
+        assert torch.cuda.current_stream() == caller
+        with torch.cuda.stream(high):  # a caller already ahead of the side stream: left alone
+            dit(x)
+            assert seen[-1] == high and torch.cuda.current_stream() == high
+        with pytest.raises(RuntimeError):
+            dit(x.float())  # a failing call hands the caller's stream back too
+        assert torch.cuda.current_stream() == caller
+    mgr.synchronize()
+    assert mgr.state is WeightState.CLEAN
+
+
 def test_a_merge_ahead_is_declined_where_the_last_call_keeps_the_gpu_busy() -> None:
     from ltx2_residency import PhaseWork
     from ltx2_residency.ops.forward import HOST_BOUND_TOKENS

@@ -97,6 +97,10 @@ def _reference_merge(t: LayerTarget, strength: float) -> torch.Tensor:
 
 
 def _stack(restore: str, faults: FaultInjector | None = None, *, check_layers: bool = True) -> MergeStack:
+    if restore == "fused" and torch.cuda.is_available():
+        # these layers are CPU tensors, for Triton's interpreter; on a GPU the compiled kernels
+        # are tested by test_kernels and test_ahead
+        pytest.skip("the fused cases here run CPU tensors through the interpreter (no GPU)")
     return MergeStack(RESTORE_STRATEGIES[restore](), faults or FaultInjector(), check_layers=check_layers)
 
 

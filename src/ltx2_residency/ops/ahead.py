@@ -141,6 +141,8 @@ class MergeAhead:
         if urgent is None or self._caller is not None:
             return
         caller = torch.cuda.current_stream(self.stream.device)
+        if caller.priority <= urgent.priority:
+            return  # the caller's stream is ahead of the side stream already (a serving engine's own)
         urgent.wait_stream(caller)
         torch.cuda.set_stream(urgent)
         self._caller = caller

@@ -68,14 +68,10 @@ class _FusedUndo(LayerUndo):
     tests): making and freeing three views per layer at 1344 layers was most of the critical
     path of an overlapped restore."""
 
-    @property  # type: ignore[override]
+    @property
     def tensors(self) -> tuple[torch.Tensor, ...]:
         state, i = self.handle  # type: ignore[misc]
         return state.views(i)
-
-    @tensors.setter
-    def tensors(self, value: tuple[torch.Tensor, ...]) -> None:
-        pass  # the views are derived; the dataclass constructor's empty tuple is dropped
 
 
 def _exclusive_cumsum(values: list[int]) -> list[int]:

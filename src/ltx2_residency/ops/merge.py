@@ -75,9 +75,14 @@ class LayerTarget:
 @dataclass
 class LayerUndo:
     digest: Digest | None  # the layer before this merge (None: layer checks are off)
-    tensors: tuple[torch.Tensor, ...] = ()
+    captured: tuple[torch.Tensor, ...] = ()
     exceptions: int = 0
     handle: object = None  # strategy-private state (the fused strategy's tile flags and records)
+
+    @property
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        """What the undo reads (a strategy that pools its records makes views of them on demand)."""
+        return self.captured
 
     @property
     def nbytes(self) -> int:

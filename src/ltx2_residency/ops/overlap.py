@@ -41,12 +41,12 @@ class UndoStream:
         The side stream has the default priority, the lowest: a big kernel on it would otherwise
         hold every SM until its last tile is dispatched, and each of a host-bound DiT call's small
         kernels would wait behind it; from a higher-priority stream they are dispatched first, and
-        the side stream's tiles fill the gaps (H200, a merge behind a 1536-token call: +27 ms
-        over the call against +154 ms)."""
+        the side stream's tiles fill the gaps (H200, a merge ahead behind 1536-token calls: a
+        median of 30 ms over the calls against 139-154 ms with the side stream alone)."""
         if self.stream is None:
             return None
         if self._urgent is None:
-            self._urgent = torch.cuda.Stream(self.device, priority=-1)
+            self._urgent = torch.cuda.Stream(self.device, priority=-1)  # above the default, 0
         return self._urgent
 
     @contextlib.contextmanager
