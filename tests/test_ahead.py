@@ -300,6 +300,35 @@ def test_blocks_merge_in_the_order_they_run_whatever_their_names_sort_to(restore
         assert torch.equal(results[0][1], out)
 
 
+@pytest.mark.parametrize("restore", RESTORES)
+@pytest.mark.parametrize(("calls", "first_guess"), [(1, None), (1, 0.0), (2, None), (2, 0.0)])  # 0.0: no room
+def test_with_two_loras_on_the_same_layers_the_undo_is_exact(monkeypatch, restore, calls, first_guess) -> None:
+    if first_guess is not None:
+        from ltx2_residency.ops import fused
+        monkeypatch.setattr(fused, "FIRST_GUESS", first_guess)
+    device = device_for(restore)
+    names = [n for n, m in _Deep().named_modules() if isinstance(m, nn.Linear)]
+    specs = [LoRASpec(name, tensors=synthetic_lora(_Deep().to(torch.bfloat16), names, rank=4, relative_norm=0.1,
+                                                   seed=seed), strengths=STRENGTHS)
+             for seed, name in enumerate(("distilled", "style"))]
+    x = torch.randn(8, 32, generator=torch.Generator().manual_seed(1)).to(device, torch.bfloat16)
+    mgr = ResidencyManager(_Deep().to(device, torch.bfloat16), loras=specs, merge_policy="merge", restore=restore)
+    clean = weight_bits(mgr.managed_weights)
+    results = []
+    for ahead in (False, True):
+        with torch.no_grad(), mgr.request() as req:
+            dit = req.enter("stage1")
+            if ahead:
+                assert req.prepare("stage2", calls=calls)
+            for _ in range(calls):
+                dit(x)
+            out = req.enter("stage2")(x)
+            results.append((weight_bits(mgr.managed_weights), out))
+        assert_same_bits(clean, clean_bits(mgr))  # the later LoRA's records are taken over the earlier's
+    assert_same_bits(results[0][0], results[1][0])
+    assert torch.equal(results[0][1], results[1][1])
+
+
 @pytest.mark.gpu
 def test_merge_ahead_on_the_side_stream_gives_the_usual_bits_at_ltx2_layer_sizes() -> None:
     if not torch.cuda.is_available():

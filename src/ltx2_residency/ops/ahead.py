@@ -89,25 +89,34 @@ class MergeAhead:
         for lora, strength, targets in plan:
             groups = dict(sorted(by_block(targets).items(), key=lambda g: _block_order(g[0])))
             self.frames.append((stack.open(lora, [t for g in groups.values() for t in g], strength), groups))
-        # with calls to spare before the last one, the records are taken now, behind them (the
+        # Only the first LoRA rides behind the calls; the others merge at the switch, once it is
+        # closed: a later LoRA's records are taken against the weights with the earlier merged
+        # in, and an earlier frame's retry (tiles without room) must come before anything above it.
+        first = self.frames[0] if self.frames else None
+        # with calls to spare before the last one, its records are taken now, behind them (the
         # weights are only read): the last call's gaps are left with the writes, half the work
         self.checked = False
-        if calls > 1:
+        if calls > 1 and first is not None:
             with self.stream.running():
-                self.checked = all([stack.check(frame) for frame, _ in self.frames])
-        self.pending = sorted(dict.fromkeys(b for _, groups in self.frames for b in groups), key=_block_order)
+                self.checked = stack.check(first[0])
+        self.pending = sorted(first[1], key=_block_order) if first is not None else []
         self.passed: set[str] = set()  # blocks the last call has run (launched, or waiting for earlier ones)
         # each call on the high-priority stream: the merge's tiles then wait for the call's kernels,
         # not the call's for the merge's (a hook that always runs, so a failing call switches back)
         self._caller: torch.cuda.Stream | None = None
-        self._hooks: list[Any] = [root.register_forward_pre_hook(self._call_starts),
-                                  root.register_forward_hook(self._call_done),
-                                  root.register_forward_hook(self._call_ends, always_call=True)]
-        for block in self.pending:
-            if block != OUTSIDE:
-                module = root.get_submodule(block)
-                self._hooks.append(module.register_forward_pre_hook(self._block_starts(block)))
-                self._hooks.append(module.register_forward_hook(self._block_done(block)))
+        self._hooks: list[Any] = []
+        try:
+            self._hooks += [root.register_forward_pre_hook(self._call_starts),
+                            root.register_forward_hook(self._call_done),
+                            root.register_forward_hook(self._call_ends, always_call=True)]
+            for block in self.pending:
+                if block != OUTSIDE:
+                    module = root.get_submodule(block)
+                    self._hooks.append(module.register_forward_pre_hook(self._block_starts(block)))
+                    self._hooks.append(module.register_forward_hook(self._block_done(block)))
+        except BaseException:
+            self.disarm()
+            raise
 
     def admit(self) -> None:
         """A DiT call starts (called by the manager's forward guard)."""
@@ -148,14 +157,18 @@ class MergeAhead:
         self._caller = caller
 
     def _call_ends(self, module: nn.Module, args: Any, output: Any) -> None:
+        caller = self._hand_back()
+        if caller is not None:
+            # made on the urgent stream, used on the caller's: not handed out again before it is done
+            keep_for(caller, output)
+
+    def _hand_back(self) -> torch.cuda.Stream | None:
+        """Back on the caller's stream, ordered after the call's work (None: it never left)."""
         caller, self._caller = self._caller, None
-        if caller is None:
-            return
-        urgent = torch.cuda.current_stream(self.stream.device)
-        caller.wait_stream(urgent)
-        torch.cuda.set_stream(caller)
-        # made on the urgent stream, used on the caller's: not handed out again before it is done
-        keep_for(caller, output)
+        if caller is not None:
+            caller.wait_stream(torch.cuda.current_stream(self.stream.device))
+            torch.cuda.set_stream(caller)
+        return caller
 
     def _call_done(self, module: nn.Module, args: Any, output: Any) -> None:
         if self.calls_left == 0:
@@ -168,23 +181,31 @@ class MergeAhead:
     def _launch(self, block: str) -> None:
         self.pending.pop(0)
         self.passed.add(block)
+        frame, groups = self.frames[0]
         with self.stream.running():  # after the call's work so far on the caller's stream
-            for frame, groups in self.frames:
-                self.stack.merge_layers(frame, groups.get(block, []), launch=True)
+            self.stack.merge_layers(frame, groups.get(block, []), launch=True)
 
     def complete(self) -> int:
-        """The switch itself: the rest launched, the caller's stream ordered after the merge, and
-        every frame closed (the host sync that checks finiteness). Returns weight bytes written."""
+        """The switch itself: the rest launched, the caller's stream ordered after the merge, the
+        first frame closed (the host sync that checks finiteness), then any later LoRA merged
+        as usual. Returns weight bytes written."""
         self.disarm()
         self._launch_rest()
         self.stream.join()
-        return sum(self.stack.close(frame) for frame, _ in self.frames)
+        written = 0
+        for i, (frame, groups) in enumerate(self.frames):
+            if i:
+                self.stack.merge_layers(frame, [t for g in groups.values() for t in g])
+            written += self.stack.close(frame)
+        return written
 
     def disarm(self) -> None:
-        """Remove the hooks; what was launched stays on the stack (an undo takes it from there)."""
+        """Remove the hooks (and leave the urgent stream, should an interrupt have skipped the
+        hook that does); what was launched stays on the stack (an undo takes it from there)."""
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
+        self._hand_back()
 
     def abandon(self) -> None:
         """A failure before the switch: stop, and order the caller's stream after what was launched,
