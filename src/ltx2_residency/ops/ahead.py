@@ -19,6 +19,7 @@ inline, in the hook, which is what the CPU tests exercise.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -31,18 +32,16 @@ from .overlap import UndoStream
 OUTSIDE = ""  # the group of layers that sit in no numbered block (merged when the call ends)
 
 
-def keep_for(stream: torch.cuda.Stream, output: Any) -> None:
-    """Mark every tensor in a module's output (tensors, tuples, lists, dicts, dataclass-like
-    outputs) as used by ``stream``."""
+def tensors_in(output: Any) -> Iterator[torch.Tensor]:
+    """Every tensor in a module's output (a tensor, or tuples, lists and dicts of them)."""
     if isinstance(output, torch.Tensor):
-        if output.is_cuda:
-            output.record_stream(stream)
+        yield output
     elif isinstance(output, (tuple, list)):
         for item in output:
-            keep_for(stream, item)
+            yield from tensors_in(item)
     elif isinstance(output, dict):  # diffusers' BaseOutput is a dict too
         for item in output.values():
-            keep_for(stream, item)
+            yield from tensors_in(item)
 
 
 def block_of(name: str) -> str:
@@ -146,29 +145,16 @@ class MergeAhead:
         return hook
 
     def _call_starts(self, module: nn.Module, args: Any) -> None:
-        urgent = self.stream.urgent()
-        if urgent is None or self._caller is not None:
-            return
-        caller = torch.cuda.current_stream(self.stream.device)
-        if caller.priority <= urgent.priority:
-            return  # the caller's stream is ahead of the side stream already (a serving engine's own)
-        urgent.wait_stream(caller)
-        torch.cuda.set_stream(urgent)
-        self._caller = caller
+        if self._caller is None:
+            self._caller = self.stream.hurry()
 
     def _call_ends(self, module: nn.Module, args: Any, output: Any) -> None:
-        caller = self._hand_back()
-        if caller is not None:
-            # made on the urgent stream, used on the caller's: not handed out again before it is done
-            keep_for(caller, output)
+        self._hand_back(tensors_in(output))
 
-    def _hand_back(self) -> torch.cuda.Stream | None:
-        """Back on the caller's stream, ordered after the call's work (None: it never left)."""
+    def _hand_back(self, made: Iterable[torch.Tensor] = ()) -> None:
         caller, self._caller = self._caller, None
         if caller is not None:
-            caller.wait_stream(torch.cuda.current_stream(self.stream.device))
-            torch.cuda.set_stream(caller)
-        return caller
+            self.stream.hand_back(caller, made)
 
     def _call_done(self, module: nn.Module, args: Any, output: Any) -> None:
         if self.calls_left == 0:

@@ -52,6 +52,15 @@ class _Frame:
     streams: set[int] = field(default_factory=set)  # side streams the pools were marked for
     checked: bool = False  # check() ran: launches write the checked tiles (records already taken)
 
+    def pools(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                             torch.Tensor, torch.Tensor]:
+        """What a launch reads and writes, made by ``begin()``: tile flags, per-layer counters,
+        record counts, region starts and capacities, the all-layers mask, record indices and values."""
+        pools = (self.flags, self.counters, self.count, self.rec_start, self.capacity, self.everyone, self.idx,
+                 self.val)
+        assert all(t is not None for t in pools), "begin() first"
+        return pools  # type: ignore[return-value]
+
     def views(self, i: int) -> tuple[torch.Tensor, ...]:
         """Layer ``i``'s tile flags, record indices and record values (views into the pools)."""
         if self.plan is None or self.flags is None or self.idx is None or self.val is None:
@@ -181,9 +190,7 @@ class FusedRestore:
         lo, hi = state.launched, len(state.targets)
         if hi == lo or state.full is None:
             return
-        assert state.flags is not None and state.counters is not None and state.count is not None
-        assert state.rec_start is not None and state.capacity is not None and state.everyone is not None
-        assert state.idx is not None and state.val is not None
+        flags, counters, count, rec_start, capacity, everyone, idx, val = state.pools()
         full = state.full
         p = full if (lo, hi) == (0, full.layers) else state.parts.get((lo, hi))
         if p is None:  # a part's tiles are that slice of the frame's tiles: its flags and counters are slices
@@ -194,9 +201,8 @@ class FusedRestore:
         self._mark_for_stream(state, p)
         state.plan = full
         state.launched = hi
-        kernels.lora_tiles(kernels.WRITE if state.checked else kernels.MERGE, p, state.everyone[lo:hi],
-                           state.flags[t0:t1], state.counters[lo:hi], state.count[lo:hi], state.rec_start[lo:hi],
-                           state.capacity[lo:hi], state.idx, state.val)
+        kernels.lora_tiles(kernels.WRITE if state.checked else kernels.MERGE, p, everyone[lo:hi], flags[t0:t1],
+                           counters[lo:hi], count[lo:hi], rec_start[lo:hi], capacity[lo:hi], idx, val)
 
     def check(self, frame: MergeFrame) -> None:
         """Take the whole frame's records now, writing no weight (asynchronous, current stream):
@@ -208,25 +214,20 @@ class FusedRestore:
         p = state.full
         if p is None:
             return
-        assert state.flags is not None and state.counters is not None and state.count is not None
-        assert state.rec_start is not None and state.capacity is not None and state.everyone is not None
-        assert state.idx is not None and state.val is not None
+        flags, counters, count, rec_start, capacity, everyone, idx, val = state.pools()
         self._mark_for_stream(state, p)
         state.checked = True
-        kernels.lora_tiles(kernels.CHECK, p, state.everyone, state.flags, state.counters, state.count,
-                           state.rec_start, state.capacity, state.idx, state.val)
+        kernels.lora_tiles(kernels.CHECK, p, everyone, flags, counters, count, rec_start, capacity, idx, val)
 
     @staticmethod
     def _mark_for_stream(state: _Frame, p: kernels.Plan) -> None:
-        assert state.flags is not None
-        stream = torch.cuda.current_stream(state.flags.device).cuda_stream if state.flags.is_cuda else 0
+        pools = state.pools()
+        stream = torch.cuda.current_stream(pools[0].device).cuda_stream if pools[0].is_cuda else 0
         if stream not in state.streams:
             # launched on a side stream (a merge ahead): the pools made on the caller's stream
             # must outlive this stream's use of them, whichever stream frees them
             state.streams.add(stream)
-            keep_for_stream([t for t in (state.flags, state.counters, state.count, state.rec_start, state.capacity,
-                                         state.everyone, state.idx, state.val) if t is not None]
-                            + [*p.tables, p.tile_layer, p.tile_local])
+            keep_for_stream([*pools, *p.tables, p.tile_layer, p.tile_local])
 
     def finish(self, frame: MergeFrame) -> None:
         state = frame.state

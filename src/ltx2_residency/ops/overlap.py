@@ -10,7 +10,7 @@ exercise.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -49,6 +49,27 @@ class UndoStream:
             self._urgent = torch.cuda.Stream(self.device, priority=-1)  # above the default, 0
         return self._urgent
 
+    def hurry(self) -> torch.cuda.Stream | None:
+        """Make the urgent stream current, after what the caller's stream has queued; returns the
+        caller's stream for :meth:`hand_back` (None: nothing switched, on the CPU or when the
+        caller's stream is ahead of the side stream already, e.g. a serving engine's own)."""
+        urgent = self.urgent()
+        if urgent is None:
+            return None
+        caller = torch.cuda.current_stream(self.device)
+        if caller.priority <= urgent.priority:
+            return None
+        urgent.wait_stream(caller)
+        torch.cuda.set_stream(urgent)
+        return caller
+
+    def hand_back(self, caller: torch.cuda.Stream, made: Iterable[torch.Tensor] = ()) -> None:
+        """Back on ``caller`` (from :meth:`hurry`), ordered after the urgent stream's work; ``made``:
+        tensors made on the urgent stream that the caller goes on using."""
+        caller.wait_stream(torch.cuda.current_stream(self.device))
+        torch.cuda.set_stream(caller)
+        keep_for_stream(made)
+
     @contextlib.contextmanager
     def running(self) -> Iterator[None]:
         """Work queued in the block runs on the side stream, after everything already queued on
@@ -83,7 +104,7 @@ class UndoStream:
             event.synchronize()
 
 
-def keep_for_stream(tensors: Iterator[torch.Tensor] | list[torch.Tensor]) -> None:
+def keep_for_stream(tensors: Iterable[torch.Tensor]) -> None:
     """Tell the caching allocator that the current (side) stream uses these tensors, so memory
     freed on the stream that made them is not handed out again before this stream is done."""
     streams: dict[torch.device, torch.cuda.Stream] = {}  # one lookup per device (~15 us each)
