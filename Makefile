@@ -12,6 +12,7 @@ venv: $(VENV)/.installed
 
 # torch first: a torch already importable by $(PYTHON) (e.g. a GPU image's CUDA build) is kept
 # by giving the venv the system site-packages; otherwise the CPU wheel is installed.
+# Then the project with the pipeline (the demo and most tests need it) and the test tools.
 $(VENV)/.installed: pyproject.toml constraints.txt
 	@if $(PYTHON) -c "import torch" >/dev/null 2>&1; then \
 	    echo "keeping the existing torch: $$($(PYTHON) -c 'import torch; print(torch.__version__)')"; \
@@ -19,7 +20,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	else \
 	    $(PYTHON) -m venv $(VENV) && $(PY) -m pip install --quiet "$(TORCH_CPU)"; \
 	fi
-	$(PY) -m pip install --quiet -c constraints.txt -e ".[test]"
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[pipeline,test]"
 	@touch $@
 
 demo: venv

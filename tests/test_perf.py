@@ -9,8 +9,10 @@ verdict against expectations that no machine can miss (1e-6 ms) or fail (1e9 ms)
 from __future__ import annotations
 
 import copy
+import importlib.resources
 import json
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -81,7 +83,6 @@ def test_every_metric_within_tolerance_passes() -> None:
 
 @pytest.mark.parametrize(("metric", "key", "value", "tolerance"), [
     ("e2e_ms", "e2e_ms", 3000.0 * 1.3, 0.25),
-    ("avg_denoise_ms", "avg_denoise_ms", 200.0 * 1.3, 0.25),
     ("median_denoise_ms", "median_denoise_ms", 190.0 * 1.3, 0.25),
     ("stages_ms.LTX2LoRASwitchStage_stage1", "LTX2LoRASwitchStage_stage1", 50.0 * 1.6, 0.5),
     ("stages_ms.LTX2AVDenoisingStage", "LTX2AVDenoisingStage", 2000.0 * 1.6, 0.5),
@@ -103,6 +104,45 @@ def test_a_regression_on_each_metric_kind_is_named(metric: str, key: str, value:
     assert reg.over == pytest.approx(value - reg.limit) and reg.over > 0
     assert reg.over_fraction == pytest.approx(value / reg.expected - 1)
     assert metric in str(reg) and "limit" in str(reg)
+
+
+def test_the_mean_step_is_reported_but_never_compared() -> None:
+    # one cold step among a few moves the mean far past the tolerance; the median stays put
+    base = synthetic_baseline()
+    result = {**result_at(base, 1.0), "avg_denoise_ms": base["expected_avg_denoise_ms"] * 3}
+    assert compare(result, base) == []
+    assert "avg_denoise_ms" not in {c.metric for c in perf.checks(result, base)}
+
+
+def test_medians_over_the_timed_requests_ignore_one_cold_step() -> None:
+    def report(e2e: float, steps: list[float], switch: float) -> dict[str, Any]:
+        return {"pipeline": "LTX2TwoStagePipeline", "variant": "normal", "mode": "original", "merge_policy": "merge",
+                "device": "cpu", "e2e_ms": e2e, "denoise_step_ms": {"stage1": steps, "stage2": [10.0] * 3},
+                "stages_ms": {"LTX2LoRASwitchStage_stage1": switch, "LTX2AVDenoisingStage": sum(steps)},
+                "memory": {"peak_device_bytes": None, "peak_host_rss_bytes": 2**30}, "trace": [],
+                "dit_state_after": "clean"}
+
+    manager = SimpleNamespace(restore="recompute", low_vram=False, state=SimpleNamespace(value="clean"))
+    # the first timed request met a cold cache: its first step, its switch and its e2e are 10x
+    reports = [report(1000.0, [200.0, 20.0, 20.0, 20.0], 50.0)] + [report(100.0, [20.0] * 4, 5.0)] * 2
+    result = perf.summarize(reports, manager)  # type: ignore[arg-type]
+    assert (result["e2e_ms"], result["median_denoise_ms"]) == (100.0, 20.0)
+    assert result["stages_ms"]["LTX2LoRASwitchStage_stage1"] == 5.0 and result["weight_management_ms"] == 5.0
+    assert result["denoise_step_ms"]["stage1"] == [20.0] * 4
+    assert result["avg_denoise_ms"] > 20.0  # reported as measured
+    baseline = {"case": "cold", "stages_ms": {"LTX2LoRASwitchStage_stage1": 5.0}, "expected_e2e_ms": 100.0,
+                "expected_avg_denoise_ms": 17.0, "expected_median_denoise_ms": 20.0,
+                "expected_weight_management_ms": 5.0, "tolerances": {**TOL, "stage_abs_floor_ms": 0.0}}
+    assert compare(result, baseline) == []
+
+
+def test_perf_check_help_says_what_is_compared(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["perf-check", "--help"])
+    assert info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "warm-up requests first (untimed, dropped)" in text and "median" in text
+    assert "mean denoise step is reported, never compared" in text and "--baselines PATH" in text
 
 
 def test_a_dit_left_dirty_and_a_missing_stage_are_regressions() -> None:
@@ -145,7 +185,7 @@ def test_improvements_are_reported_past_the_threshold_and_the_floor() -> None:
 
 @pytest.mark.parametrize("hole", [
     {"expected_e2e_ms": None},
-    {"expected_avg_denoise_ms": None},
+    {"expected_median_denoise_ms": None},
     {"stages_ms": None},
     {"stages_ms": {"TextEncodingStage": 1.0, "LTX2LoRASwitchStage_stage1": None}},
 ])
@@ -195,8 +235,12 @@ def test_a_case_spec_keeps_what_core_validates_as_given() -> None:
     assert (spec.requests, spec.warmup) == (3, 1) and spec.manager_options == {"strict": False}
 
 
-def test_the_repository_baselines_file() -> None:
-    doc = load_baselines(ROOT / "perf_baselines.json")
+def test_the_shipped_baselines_file() -> None:
+    # package data: the path an installed wheel has too (tests/test_packaging.py checks the wheel)
+    shipped = importlib.resources.files("ltx2_pipeline") / "perf_baselines.json"
+    assert shipped.is_file() and Path(str(shipped)) == perf.DEFAULT_BASELINES
+    assert not (ROOT / "perf_baselines.json").exists(), "one copy: the package's"
+    doc = load_baselines()
     assert {"description", "refresh", "tolerance_semantics"} <= set(doc["meta"])
     assert set(perf.DEFAULT_TOLERANCES) <= set(doc["tolerances"])
     cases = doc["cases"]

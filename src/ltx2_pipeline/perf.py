@@ -1,9 +1,11 @@
 """Performance baselines of the two-stage pipeline in the shape of sglang's diffusion perf baselines
 (``expected_e2e_ms``, ``expected_avg_denoise_ms``, ``stages_ms``, tolerances), and ``ltx2 perf-check``.
 
-A case of ``perf_baselines.json`` fixes what moves the numbers (preset, device, variant, mode, merge
-policy, size, steps). :func:`run_case` builds the pipeline once, runs untimed warm-up requests, then
-timed ones, and reports medians; :func:`compare` holds them against the case's expectations. The test
+A case of ``perf_baselines.json`` (package data, next to this module) fixes what moves the numbers
+(preset, device, variant, mode, merge policy, size, steps). :func:`run_case` builds the pipeline once,
+runs the case's warm-up requests untimed and dropped, then the timed ones; :func:`compare` holds their
+medians against the case's expectations. Means are reported, never compared: one cold step (a first
+call's allocations, a scheduler hiccup) moves a mean of a few steps past any sane tolerance. The test
 suite never asserts a time: it checks this checker on synthetic numbers.
 """
 
@@ -33,8 +35,8 @@ from .two_stage import GenerationRequest, LTX2TwoStageHQPipeline, LTX2TwoStagePi
 _AT_REST = {s.value for s in REST_STATES}
 
 GIB = 2**30
-#: The repository's own file (an editable or source checkout); ``--baselines`` names another.
-DEFAULT_BASELINES = Path(__file__).resolve().parents[2] / "perf_baselines.json"
+#: Shipped as package data, so an installed wheel finds it as a checkout does; ``--baselines`` names another.
+DEFAULT_BASELINES = Path(__file__).resolve().with_name("perf_baselines.json")
 #: Weight management = every stage named ``LTX2LoRA*``: both switches, the restore and whatever
 #: restore stage the pipeline adds (a wait for an overlapped restore), without a list to keep in step.
 WEIGHT_STAGE_PREFIX = "LTX2LoRA"
@@ -45,7 +47,11 @@ DEFAULT_TOLERANCES: dict[str, float] = {"e2e": 0.25, "denoise": 0.25, "stage": 0
                                         "stage_abs_floor_ms": 5.0}
 DEFAULT_IMPROVEMENT_THRESHOLD = 0.2
 #: A case entry cannot be checked while any of these is null (a placeholder to be measured).
-REQUIRED = ("expected_e2e_ms", "expected_avg_denoise_ms", "stages_ms")
+REQUIRED = ("expected_e2e_ms", "expected_median_denoise_ms", "stages_ms")
+#: The compared metrics and their tolerance keys: medians over the timed requests (and their steps),
+#: the weight-management sum of median stages, the peak. ``avg_denoise_ms`` is reported, never compared.
+COMPARED: dict[str, str] = {"e2e_ms": "e2e", "median_denoise_ms": "denoise", "weight_management_ms": "stage",
+                            "peak_vram_gib": "vram"}
 #: The measured metrics a case stores as ``expected_<metric>`` (``--update``).
 EXPECTED = ("e2e_ms", "avg_denoise_ms", "median_denoise_ms", "weight_management_ms", "peak_vram_gib")
 
@@ -303,8 +309,7 @@ def checks(result: Mapping[str, Any], baseline: Mapping[str, Any]) -> list[Check
     tol = {**DEFAULT_TOLERANCES, **baseline.get("tolerances", {})}
     floor = tol["stage_abs_floor_ms"]
     # metric -> (tolerance key, absolute floor); optional ones are checked where the case has them
-    scalars = {"e2e_ms": ("e2e", 0.0), "avg_denoise_ms": ("denoise", 0.0), "median_denoise_ms": ("denoise", 0.0),
-               "weight_management_ms": ("stage", floor), "peak_vram_gib": ("vram", 0.0)}
+    scalars = {m: (key, floor if key == "stage" else 0.0) for m, key in COMPARED.items()}
     out = [_check(m, result.get(m), baseline[f"expected_{m}"], tol[key], fl, "GiB" if m.endswith("gib") else "ms")
            for m, (key, fl) in scalars.items() if baseline.get(f"expected_{m}") is not None]
     out += [_check(f"stages_ms.{name}", result.get("stages_ms", {}).get(name), expected, tol["stage"], floor)
