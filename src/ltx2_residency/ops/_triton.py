@@ -9,6 +9,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from . import fingerprint as _fp
+
 
 @triton.jit
 def bf16_rne(x):
@@ -160,32 +162,84 @@ def scatter_records(w_base, w_off, active_table, rec_start_table, count_table, i
     tl.store(dst + i, v, mask=m)
 
 
+# the digest's keys, as compile-time constants (``fingerprint`` owns them: the torch path and this
+# kernel must agree bit for bit)
+DIGEST_KEY = tl.constexpr(_fp.DIGEST_KEY)
+DIGEST_M1, DIGEST_M2 = tl.constexpr(_fp.DIGEST_M1), tl.constexpr(_fp.DIGEST_M2)
+DIGEST_M3, DIGEST_M4 = tl.constexpr(_fp.DIGEST_M3), tl.constexpr(_fp.DIGEST_M4)
+
+
+@triton.jit
+def digest_mix(w, k):
+    """The two mixes of 32-bit words ``w`` at keyed positions ``k`` (both uint32): ``h1`` is a
+    bijection of the word for a fixed position, ``h2`` re-keys ``h1`` with the position and mixes
+    it again."""
+    x = w ^ (w >> 16) ^ k
+    x = x * DIGEST_M1
+    x = x ^ (x >> 15)
+    x = x * DIGEST_M2
+    h1 = x ^ (x >> 16)
+    y = (h1 ^ k) * DIGEST_M3
+    y = y ^ (y >> 15)
+    y = y * DIGEST_M4
+    h2 = y ^ (y >> 15)
+    return h1, h2
+
+
+@triton.jit
+def digest_pairs(h, TILE: tl.constexpr):
+    """Neighbouring words' mixes added before they reach the 64-bit sums: one 64-bit addition per
+    two words."""
+    return tl.sum(tl.reshape(h.to(tl.uint64), (TILE // 2, 2)), 1)
+
+
 @triton.jit
 def digest_blocks(base, off_table, words_table, block_tensor, block_index, out, UNIT: tl.constexpr,
                   CHUNK_: tl.constexpr, COLS: tl.constexpr, ROWS: tl.constexpr):
-    """One 2^15-word block as ``CHUNK_ // COLS`` rows of ``COLS`` words: the per-word work stays in
-    int32 (row sums <= 2^25, column sums <= 2^20) and only the short row/column vectors are
-    widened to int64 (64-bit integer arithmetic per word is what kept a first version from the
-    bandwidth). With ``j = r*COLS + c``: ``sum x_j (j+1) = COLS * sum_r r*row_r + sum_c (c+1)*col_c``."""
+    """One block of ``CHUNK_`` 16-bit words of one tensor: per 32-bit word (two 16-bit words,
+    little-endian; an odd last one is zero-extended) its two mixes, summed exactly in uint64,
+    and the block's byte count. Tiles of ``ROWS * COLS`` 16-bit words.
+
+    ``base + offset * UNIT`` addresses a tensor in 16-bit words; with an even ``UNIT`` every
+    tensor is 4-byte aligned and whole tiles are read as 32-bit words (16-byte loads when ``UNIT``
+    is 8), otherwise as pairs of 16-bit words. The sums are the same either way: the digest is a
+    sum over words, so the tiling and the order do not change its bits."""
+    TILE: tl.constexpr = ROWS * COLS // 2  # 32-bit words
     pid = tl.program_id(0)
     t = tl.load(block_tensor + pid)
-    blk = tl.load(block_index + pid)
-    ptr = base + tl.load(off_table + t) * UNIT  # UNIT 8 (16 bytes) when all are aligned: wide loads
-    n = tl.load(words_table + t)
-    start = blk * CHUNK_
-    c = tl.arange(0, COLS)
-    cols = tl.zeros((COLS,), dtype=tl.int32)
-    s0 = tl.zeros((), dtype=tl.int64)
-    s1 = tl.zeros((), dtype=tl.int64)
-    for r0 in range(0, CHUNK_ // COLS, ROWS):
-        r = r0 + tl.arange(0, ROWS)
-        j = start + r[:, None] * COLS + c[None, :]
-        x = tl.load(ptr + j, mask=j < n, other=0).to(tl.int32)
-        rows = tl.sum(x, 1).to(tl.int64)
-        cols += tl.sum(x, 0)
-        s0 += tl.sum(rows)
-        s1 += COLS * tl.sum(r.to(tl.int64) * rows)
-    s1 += tl.sum((c + 1).to(tl.int64) * cols.to(tl.int64))
-    tl.store(out + pid * 3, s0)
-    tl.store(out + pid * 3 + 1, s1)
-    tl.store(out + pid * 3 + 2, s0 * (blk + 1))
+    blk = tl.load(block_index + pid).to(tl.int64)
+    ptr16 = base + tl.load(off_table + t) * UNIT
+    n16 = tl.load(words_table + t)
+    start16 = blk * CHUNK_
+    here16 = tl.minimum(n16 - start16, CHUNK_)
+    word0 = blk * (CHUNK_ // 2)
+    full = here16 // (2 * TILE)
+    offs = tl.arange(0, TILE)
+    lane_keys = offs.to(tl.uint32) * DIGEST_KEY  # (a + b) * KEY = a * KEY + b * KEY mod 2^32
+    acc1 = tl.zeros((TILE // 2,), dtype=tl.uint64)
+    acc2 = tl.zeros((TILE // 2,), dtype=tl.uint64)
+    # a fixed trip count with the tile's case inside (the interpreter cannot loop to a loaded bound)
+    for i in range(0, CHUNK_ // (2 * TILE)):
+        first = word0 + i * TILE
+        keys = lane_keys + first.to(tl.uint32) * DIGEST_KEY
+        if i < full:
+            if UNIT % 2 == 0:
+                w = tl.load(ptr16.to(tl.pointer_type(tl.int32)) + first + offs).to(tl.uint32, bitcast=True)
+            else:
+                lo = tl.load(ptr16 + 2 * (first + offs)).to(tl.uint16, bitcast=True).to(tl.uint32)
+                hi = tl.load(ptr16 + 2 * (first + offs) + 1).to(tl.uint16, bitcast=True).to(tl.uint32)
+                w = lo | (hi << 16)
+            h1, h2 = digest_mix(w, keys)
+            acc1 += digest_pairs(h1, TILE)
+            acc2 += digest_pairs(h2, TILE)
+        elif (i == full) & (here16 > i * 2 * TILE):  # the tensor's last, partial tile: an odd word zero-extended
+            j16 = 2 * (first + offs)
+            lo = tl.load(ptr16 + j16, mask=j16 < n16, other=0).to(tl.uint16, bitcast=True).to(tl.uint32)
+            hi = tl.load(ptr16 + j16 + 1, mask=j16 + 1 < n16, other=0).to(tl.uint16, bitcast=True).to(tl.uint32)
+            h1, h2 = digest_mix(lo | (hi << 16), keys)
+            inside = j16 < n16
+            acc1 += digest_pairs(tl.where(inside, h1, 0), TILE)
+            acc2 += digest_pairs(tl.where(inside, h2, 0), TILE)
+    tl.store(out + pid * 3, tl.sum(acc1, 0).to(tl.int64, bitcast=True))
+    tl.store(out + pid * 3 + 1, tl.sum(acc2, 0).to(tl.int64, bitcast=True))
+    tl.store(out + pid * 3 + 2, 2 * tl.maximum(here16, 0))

@@ -1,12 +1,37 @@
-"""Exact weight fingerprints over bit patterns.
+"""Exact weight fingerprints over bit patterns, with a digest that structured damage cannot cancel.
 
-Each tensor's bytes are read as 16-bit words ``x_i`` and folded into three integer sums:
-``Σ x_i``, ``Σ x_i·(i mod 2^15 + 1)`` and ``Σ x_i·(i div 2^15 + 1)``. Integers, not floats:
-``-0.0`` and ``0.0`` differ, NaN payloads differ, and nothing rounds. A change of one or two
-words always changes a digest (the three sums pin down the value and the position of each
-change); patterns of three or more changes escape only through an exact cancellation in all
-three sums at once. The words stay 16-bit and each product fits int32 (|x·w| < 2^30), so a
-pass reads about 14 bytes per element; sums accumulate in int64.
+A tensor's bytes are read as little-endian 32-bit words ``w_j`` (zero-padded to a whole word;
+``j`` the word's index in the tensor). Each word is mixed with its position:
+
+    k  = j · 0x9E3779B9                                          (mod 2^32; odd, so distinct per j)
+    h1 = R(w ^ (w >> 16) ^ k;  0x7FEB352D, 15, 0x846CA68B, 16)
+    h2 = R(h1 ^ k;             0x21F0AAAD, 15, 0xD35A2D97, 15)
+
+where ``R(x; a, s, b, t)`` multiplies by ``a``, xors in ``x >> s``, multiplies by ``b`` and xors
+in ``x >> t`` (32-bit unsigned arithmetic: two rounds of the multiply-xorshift mixing used by
+integer hash functions). The digest is ``(Σ h1, Σ h2, bytes)``, the sums taken exactly in 64 bits
+(modulo 2^64 beyond 2^31 words, far above any weight's size). Integers, not floats: ``-0.0`` and
+``0.0`` differ, NaN payloads differ, nothing rounds.
+
+Why structured damage cannot cancel: a linear checksum (``Σ c_j·w_j``) is blind to every edit
+whose weighted sum is zero — ``+1, −2, +1`` on three neighbouring words of a position-weighted
+sum, equal and opposite changes anywhere in a plain one. Here the words enter only through the
+mixes, which carry no arithmetic structure: any change to a word moves its ``h1`` and ``h2`` by
+amounts that look random and unrelated to the size of the change, so ``±1`` patterns, sign flips,
+bit flips, swaps and shifts (every moved word meets a new position key) leave two independent
+sums to cancel by chance. For a fixed position each mix is a bijection of the word, so a change
+confined to one word always changes the digest. Changes to several words escape only if the
+changes of both sums cancel exactly, which the mixes leave to chance: about one in 2^64 for damage
+that does not know the keys. The one systematic way to keep a sum of mixes — handing the same
+values of ``h1`` around between positions — is closed by ``h2``, which re-keys ``h1`` with the
+position before mixing it again.
+
+What it does not promise: it is not a cryptographic hash. The keys are in this file, the sums are
+additive, and an adversary who writes the weights on purpose can solve for compensating words.
+It detects accidents (a wrong undo, a stray write, a kernel bug, memory corruption), not attacks.
+
+On CUDA with Triton every tensor's digest comes from one kernel launch that reads each word once
+(``digest_kernel``); elsewhere the torch path below computes the same function, bit for bit.
 """
 
 from __future__ import annotations
@@ -16,70 +41,118 @@ from typing import Any
 
 import torch
 
-_CHUNK = 1 << 15  # words per block: |x·w| <= 2^15 · 2^15 = 2^30 fits an int32 product
-_weights_cache: dict[torch.device, torch.Tensor] = {}
-
 Digest = tuple[int, int, int]
 
+# the keys (``_triton`` compiles the same ones into the kernel)
+DIGEST_KEY = 0x9E3779B9
+DIGEST_M1, DIGEST_M2 = 0x7FEB352D, 0x846CA68B
+DIGEST_M3, DIGEST_M4 = 0x21F0AAAD, 0xD35A2D97
 
-def _words(t: torch.Tensor) -> torch.Tensor:
-    flat = t.detach().contiguous().view(-1)
-    raw = flat.view(torch.uint8)
-    if raw.numel() % 2:
-        return raw.to(torch.int16)
-    return raw.view(torch.int16)
+_MASK = 0xFFFFFFFF
+# words per step of the torch path: bounds its int64 temporaries (a GPU without Triton takes
+# bigger steps, so that launches do not dominate)
+_TORCH_CHUNK = {"cpu": 1 << 16, "cuda": 1 << 24}
 
 
-def _low_weights(device: torch.device) -> torch.Tensor:
-    low = _weights_cache.get(device)
-    if low is None:
-        low = _weights_cache[device] = torch.arange(1, _CHUNK + 1, dtype=torch.int32, device=device)
-    return low
+def _signed(c: int) -> int:
+    """``c`` mod 2^32 as the representative of least magnitude (< 2^31), so that a 32-bit word
+    times it fits an int64 exactly and its low 32 bits are the unsigned product's."""
+    return c - (1 << 32) if c >= 1 << 31 else c
+
+
+def _mul(x: torch.Tensor, c: int) -> torch.Tensor:
+    return x.mul_(_signed(c)).bitwise_and_(_MASK)
+
+
+def _xorshift(x: torch.Tensor, s: int) -> torch.Tensor:
+    return x.bitwise_xor_(x >> s)
+
+
+def _mixes(w: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(h1, h2)`` of words ``w`` at position keys ``k`` (int64 holding 32-bit values; ``w`` is
+    consumed)."""
+    h1 = _xorshift(_mul(_xorshift(_mul(_xorshift(w, 16).bitwise_xor_(k), DIGEST_M1), 15), DIGEST_M2), 16)
+    h2 = _xorshift(_mul(_xorshift(_mul(h1 ^ k, DIGEST_M3), 15), DIGEST_M4), 15)
+    return h1, h2
+
+
+def _words32(t: torch.Tensor) -> torch.Tensor:
+    """The tensor's bytes as int32 words, zero-padded to a whole word."""
+    raw = t.detach().contiguous().reshape(-1).view(torch.uint8)
+    if raw.numel() % 4 or raw.storage_offset() % 4:
+        padded = torch.zeros((raw.numel() + 3) // 4 * 4, dtype=torch.uint8, device=raw.device)
+        padded[: raw.numel()] = raw
+        raw = padded
+    return raw.view(torch.int32)
+
+
+def _torch_digests(tensors: Sequence[torch.Tensor]) -> list[Digest]:
+    """The digests in torch: the words of several tensors are mixed together in batches of up
+    to a chunk (a few ops over many small tensors, not many ops per tensor), and each word's
+    mixes are summed into its tensor's row."""
+    words = [_words32(t) for t in tensors]
+    sums = {w.device: torch.zeros(len(tensors), 2, dtype=torch.int64, device=w.device) for w in words}
+    batch: list[tuple[int, int, torch.Tensor]] = []  # (tensor, first word's position, words)
+    size = 0
+
+    def flush() -> None:
+        nonlocal size
+        if not batch:
+            return
+        device = batch[0][2].device
+        rows = torch.tensor([i for i, _, _ in batch], dtype=torch.int64, device=device)
+        if len(batch) == 1:
+            _, first, w = batch[0]
+            positions = torch.arange(first, first + len(w), dtype=torch.int64, device=device)
+            w = w.to(torch.int64)
+        else:
+            lengths = torch.tensor([len(w) for _, _, w in batch], dtype=torch.int64, device=device)
+            ends = torch.cumsum(lengths, 0)
+            firsts = torch.tensor([first for _, first, _ in batch], dtype=torch.int64, device=device)
+            # a word's position in its own tensor: its index in the batch, less where its piece
+            # starts in the batch, plus where the piece starts in the tensor
+            positions = torch.arange(int(ends[-1]), dtype=torch.int64, device=device).sub_(
+                torch.repeat_interleave(ends - lengths - firsts, lengths))
+            w = torch.cat([w for _, _, w in batch]).to(torch.int64)
+        h1, h2 = _mixes(w.bitwise_and_(_MASK), _mul(positions.bitwise_and_(_MASK), DIGEST_KEY))
+        if len(batch) == 1:
+            pieces = torch.stack((h1.sum(), h2.sum())).unsqueeze(0)
+        else:  # each piece's sums from running sums at the pieces' ends
+            at_ends = torch.stack((h1.cumsum(0), h2.cumsum(0)), 1)[ends - 1]
+            pieces = at_ends - torch.cat((torch.zeros_like(at_ends[:1]), at_ends[:-1]))
+        sums[device].index_add_(0, rows, pieces)
+        batch.clear()
+        size = 0
+
+    with torch.no_grad():
+        for i, tw in enumerate(words):
+            chunk = _TORCH_CHUNK.get(tw.device.type, _TORCH_CHUNK["cpu"])
+            for first in range(0, len(tw), chunk):
+                piece = tw[first:first + chunk]
+                if size + len(piece) > chunk or (batch and batch[0][2].device != piece.device):
+                    flush()
+                batch.append((i, first, piece))
+                size += len(piece)
+        flush()
+        rows_by_device = {d: s.tolist() for d, s in sums.items()}  # one device sync per device
+    return [(*rows_by_device[w.device][i], t.numel() * t.element_size())  # type: ignore[misc]
+            for i, (t, w) in enumerate(zip(tensors, words, strict=True))]
 
 
 def tensor_digest(t: torch.Tensor) -> Digest:
-    """The three-sum digest of one tensor's bits."""
-    words = _words(t)
-    n = words.numel()
-    low = _low_weights(words.device)
-    full, tail = divmod(n, _CHUNK)
-    i64 = torch.int64
-    sums = [words.sum(dtype=i64)]
-    s1 = torch.zeros((), dtype=i64, device=words.device)
-    s2 = torch.zeros((), dtype=i64, device=words.device)
-    if full:
-        blocks = words[: full * _CHUNK].view(full, _CHUNK)
-        s1 = s1 + (blocks * low).sum(dtype=i64)  # int16 x int32 -> int32, no int64 copy
-        high = torch.arange(1, full + 1, dtype=i64, device=words.device)
-        s2 = s2 + (blocks.sum(dim=1, dtype=i64) * high).sum()
-    if tail:
-        rest = words[full * _CHUNK:]
-        s1 = s1 + (rest * low[:tail]).sum(dtype=i64)
-        s2 = s2 + rest.sum(dtype=i64) * (full + 1)
-    sums += [s1, s2]
-    s0, s1v, s2v = torch.stack(sums).tolist()  # one device sync per tensor
-    return (s0, s1v, s2v)
-
-
-def _kernels_fit(tensors: list[torch.Tensor]) -> bool:
-    """One Triton launch can digest these (one CUDA device, contiguous, whole 16-bit words)."""
-    if not tensors:
-        return False
-    from . import kernels
-
-    device = tensors[0].device
-    return kernels.available(device) and not any(
-        t.device != device or not t.is_contiguous() or (t.numel() * t.element_size()) % 2 for t in tensors)
+    """The digest of one tensor's bits, in torch (the reference for the kernel)."""
+    return _torch_digests([t])[0]
 
 
 def _kernel_digests(tensors: list[torch.Tensor]) -> list[Digest] | None:
     """All digests in one Triton launch when the tensors allow it; ``None`` sends the caller
-    down the torch path. Same sums, same bits."""
-    if not _kernels_fit(tensors):
-        return None
-    from . import kernels
+    down the torch path. Same function, same bits."""
+    from . import digest_kernel
 
-    return kernels.digests([t.detach() for t in tensors])
+    tensors = [t.detach() for t in tensors]
+    if not digest_kernel.fits(tensors):
+        return None
+    return [tuple(row) for row in digest_kernel.launch_digests(tensors).tolist()]  # type: ignore[misc]
 
 
 class Fingerprint:
@@ -112,7 +185,8 @@ class Fingerprint:
             fast = _kernel_digests([t for _, t in items])
             if fast is not None:
                 return cls({name: d for (name, _), d in zip(items, fast, strict=True)})
-            return cls({name: tensor_digest(t) for name, t in items})
+            return cls({name: d for (name, _), d in zip(items, _torch_digests([t for _, t in items]),
+                                                          strict=True)})
 
     def differing(self, other: Fingerprint) -> list[str]:
         a, b = self._sums, other._sums
@@ -130,16 +204,16 @@ class Fingerprint:
 
 class FingerprintPlan:
     """Fingerprints one fixed set of named tensors again and again (a manager's weights at every
-    verify): whether the kernels fit and their block tables are worked out once, and again only
-    when a tensor has moved (a residency change rebinds ``.data``). Per launch the host then
-    reads 1344 addresses and launches two kernels; rebuilding the tables each time cost ~6 ms at
-    LTX-2 scale, a third of the kernel."""
+    verify): whether the kernel fits and its block tables are worked out once, and again only
+    when a tensor has moved (a residency change rebinds ``.data``). Per verify the host then
+    reads the addresses and makes one launch (and the per-tensor sum); rebuilding the tables
+    each time costs a sizeable share of the kernel at LTX-2 scale."""
 
     def __init__(self, named: Mapping[str, torch.Tensor]) -> None:
         self._names = list(named)
         self._tensors = list(named.values())
         self._addresses: list[int] | None = None
-        self._layout: tuple[Any, ...] | None = None  # None: the torch path
+        self._layout: Any = None  # digest_kernel.Layout; None: the torch path
 
     def compute(self) -> Fingerprint:
         """The fingerprint, launched on the current stream without waiting: on the kernel path its
@@ -147,16 +221,15 @@ class FingerprintPlan:
         deferred verify launches it on the undo's side stream and compares at the settle)."""
         addresses = [t.data_ptr() for t in self._tensors]
         if addresses != self._addresses:
-            from . import kernels
+            from . import digest_kernel
 
             tensors = [t.detach() for t in self._tensors]
-            self._layout = kernels.digest_layout(tensors) if _kernels_fit(tensors) else None
+            self._layout = digest_kernel.layout(tensors) if digest_kernel.fits(tensors) else None
             self._addresses = addresses
         if self._layout is None:
             return Fingerprint.of(zip(self._names, self._tensors, strict=True))
-        from . import kernels
+        from . import digest_kernel
 
         with torch.no_grad():
-            sums = kernels.launch_planned_digests(self._tensors[self._layout[0]].detach(), self._layout,
-                                                  len(self._tensors))
+            sums = digest_kernel.launch(self._tensors[self._layout.lowest].detach(), self._layout)
         return Fingerprint(names=self._names, sums=sums)
