@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 from hypothesis import strategies as st
 
 from ltx2_residency import MergePolicyName, Phase, PhaseWork
@@ -44,3 +46,26 @@ fused_linear_cases = st.fixed_dictionaries({
     "lead": st.sampled_from([(1,), (7,), (2, 5), (1, 3, 4)]),
     "seed": st.integers(0, 2**16),
 })
+
+# manager options (test_options) and LoRA strengths (test_lora)
+#: Integers beyond float range: refused (or, for a timeout, no limit) without an OverflowError.
+huge_ints = st.one_of(st.integers(min_value=2**1024, max_value=2**4000),
+                      st.integers(min_value=-(2**4000), max_value=-(2**1024)))
+
+#: Values a True/False option must refuse: never read for their truthiness.
+not_bools = st.one_of(
+    st.sampled_from(["no", "yes", "false", "True", "", 0, 1, 1.0, 0.0, [], {}, (), b"1"]),
+    st.integers(), st.floats(), st.text(max_size=5),
+)
+
+#: Timeouts every API refuses: NaN, negative, bools, strings.
+bad_timeouts = st.one_of(
+    st.sampled_from([float("nan"), -float("inf"), True, False, "5", b"5", [5]]),
+    st.floats(max_value=-1e-9, allow_nan=False), st.integers(max_value=-1),
+)
+
+#: Timeouts that mean "no limit": infinity, or longer than any lock can wait.
+unlimited_timeouts = st.one_of(
+    st.floats(min_value=threading.TIMEOUT_MAX, allow_nan=False, allow_infinity=True),
+    st.integers(min_value=int(threading.TIMEOUT_MAX) + 1),
+)

@@ -13,6 +13,8 @@ import copy
 import os
 import pickle
 import struct
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +28,7 @@ from peft.tuners.lora import LoraLayer
 from safetensors.torch import save_file
 from torch import nn
 
+from ltx2_pipeline.hostile import address_space_limit, sparse_safetensors
 from ltx2_pipeline.tiny import tiny_inputs, tiny_transformer
 from ltx2_residency import (
     ConfigError,
@@ -44,7 +47,8 @@ from ltx2_residency import (
     WeightState,
 )
 from ltx2_residency.testing import save_lora, synthetic_lora
-from strategies import bad_strengths, phase_values
+from strategies import bad_strengths, huge_ints, phase_values
+from untouched import Snapshot, assert_model_untouched, snapshot
 
 Tensors = dict[str, torch.Tensor]
 
@@ -58,44 +62,8 @@ NAN, INF = float("nan"), float("inf")
 
 
 # ---------------------------------------------------------------------------------------- helpers
-@dataclass(frozen=True)
-class Snapshot:
-    names: list[str]
-    sizes: list[int]
-    bits: torch.Tensor  # the bytes of every parameter, concatenated (one copy, one compare)
-    tree: list[tuple[str, type]]
-    hooks: int
-    grads: list[bool]
-
-
-def snapshot(model: nn.Module) -> Snapshot:
-    params = list(model.named_parameters())
-    raw = [p.detach().contiguous().reshape(-1).view(torch.uint8) for _, p in params]
-    return Snapshot(
-        names=[n for n, _ in params],
-        sizes=[r.numel() for r in raw],
-        bits=torch.cat(raw),
-        tree=[(n, type(m)) for n, m in model.named_modules()],
-        hooks=sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules()),
-        grads=[p.requires_grad for _, p in params],
-    )
-
-
 def assert_untouched(model: nn.Module, before: Snapshot, *, peft_free: bool = True) -> None:
-    """Same bits, same module tree, same hooks; ``peft_free``: no PEFT layer anywhere."""
-    after = snapshot(model)
-    assert after.tree == before.tree, "the module tree changed (modules wrapped or replaced)"
-    if peft_free:
-        wrapped = [n for n, m in model.named_modules() if isinstance(m, LoraLayer)]
-        assert not wrapped, f"PEFT layers were injected: {wrapped[:3]}"
-    assert after.hooks == before.hooks, "a forward hook was left on the model"
-    assert after.names == before.names and after.sizes == before.sizes
-    assert after.grads == before.grads, "requires_grad flags changed"
-    if not torch.equal(after.bits, before.bits):
-        chunks = zip(before.names, before.bits.split(before.sizes), after.bits.split(after.sizes),
-                     strict=True)
-        differing = [n for n, b, a in chunks if not torch.equal(b, a)]
-        raise AssertionError(f"{len(differing)} parameters changed bits, e.g. {differing[:3]}")
+    assert_model_untouched(before, model, peft_free=peft_free)
 
 
 def assert_says(exc: pytest.ExceptionInfo[BaseException], *fragments: str) -> None:
@@ -269,6 +237,10 @@ CASES = [
          LoRAValueError, ("lora_B has dtype torch.int8", *_DTYPE)),
     Case("bool-lora_A", lambda t: t.update({A_KEY: torch.ones(RANK, 128, dtype=torch.bool)}),
          LoRAValueError, ("lora_A has dtype torch.bool", *_DTYPE)),
+    Case("float8-lora_A", lambda t: t.update({A_KEY: t[A_KEY].to(torch.float8_e4m3fn)}),
+         LoRAValueError, ("lora_A has dtype torch.float8_e4m3fn", *_DTYPE)),
+    Case("float8-lora_B", lambda t: t.update({B_KEY: t[B_KEY].to(torch.float8_e5m2)}),
+         LoRAValueError, ("lora_B has dtype torch.float8_e5m2", *_DTYPE)),
     Case("alpha-zero", lambda t: t.update({ALPHA_KEY: torch.tensor(0.0)}), LoRAValueError, _ALPHA_VALUE),
     Case("alpha-negative", lambda t: t.update({ALPHA_KEY: torch.tensor(-8.0)}), LoRAValueError, _ALPHA_VALUE),
     Case("alpha-nan", lambda t: t.update({ALPHA_KEY: torch.tensor(NAN)}), LoRAValueError, _ALPHA_VALUE),
@@ -755,6 +727,7 @@ BAD_OVERRIDES = [
     ({"nope": 1.0}, ("unknown LoRA 'nope'", "managed LoRAs: 'user'"), True),
     ({"user": NAN}, ("override for LoRA 'user'", "must be finite"), True),
     ({"user": INF}, ("override for LoRA 'user'", "must be finite"), False),
+    ({"user": 10**400}, ("override for LoRA 'user'", "must be finite"), False),
     ({"user": -0.5}, ("override for LoRA 'user'", "must be >= 0"), False),
     ({"user": True}, ("override for LoRA 'user'", "must be a real number"), False),
     ({"user": "0.5"}, ("override for LoRA 'user'", "must be a real number"), False),
@@ -877,3 +850,224 @@ def test_phase_order(done: tuple[str, ...], attempt: str, says: tuple[str, ...],
     assert mgr.state is WeightState.CLEAN
     mgr.verify_clean()
 
+
+
+# ------------------------------------------------------- what the manager applies is its own copy
+def _two_phase_manager(model: nn.Module, **source: Any) -> ResidencyManager:
+    # sglang on the native LTX-2.3 variant in original mode: HQ's stage 1 merges, stage 2 runs dynamic
+    spec = LoRASpec("user", strengths={"stage1": 0.5, "stage2": 1.0}, **source)
+    return ResidencyManager(model, loras=[spec], merge_policy="sglang", native_ltx23=True)
+
+
+def _merge_then_dynamic(mgr: ResidencyManager, inputs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    with mgr.request() as req:
+        merged = forward(req.enter("stage1"), inputs)
+        assert mgr.state is WeightState.STAGE1_MERGED
+        dynamic = forward(req.enter("stage2"), inputs)
+        assert mgr.state is WeightState.STAGE2_DYNAMIC
+    assert mgr.state is WeightState.CLEAN
+    return merged, dynamic
+
+
+def _assert_same_outputs(got: tuple[torch.Tensor, ...], expected: tuple[torch.Tensor, ...]) -> None:
+    for phase, g, e in zip(("stage 1 (merged)", "stage 2 (dynamic)"), got, expected, strict=True):
+        assert torch.equal(g, e), f"{phase} output changed"
+
+
+def _overwrite_in_place(path: Path, tensors: Tensors) -> None:
+    """New values written over ``path``'s bytes (same file, same length), as a training run saving
+    over its output does."""
+    fresh = Path(save_lora(path.with_suffix(".new"), tensors))
+    data = fresh.read_bytes()
+    assert len(data) == path.stat().st_size, "same shapes and dtypes: the same header"
+    with path.open("r+b") as fh:
+        fh.write(data)
+
+
+def test_a_lora_file_rewritten_after_loading_changes_nothing(
+    model: nn.Module, base_model: nn.Module, good: Tensors, tmp_path: Path, inputs: dict[str, Any]
+) -> None:
+    path = _good_file(tmp_path, good)
+    mgr = _two_phase_manager(model, path=path)
+    expected = _merge_then_dynamic(mgr, inputs)
+    _overwrite_in_place(path, {k: v * 3 if k.endswith("lora_B.weight") else v for k, v in good.items()})
+    _assert_same_outputs(_merge_then_dynamic(mgr, inputs), expected)
+    mgr.verify_clean()
+    # the rewrite matters: a manager built from the file now applies other values
+    rewritten = _merge_then_dynamic(_two_phase_manager(copy.deepcopy(base_model), path=path), inputs)
+    assert not torch.equal(rewritten[1], expected[1])
+
+
+def test_caller_tensors_changed_after_construction_change_nothing(
+    model: nn.Module, good: Tensors, inputs: dict[str, Any]
+) -> None:
+    tensors = {k: v.clone() for k, v in good.items()}  # already in the model's dtype and on its device
+    mgr = _two_phase_manager(model, tensors=tensors)
+    expected = _merge_then_dynamic(mgr, inputs)
+    with torch.no_grad():
+        for t in tensors.values():
+            t.mul_(3)
+    _assert_same_outputs(_merge_then_dynamic(mgr, inputs), expected)
+    mgr.verify_clean()
+
+
+_TRUNCATE_AFTER_LOADING = """
+import os, sys, torch
+from ltx2_pipeline.tiny import tiny_inputs, tiny_transformer
+from ltx2_residency import LoRASpec, ResidencyManager
+path = sys.argv[1]
+model = tiny_transformer(seed=0, num_layers=1)
+inputs = tiny_inputs(model, seed=0)
+spec = LoRASpec("user", path=path, strengths={"stage1": 0.5, "stage2": 1.0})
+mgr = ResidencyManager(model, loras=[spec], merge_policy="sglang", native_ltx23=True)
+def run():
+    with torch.no_grad(), mgr.request() as req:
+        return req.enter("stage1")(**inputs)[0], req.enter("stage2")(**inputs)[0]
+before = run()
+os.truncate(path, 0)
+after = run()
+print("same" if all(torch.equal(a, b) for a, b in zip(before, after)) else "changed")
+"""
+
+
+def test_a_lora_file_truncated_after_loading_neither_crashes_nor_changes_anything(
+    base_model: nn.Module, targets: list[str], tmp_path: Path
+) -> None:
+    # in a child process: reading a truncated memory-mapped file kills the reader with SIGBUS
+    one_block = [t for t in targets if t.startswith("transformer_blocks.0.")]
+    path = save_lora(tmp_path / "lora.safetensors", synthetic_lora(base_model, one_block, rank=RANK, seed=5))
+    proc = subprocess.run([sys.executable, "-c", _TRUNCATE_AFTER_LOADING, path], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, f"exit status {proc.returncode} (-7: SIGBUS)\n{proc.stderr[-3000:]}"
+    assert proc.stdout.split()[-1] == "same"
+
+
+# ------------------------------------------------------------------ inputs no builtin error may escape
+@given(value=huge_ints)
+def test_strength_beyond_float_range_is_refused(value: int) -> None:
+    with pytest.raises(StrengthError) as exc:
+        LoRASpec("user", tensors={}, strengths={"stage2": value})
+    assert_says(exc, "LoRA 'user' stage2", "strength must be finite")
+
+
+def test_strength_too_long_to_print_is_refused() -> None:
+    with pytest.raises(StrengthError) as exc:  # Python refuses to print an int of over 4300 digits
+        LoRASpec("user", tensors={}, strengths={"stage2": 10**5000})
+    assert_says(exc, "strength must be finite", "an integer of")
+
+
+def test_a_path_too_long_for_the_file_system_is_refused(model: nn.Module, tmp_path: Path) -> None:
+    path = tmp_path / ("x" * 5000 + ".safetensors")
+    before = snapshot(model)
+    with pytest.raises(LoRAFormatError) as exc:
+        ResidencyManager(model, loras=[LoRASpec("user", path=path)])
+    assert_says(exc, "LoRA 'user'", "cannot read", str(tmp_path / "xxx"), "check the path")
+    assert len(str(exc.value)) < 1000, "the message shows the path shortened"
+    assert_untouched(model, before)
+
+
+class _BytesPath:
+    def __fspath__(self) -> bytes:
+        return b"lora.safetensors"
+
+
+@pytest.mark.parametrize("path", [b"lora.safetensors", bytearray(b"lora.safetensors"), _BytesPath(), 5, ["x"]],
+                         ids=["bytes", "bytearray", "pathlike-of-bytes", "int", "list"])
+def test_a_path_that_is_not_text_is_refused(path: Any) -> None:
+    with pytest.raises(ConfigError) as exc:
+        LoRASpec("user", path=path)
+    assert_says(exc, "LoRA 'user'", "path must be a str or a pathlib.Path", f"got {type(path).__name__}",
+                "os.fsdecode")
+
+
+def test_tensors_that_are_not_a_mapping_are_refused(good: Tensors) -> None:
+    with pytest.raises(ConfigError) as exc:
+        LoRASpec("user", tensors=list(good.items()))  # type: ignore[arg-type]
+    assert_says(exc, "LoRA 'user'", "tensors must be a mapping", "got list")
+
+
+OVERFLOWS = [
+    # (model dtype, factor dtype, value): finite in the factor's dtype, Inf in the model's
+    (torch.float16, torch.float32, 1e30),
+    (torch.float16, torch.float32, 7e4),  # just past float16's largest, 65504
+    (torch.bfloat16, torch.float32, 3.4e38),  # rounds past bfloat16's largest
+    (torch.bfloat16, torch.float64, 1e300),
+    (torch.float32, torch.float64, 1e39),
+]
+
+
+@pytest.mark.parametrize("source", ["file", "memory"])
+@pytest.mark.parametrize(("model_dtype", "factor_dtype", "value"), OVERFLOWS,
+                         ids=[f"{f}-{v:g}-in-{m}".replace("torch.", "") for m, f, v in OVERFLOWS])
+def test_factors_are_checked_in_the_dtype_they_are_applied_in(
+    model_dtype: torch.dtype, factor_dtype: torch.dtype, value: float, source: str, base_model: nn.Module,
+    good: Tensors, make_spec: Callable[..., LoRASpec],
+) -> None:
+    model = copy.deepcopy(base_model).to(model_dtype)
+    label = "lora_A" if value < 1e38 else "lora_B"
+    key = A_KEY if label == "lora_A" else B_KEY
+    tensors = {k: v.to(factor_dtype) for k, v in good.items()}
+    tensors[key] = _poke(tensors[key], value)
+    assert bool(torch.isfinite(tensors[key]).all())
+    before = snapshot(model)
+    with pytest.raises(LoRAValueError) as exc:
+        ResidencyManager(model, loras=[make_spec(tensors, source)], merge_policy="dynamic")
+    assert_says(exc, _MODULE, f"{label} holds 1 values that are finite in {factor_dtype}",
+                f"overflow to Inf in {model_dtype}", "rescale")
+    assert_untouched(model, before)
+
+
+def test_a_huge_tensor_of_the_wrong_shape_is_refused_from_the_header_alone(model: nn.Module, tmp_path: Path) -> None:
+    # a sparse file: a valid header declaring a 12 GiB lora_A, no data on disk. Under a cap of
+    # 2 GiB of address space more than now, reading or mapping the tensor fails at once.
+    wide = 3 * 2**30 // RANK
+    path = sparse_safetensors(tmp_path / "huge.safetensors", {A_KEY: ("F32", (RANK, wide)),
+                                                              B_KEY: ("BF16", (128, RANK))})
+    assert os.path.getsize(path) > 12 * 2**30
+    before = snapshot(model)
+    with address_space_limit(2 * 2**30), pytest.raises(LoRAShapeError) as exc:
+        ResidencyManager(model, loras=[LoRASpec("user", path=path)])
+    assert_says(exc, f"maps {wide} -> 128 features", *_INOUT)
+    assert_untouched(model, before)
+
+
+class _AttentionThenLinear(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.proj = nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.attn(x, x, x, need_weights=False)[0])
+
+
+def _pair(module: str, seed: int) -> Tensors:
+    gen = torch.Generator().manual_seed(seed)
+    return {f"{module}.lora_A.weight": torch.randn(2, 16, generator=gen),
+            f"{module}.lora_B.weight": torch.randn(16, 2, generator=gen)}
+
+
+def test_a_linear_that_its_parent_uses_without_calling_is_refused() -> None:
+    # MultiheadAttention reads out_proj.weight in its functional forward, never calling out_proj:
+    # a dynamic adapter there would run nowhere
+    torch.manual_seed(0)
+    net = _AttentionThenLinear()
+    before = snapshot(net)
+    with pytest.raises(LoRAKeyError) as exc:
+        ResidencyManager(net, loras=[LoRASpec("user", tensors=_pair("attn.out_proj", 1))], merge_policy="dynamic")
+    assert_says(exc, "module 'attn.out_proj'", "NonDynamicallyQuantizableLinear", "only plain nn.Linear",
+                "silently skipped")
+    assert_untouched(net, before)
+
+
+def test_a_plain_linear_next_to_an_attention_takes_a_lora() -> None:
+    torch.manual_seed(0)
+    net = _AttentionThenLinear()
+    x = torch.randn(1, 3, 16, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        base = net(x)
+    mgr = ResidencyManager(net, loras=[LoRASpec("user", tensors=_pair("proj", 1))], merge_policy="dynamic")
+    with mgr.request() as req, torch.no_grad():
+        req.enter("stage1")
+        adapted = req.enter("stage2")(x)
+    assert not torch.allclose(adapted, base)

@@ -6,16 +6,20 @@ where, and how to fix it, and leave the DiT bit-identical (checked against a hos
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import json
+import math
 import pickle
 import re
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+from torch import nn
 
 from ltx2_residency import LoRASpec, ResidencyError, ResidencyManager
 from ltx2_residency.testing import linear_names, synthetic_lora, weight_bits
@@ -37,6 +41,94 @@ class _Marker:
 class Case:
     name: str
     run: Callable[[Env], object]
+    #: the model the case runs against, built from the tiny DiT (default: a copy of it)
+    model: Callable[[torch.nn.Module], torch.nn.Module] = copy.deepcopy
+
+
+class _AttentionPool(nn.Module):
+    """A module with ``nn.MultiheadAttention``, as text and audio encoders have: its ``out_proj``
+    is a Linear subclass whose weight the attention reads without calling its forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(32, 4, batch_first=True)
+        self.proj = nn.Linear(32, 32)
+
+
+def _attention_pool(base: torch.nn.Module) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return _AttentionPool().to(torch.bfloat16)
+
+
+def _float16(base: torch.nn.Module) -> torch.nn.Module:
+    return copy.deepcopy(base).to(torch.float16)
+
+
+_SAFETENSORS_DTYPES = {"F32": 4, "F16": 2, "BF16": 2}
+
+
+def sparse_safetensors(path: Path, declared: dict[str, tuple[str, tuple[int, ...]]]) -> str:
+    """A safetensors file whose valid header declares ``declared`` (key: (dtype, shape)), its data
+    a hole of the declared size (a sparse file: nothing on disk, nothing worth reading)."""
+    header, offset = {}, 0
+    for key, (dtype, shape) in declared.items():
+        n = math.prod(shape) * _SAFETENSORS_DTYPES[dtype]
+        header[key] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    blob = json.dumps(header).encode()
+    blob += b" " * (-len(blob) % 8)
+    with path.open("wb") as fh:
+        fh.write(len(blob).to_bytes(8, "little") + blob)
+        fh.truncate(8 + len(blob) + offset)
+    return str(path)
+
+
+@contextlib.contextmanager
+def address_space_limit(extra_bytes: int) -> Iterator[None]:
+    """Cap this process's address space at its current size plus ``extra_bytes`` (Linux): inside
+    the block, reading or mapping a huge file fails at once instead of filling the machine's memory.
+    Elsewhere it limits nothing."""
+    try:
+        import resource
+
+        status = Path("/proc/self/status").read_text()
+    except (ImportError, OSError):
+        yield
+        return
+    size_kb = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmSize:")))
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    cap = size_kb * 1024 + extra_bytes
+    if hard != resource.RLIM_INFINITY:
+        cap = min(cap, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+def _huge_sparse_lora(env: Env) -> None:
+    # a 12 GiB lora_A of the wrong width: the header alone must refuse it
+    module = _first(env, "lora_A.weight").removesuffix(".lora_A.weight")
+    rank, out = env.good[f"{module}.lora_B.weight"].shape[1], env.good[f"{module}.lora_B.weight"].shape[0]
+    path = sparse_safetensors(env.dir / "huge.safetensors", {
+        f"{module}.lora_A.weight": ("F32", (rank, 3 * 2**30 // rank)),
+        f"{module}.lora_B.weight": ("BF16", (out, rank)),
+    })
+    with address_space_limit(2 * 2**30):
+        env.manager(env.spec(path=path))
+
+
+def _with_value(env: Env, key_part: str, dtype: torch.dtype, value: float) -> dict[str, torch.Tensor]:
+    def poke(t: torch.Tensor) -> torch.Tensor:
+        out = t.to(dtype)
+        out[0, 0] = value
+        return out
+    return env.edited(key_part, poke)
+
+
+def _attention_lora() -> dict[str, torch.Tensor]:
+    return {"attn.out_proj.lora_A.weight": torch.zeros(4, 32), "attn.out_proj.lora_B.weight": torch.zeros(32, 4)}
 
 
 @dataclass
@@ -85,6 +177,11 @@ def _pickle_file(env: Env, name: str) -> str:
 def _request(env: Env, mgr: ResidencyManager, body: Callable[[object], object]) -> object:
     with mgr.request() as req:
         return body(req)
+
+
+def _request_timeout_nan(env: Env) -> None:
+    with env.manager().request(timeout=float("nan")):
+        pass
 
 
 def _nested(env: Env) -> None:
@@ -147,6 +244,37 @@ CASES: list[Case] = [
     Case("nested request", _nested),
     Case("DiT run outside a request", lambda e: (e.manager(), e.model(**e.inputs))),
     Case("DiT run before entering a phase", lambda e: _request(e, e.manager(), lambda r: e.model(**e.inputs))),
+    # the manager owns what it applies: files and tensors are read into its own checked copies
+    Case("strength beyond float range (10**400)", lambda e: e.spec(strengths={"stage2": 10**400})),
+    Case("override beyond float range (10**400)", lambda e: _request(
+        e, e.manager(), lambda r: r.enter("stage1", strengths={"distilled": 10**400}))),
+    Case("float8 factors", lambda e: e.manager(e.spec(tensors=e.edited(
+        "lora_A", lambda t: t.to(torch.float8_e4m3fn))))),
+    Case("path of 5,000 characters", lambda e: e.manager(e.spec(path="x" * 5000 + ".safetensors"))),
+    Case("bytes path", lambda e: e.spec(path=str(e.dir / "lora.safetensors").encode())),
+    Case("float32 factor that is Inf in the float16 model", lambda e: e.manager(e.spec(
+        tensors=_with_value(e, "lora_A", torch.float32, 1e30))), model=_float16),
+    Case("float32 factor that is Inf in the bfloat16 model", lambda e: e.manager(e.spec(
+        tensors=_with_value(e, "lora_B", torch.float32, 3.4e38)))),
+    Case("float64 factor beyond every model dtype", lambda e: e.manager(e.spec(
+        tensors=_with_value(e, "lora_A", torch.float64, 1e300)))),
+    Case("sparse 12 GiB file, wrong shape in its header", _huge_sparse_lora),
+    Case("LoRA on MultiheadAttention.out_proj", lambda e: e.manager(e.spec(tensors=_attention_lora())),
+         model=_attention_pool),
+    # manager options: a value of the wrong type is refused, never taken for its truthiness
+    Case("strict='no'", lambda e: e.manager(strict="no")),
+    Case("low_vram='yes'", lambda e: e.manager(low_vram="yes")),
+    Case("native_ltx23=1.0", lambda e: e.manager(native_ltx23=1.0)),
+    Case("check_layers='false'", lambda e: e.manager(check_layers="false")),
+    Case("activation_reserve_gib=-1", lambda e: e.manager(activation_reserve_gib=-1)),
+    Case("activation_reserve_gib=inf", lambda e: e.manager(mode="auto", activation_reserve_gib=float("inf"))),
+    Case("trace_maxlen=0", lambda e: e.manager(trace_maxlen=0)),
+    Case("trace_maxlen=True", lambda e: e.manager(trace_maxlen=True)),
+    Case("request_timeout=nan", lambda e: e.manager(request_timeout=float("nan"))),
+    Case("faults that are not a FaultInjector", lambda e: e.manager(faults=object())),
+    Case("loras as a generator", lambda e: ResidencyManager(e.model, loras=(s for s in [e.spec()]))),  # type: ignore[arg-type]
+    Case("merge_policy that is not a str", lambda e: e.manager(merge_policy=1)),
+    Case("request(timeout=nan)", _request_timeout_nan),
 ]
 
 
@@ -161,7 +289,7 @@ class Row:
 
 def run_case(case: Case, base: torch.nn.Module, good: dict[str, torch.Tensor]) -> Row:
     with tempfile.TemporaryDirectory() as tmp:
-        model = copy.deepcopy(base)
+        model = case.model(base)
         env = Env(Path(tmp), model, good, tiny_inputs(base))
         before = weight_bits(dict(model.named_parameters()))
         try:

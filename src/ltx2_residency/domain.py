@@ -99,18 +99,33 @@ def parse_enum(kind: type[E], value: object, what: str) -> E:
         except ValueError:
             pass
     choices = ", ".join(repr(m.value) for m in kind)  # type: ignore[attr-defined]
-    raise ConfigError(f"unknown {what}: {value!r}; expected one of {choices}")
+    raise ConfigError(f"unknown {what}: {shown(value)}; expected one of {choices}")
+
+
+def shown(value: object, limit: int = 80) -> str:
+    """``repr(value)`` cut to ``limit`` characters, for error messages about arbitrary input: an
+    integer of thousands of digits has no repr (Python refuses the conversion), a path of
+    thousands of characters would bury the message."""
+    try:
+        text = repr(value)
+    except Exception:  # a failing __repr__ of user input must not hide the real error
+        text = (f"an integer of {value.bit_length()} bits" if isinstance(value, int)
+                else f"a {type(value).__name__}")
+    return text if len(text) <= limit else f"{text[:limit - 3]}..."
 
 
 def check_strength(value: object, where: str) -> float:
     """A strength must be a finite, non-negative real number (bools are refused)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise StrengthError(f"{where}: strength must be a real number, got {value!r}")
-    strength = float(value)
+        raise StrengthError(f"{where}: strength must be a real number, got {shown(value)}")
+    try:
+        strength = float(value)
+    except OverflowError:  # an int beyond float range: as infinite as float('inf')
+        strength = math.inf
     if not math.isfinite(strength):
-        raise StrengthError(f"{where}: strength must be finite, got {value!r}")
+        raise StrengthError(f"{where}: strength must be finite, got {shown(value)}")
     if strength < 0:
         raise StrengthError(
-            f"{where}: strength must be >= 0, got {value!r} (to subtract a LoRA, train one that does)"
+            f"{where}: strength must be >= 0, got {shown(value)} (to subtract a LoRA, train one that does)"
         )
     return strength
