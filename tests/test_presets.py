@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 from pathlib import Path
 
 import numpy as np
@@ -14,10 +15,18 @@ import torch
 from conftest import assert_same_bits
 from ltx2_pipeline.errors import GenerationInputError
 from ltx2_pipeline.loras import key_format, load_lora, to_diffusers_format, to_original_format
-from ltx2_pipeline.presets import DISTILLED_FILE, full_preset, load_components, save_components, tiny_preset
+from ltx2_pipeline.presets import (
+    DISTILLED_FILE,
+    full_preset,
+    full_preset_bytes,
+    load_components,
+    save_components,
+    tiny_preset,
+    vae_compression,
+)
 from ltx2_pipeline.two_stage import LTX2TwoStagePipeline
 from ltx2_residency import LoRAFormatError, LoRAKeyError
-from ltx2_residency.testing import save_lora, weight_bits
+from ltx2_residency.testing import linear_names, save_lora, weight_bits
 from offline import assert_offline, no_network  # noqa: F401 - autouse fixtures
 
 KW = dict(prompt="a red cat at night", height=64, width=64, num_frames=9, num_inference_steps=2,
@@ -117,3 +126,41 @@ def test_full_preset_has_the_real_ltx2_shapes() -> None:
     assert text.hidden_size == dit.config.caption_channels == components["connectors"].config.caption_channels
     assert components["connectors"].config.text_proj_in_factor == text.num_hidden_layers + 1
     assert dit.dtype == torch.bfloat16 and lora == {}
+
+
+def test_the_full_presets_memory_comes_from_the_real_configs() -> None:
+    components, _ = full_preset(device="meta")
+    held = full_preset_bytes()
+    dit = components["transformer"]
+    assert held["transformer"] == 2 * sum(t.numel() for t in (*dit.parameters(), *dit.buffers()))
+    assert 18.8e9 * 2 < held["transformer"] < 19.0e9 * 2 + 2**30
+    assert held.keys() == {k for k, v in components.items() if isinstance(v, torch.nn.Module)} | {"distilled_lora"}
+    linears = [dit.get_submodule(n) for n in linear_names(dit)]
+    assert held["distilled_lora"] == 2 * 384 * sum(m.in_features + m.out_features for m in linears)
+    assert full_preset_bytes(torch.float32)["transformer"] == 2 * held["transformer"]
+    deeper = full_preset_bytes(text_layers=4)
+    assert deeper["text_encoder"] > held["text_encoder"] and deeper["transformer"] == held["transformer"]
+
+
+def test_the_vae_compression_is_known_before_anything_loads(tmp_path: Path) -> None:
+    assert vae_compression("tiny") == (8, 4) and vae_compression("full") == (32, 8)
+    components, _ = tiny_preset(seed=0)
+    root = save_components(components, tmp_path / "ltx2")
+    for weights in root.rglob("*.safetensors"):
+        weights.unlink()  # the config is all it reads
+    assert vae_compression(model_path=root) == (8, 4)
+    with pytest.raises(GenerationInputError, match="no model_index.json"):
+        vae_compression(model_path=tmp_path)
+    with pytest.raises(GenerationInputError, match="unknown preset 'huge'"):
+        vae_compression("huge")
+
+
+def test_lora_errors_name_the_file(tmp_path: Path, tiny_lora) -> None:
+    wrong = {k.replace("transformer_blocks.0.", "transformer_blocks.99."): v for k, v in tiny_lora.items()}
+    path = save_lora(tmp_path / "style@v2.safetensors", wrong)  # keys for a block the DiT does not have
+    spec = load_lora(path, "user", {"stage2": 1.0})
+    with pytest.raises(LoRAKeyError, match=re.escape(f"LoRA 'user' ({path})")):
+        LTX2TwoStagePipeline.from_preset("tiny", loras=[spec])
+    missing = tmp_path / "missing.safetensors"
+    with pytest.raises(LoRAFormatError, match=re.escape(str(missing))):
+        load_lora(missing, "user", {"stage2": 1.0})

@@ -12,7 +12,8 @@ import torch
 from diffusers.pipelines.ltx2.utils import STAGE_2_DISTILLED_SIGMA_VALUES
 
 from conftest import assert_same_bits
-from ltx2_pipeline.errors import GenerationInputError
+from ltx2_pipeline import two_stage
+from ltx2_pipeline.errors import GenerationInputError, NonFiniteOutputError
 from ltx2_pipeline.loras import load_lora
 from ltx2_pipeline.tiny import tiny_transformer
 from ltx2_pipeline.two_stage import (
@@ -22,7 +23,7 @@ from ltx2_pipeline.two_stage import (
     LTX2TwoStageHQPipeline,
     LTX2TwoStagePipeline,
 )
-from ltx2_residency import FaultInjector, WeightState
+from ltx2_residency import FaultInjector, ResidencyError, StrengthError, WeightState
 from ltx2_residency.testing import linear_names, save_lora, synthetic_lora, weight_bits
 from offline import assert_offline, no_network  # noqa: F401 - autouse fixtures
 
@@ -229,6 +230,11 @@ def test_strength_overrides_and_a_user_lora_stack(tmp_path) -> None:
     (dict(strengths={"stage3": {"distilled": 1.0}}), "unknown phase 'stage3'"),
     (dict(strengths={"stage2": {"styel": 1.0}}), "unknown LoRA 'styel'.*'distilled'"),
     (dict(prompt=None), "prompt must be a string"),
+    (dict(frame_rate=float("inf")), "frame_rate=inf: must be a finite number"),
+    (dict(frame_rate=float("nan")), "frame_rate=nan"),
+    (dict(max_sequence_length=0), "max_sequence_length=0: must be an integer ≥ 1"),
+    (dict(max_sequence_length=-5), "max_sequence_length=-5"),
+    (dict(seed=-1), r"seed=-1: must be an integer in \[0, 2\*\*63\)"),
 ])
 def test_bad_requests_fail_before_anything_runs(change, match) -> None:
     pipe = LTX2TwoStagePipeline.from_preset("tiny")
@@ -292,3 +298,118 @@ def test_stage2_merge_ahead_gives_the_same_video_and_rolls_back_from_a_fault() -
     assert pipe.manager.state is WeightState.CLEAN
     assert_same_bits(clean, weight_bits(pipe.manager.managed_weights))
     assert np.array_equal(pipe(**KW).video, ahead.video)
+
+
+@pytest.mark.parametrize(("phase", "value", "match"), [
+    ("stage2", 1e30, "strength 1e\\+30 is above 10"),
+    ("stage1", float("nan"), "must be finite"),
+    ("stage2", float("inf"), "must be finite"),
+    ("stage2", -1.0, ">= 0"),
+])
+def test_strengths_out_of_range_fail_before_anything_runs(phase, value, match) -> None:
+    pipe = LTX2TwoStagePipeline.from_preset("tiny")
+    clean = weight_bits(pipe.manager.managed_weights)
+    total = pipe.manager.trace.total
+    with pytest.raises(StrengthError, match=match):
+        pipe(GenerationRequest(**KW, strengths={phase: {"distilled": value}}))
+    assert pipe.manager.trace.total == total
+    assert_same_bits(clean, weight_bits(pipe.manager.managed_weights))
+
+
+def test_a_configured_strength_out_of_range_is_refused_before_the_manager_exists(tmp_path) -> None:
+    dit = tiny_transformer(seed=0)
+    path = save_lora(tmp_path / "user.safetensors", synthetic_lora(dit, linear_names(dit)[:2], rank=4, seed=7))
+    with pytest.raises(StrengthError, match="LoRA 'user' stage2: strength 50.0 is above 10"):
+        LTX2TwoStagePipeline.from_preset("tiny", loras=[load_lora(path, "user", {"stage2": 50.0})])
+
+
+def test_one_stage1_step_gives_a_finite_video_from_the_ltx2_schedule() -> None:
+    """One step: LTX-2's terminal stretch divides by one minus the only sigma, 1; the schedule is
+    then the single step from noise to the clean latent. More steps keep diffusers' own schedule."""
+    pipe = LTX2TwoStagePipeline.from_preset("tiny")
+    result = pipe(**{**KW, "num_inference_steps": 1})
+    assert np.isfinite(result.video).all() and bool(torch.isfinite(result.audio).all())
+    assert pipe.stage1.scheduler.sigmas.tolist() == [1.0, 0.0]
+    reference = pipe.components["scheduler"]  # diffusers' scheduler, as the components hold it
+    for steps in (2, 4, 30):
+        sigmas = np.linspace(1.0, 1.0 / steps, steps)
+        pipe.stage1.scheduler.set_timesteps(sigmas=sigmas, mu=1.0)
+        reference.set_timesteps(sigmas=sigmas, mu=1.0)
+        assert torch.equal(pipe.stage1.scheduler.sigmas, reference.sigmas)
+
+
+class _StageWatch:
+    """A progress display that remembers which stage runs."""
+
+    def __init__(self) -> None:
+        self.stage = ""
+
+    def stage_started(self, stage: str, steps: int) -> None:
+        self.stage = stage
+
+    def step(self, stage: str) -> None: ...
+    def stage_finished(self, stage: str, ms: float) -> None: ...
+
+
+def _poison(pipe: LTX2TwoStagePipeline, watch: _StageWatch, stage: str) -> Any:
+    """A forward hook that turns the output of the module ``stage`` runs into NaN, only there."""
+    def nan(_module: Any, _args: Any, output: Any) -> Any:
+        if watch.stage != stage:
+            return None
+        if isinstance(output, torch.Tensor):
+            return output * float("nan")
+        return type(output)(o * float("nan") if isinstance(o, torch.Tensor) else o for o in output)
+    module = {"LTX2AVDenoisingStage": pipe.base, "LTX2RefinementStage": pipe.base,
+              "LTX2UpsampleStage": pipe.components["latent_upsampler"],
+              "LTX2AVDecodingStage": pipe.components["vocoder"]}[stage]
+    return module.register_forward_hook(nan)
+
+
+@pytest.mark.parametrize(("stage", "policy"), [
+    ("LTX2AVDenoisingStage", "merge"), ("LTX2UpsampleStage", "merge"), ("LTX2RefinementStage", "merge"),
+    ("LTX2RefinementStage", "dynamic"), ("LTX2AVDecodingStage", "sglang"),
+])
+def test_non_finite_output_fails_at_the_stage_that_made_it(stage, policy) -> None:
+    watch = _StageWatch()
+    pipe = LTX2TwoStageHQPipeline.from_preset("tiny", merge_policy=policy, progress=watch)
+    clean = weight_bits(pipe.manager.managed_weights)
+    hook = _poison(pipe, watch, stage)
+    with pytest.raises(NonFiniteOutputError, match=f"^{stage}: .*non-finite") as info:
+        pipe(**KW)
+    assert isinstance(info.value, ResidencyError) and info.value.stage == stage
+    report = info.value.report
+    assert report is not None and report["error"]["stage"] == stage and report["error"]["message"] == str(info.value)
+    ran = list(report["stages_ms"])
+    assert ran[-1] == stage, "no stage ran after the one that made the non-finite values"
+    assert report["dit_state_after"] == "clean" and report["trace"][-1]["dest"] == "clean"
+    assert pipe.manager.state is WeightState.CLEAN
+    assert_same_bits(clean, weight_bits(pipe.manager.managed_weights))
+    pipe.manager.verify_clean()
+    hook.remove()
+    assert np.isfinite(pipe(**KW).video).all(), "the next request runs as usual"
+
+
+def test_a_lora_that_overflows_fails_in_stage1_and_leaves_the_dit_clean(tmp_path) -> None:
+    dit = tiny_transformer(seed=0)
+    factors = synthetic_lora(dit, [n for n in linear_names(dit) if ".attn1." in n], rank=4, seed=7)
+    path = save_lora(tmp_path / "huge.safetensors", {k: v * 1e18 for k, v in factors.items()})  # finite, huge
+    for policy in ("merge", "dynamic"):
+        user = load_lora(path, "user", {"stage1": 1.0, "stage2": 1.0})
+        pipe = LTX2TwoStagePipeline.from_preset("tiny", loras=[user], merge_policy=policy)
+        clean = weight_bits(pipe.manager.managed_weights)
+        with pytest.raises(NonFiniteOutputError, match="LTX2AVDenoisingStage: stage 1"):
+            pipe(**KW)
+        assert_same_bits(clean, weight_bits(pipe.manager.managed_weights))
+
+
+def test_each_stage_output_is_checked_once(monkeypatch) -> None:
+    checked: list[str] = []
+    real = two_stage._check_finite
+
+    def count(stage: str, outputs: Any) -> None:
+        checked.append(stage)
+        real(stage, outputs)
+
+    monkeypatch.setattr(two_stage, "_check_finite", count)
+    LTX2TwoStagePipeline.from_preset("tiny", merge_policy="dynamic")(**{**KW, "num_inference_steps": 3})
+    assert checked == ["LTX2AVDenoisingStage", "LTX2UpsampleStage", "LTX2RefinementStage", "LTX2AVDecodingStage"]

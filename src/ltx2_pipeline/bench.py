@@ -241,20 +241,67 @@ def print_summary(res: dict[str, Any]) -> None:
         console.print(f"drift after all requests: {r['drift_layers_after_all_requests']} layers")
 
 
+#: Flags that only the ``requests`` section reads, with their defaults.
+REQUEST_FLAGS = {"scenarios": ["normal", "hq", "small"], "policies": [*FIXED_POLICIES, "auto"], "steps": 4}
+
+
 def add_arguments(ap: argparse.ArgumentParser) -> None:
+    from .checks import device, positive_int  # light: torch and the pipeline's errors only
+
     ap.add_argument("--preset", choices=("tiny", "full"), default="tiny")
-    ap.add_argument("--device", default=None, help="default: cuda when there is one, else cpu")
+    ap.add_argument("--device", type=device, default=None, help="default: cuda when there is one, else cpu")
     ap.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
-    ap.add_argument("--scenarios", nargs="+", choices=("normal", "hq", "small"), default=["normal", "hq", "small"])
-    ap.add_argument("--policies", nargs="+", choices=(*FIXED_POLICIES, "auto"), default=[*FIXED_POLICIES, "auto"])
-    ap.add_argument("--requests", type=int, default=3,
+    ap.add_argument("--scenarios", nargs="+", choices=("normal", "hq", "small"), default=None,
+                    help="requests section only (default: all)")
+    ap.add_argument("--policies", nargs="+", choices=(*FIXED_POLICIES, "auto"), default=None,
+                    help="requests section only (default: all)")
+    ap.add_argument("--requests", type=positive_int, default=3,
                     help="timed requests per case, the policies interleaved (after untimed warm-ups)")
-    ap.add_argument("--steps", type=int, default=4, help="stage-1 denoising steps")
-    ap.add_argument("--json", default=None, help="write the results here")
+    ap.add_argument("--steps", type=positive_int, default=None,
+                    help=f"requests section only: stage-1 denoising steps (default {REQUEST_FLAGS['steps']})")
+    ap.add_argument("--json", default=None, help="write the results here (in an existing directory)")
+
+
+def check_arguments(args: argparse.Namespace) -> str:
+    """Every argument checked before anything is built; the device to run on. Flags the chosen
+    sections do not read are refused (not ignored), the defaults of the others filled in."""
+    from pathlib import Path
+
+    from .checks import GIB, check_device, check_fits, check_output_path
+    from .errors import GenerationInputError
+
+    for name, default in REQUEST_FLAGS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
+        elif "requests" not in args.sections:
+            raise GenerationInputError(f"--{name} applies to the requests section only, not to --sections "
+                                       f"{' '.join(args.sections)}; drop it or add the requests section")
+    device = args.device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    check_device(device)
+    if args.json is not None:
+        check_output_path("--json", Path(args.json))
+    if args.preset == "full":
+        from .presets import full_preset_bytes
+
+        held = full_preset_bytes()
+        lora = held["distilled_lora"]
+        needs = {}
+        if "weights" in args.sections:  # one DiT, the LoRA for us and a copy in PEFT's adapters
+            needs["weights"] = (held["transformer"] + 2 * lora,
+                                f"the DiT {held['transformer'] / GIB:.1f} GiB + the LoRA twice (ours and PEFT's) "
+                                f"{2 * lora / GIB:.1f} GiB")
+        if "requests" in args.sections:  # the whole two-stage pipeline
+            pipeline = sum(held.values()) - lora
+            needs["requests"] = (pipeline + lora,
+                                 f"the pipeline {pipeline / GIB:.1f} GiB + the LoRA {lora / GIB:.1f} GiB")
+        section = max(needs, key=lambda k: needs[k][0])
+        check_fits(f"ltx2 bench --preset full (its {section} section)", needs[section][0], device,
+                   needs[section][1], "run it on a GPU with the memory, or use --preset tiny")
+    return str(device)
 
 
 def main(args: argparse.Namespace) -> int:
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = check_arguments(args)
     res = run(args.preset, device, args.sections, args.scenarios, args.policies, args.requests, args.steps)
     print_summary(res)
     if args.json:

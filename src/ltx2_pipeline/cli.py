@@ -18,23 +18,40 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from ltx2_residency import MergePolicyName, ResidencyError, ResidencyMode
+from ltx2_residency import LoRASpec, MergePolicyName, ResidencyError, ResidencyMode
 from ltx2_residency.machine import TABLES, mermaid
 
-from .errors import GenerationInputError
-from .loras import load_lora
-from .presets import DEFAULT_NEGATIVE_PROMPT, DEFAULT_PROMPT, PRESET_DEFAULTS
-from .two_stage import GenerationRequest, Guidance, LTX2TwoStageHQPipeline, LTX2TwoStagePipeline
+from . import checks
+from .errors import GenerationInputError, NonFiniteOutputError
+from .loras import VARIANT_STRENGTHS, check_strength, load_lora
+from .presets import (
+    GEMMA3_12B_LAYERS,
+    PRESET_DEFAULTS,
+    check_model_folder,
+    full_preset_bytes,
+    vae_compression,
+)
+from .two_stage import (
+    STAGE2_SIGMAS,
+    GenerationRequest,
+    Guidance,
+    LTX2TwoStageHQPipeline,
+    LTX2TwoStagePipeline,
+    check_request,
+)
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+#: Exit status of a run stopped with Ctrl-C (128 + SIGINT), as shells report it.
+EXIT_INTERRUPTED = 130
 
 
 class _RichProgress:
@@ -57,20 +74,41 @@ class _RichProgress:
 
 
 def _lora_arg(text: str) -> tuple[str, float, float]:
-    """``PATH`` or ``PATH@S1,S2`` (strengths in stage 1 and stage 2; default 1.0 in both)."""
-    path, _, strengths = text.rpartition("@") if "@" in text else (text, "", "")
-    if not strengths:
+    """``PATH`` or ``PATH@S1,S2`` (strengths in stage 1 and stage 2; default 1.0 in both). Split at
+    the last ``@``, and only when what follows it is two numbers: any other ``@`` belongs to the path."""
+    path, at, suffix = text.rpartition("@")
+    parts = suffix.split(",")
+    if not (at and path and len(parts) == 2):
         return text, 1.0, 1.0
     try:
-        s1, s2 = (float(s) for s in strengths.split(","))
+        s1, s2 = (float(s) for s in parts)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--lora {text!r}: expected PATH or PATH@S1,S2 "
-                                         "(e.g. style.safetensors@0.5,1.0)") from None
+        return text, 1.0, 1.0
+    for phase, value in (("stage 1", s1), ("stage 2", s2)):
+        try:
+            check_strength(value, f"{text!r} {phase}")
+        except ResidencyError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
     return path, s1, s2
 
 
+def _strength_arg(text: str) -> float:
+    try:
+        return check_strength(float(text), "")
+    except ValueError as exc:  # StrengthError is a ValueError too
+        raise argparse.ArgumentTypeError(str(exc).removeprefix(": ") if isinstance(exc, ResidencyError)
+                                         else f"expected a number, got {text!r}") from None
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors in one line (the usage is one ``--help`` away)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ltx2", description=__doc__.split("\n\n")[0])
+    parser = _Parser(prog="ltx2", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="run the two-stage pipeline and write an mp4 + JSON report")
@@ -80,41 +118,52 @@ def _parser() -> argparse.ArgumentParser:
     src.add_argument("--model-path", type=Path, help="a local diffusers-format LTX-2 folder")
     gen.add_argument("--distilled-lora", type=Path, help="distilled LoRA (.safetensors, diffusers or original keys)")
     gen.add_argument("--lora", type=_lora_arg, action="append", default=[], metavar="PATH[@S1,S2]",
-                     help="a further LoRA, stacked after the distilled one (repeatable)")
+                     help="a further LoRA, stacked after the distilled one (repeatable); S1,S2 after the last '@' "
+                     "are its strengths in stage 1 and 2 (default 1,1)")
     gen.add_argument("--variant", choices=["normal", "hq"], default="normal",
                      help="distilled strengths: normal 0/1.0, hq 0.25/0.5")
     gen.add_argument("--mode", default="original", choices=[m.value for m in ResidencyMode] + ["auto"])
     gen.add_argument("--merge-policy", default="sglang", choices=[p.value for p in MergePolicyName])
     gen.add_argument("--low-vram", action=argparse.BooleanOptionalAction, default=None,
-                     help="snapshot mode: evict the base before the stage-2 prefetch (default: below 130 GiB)")
-    gen.add_argument("--prompt", default=DEFAULT_PROMPT)
-    gen.add_argument("--negative-prompt", default=DEFAULT_NEGATIVE_PROMPT)
+                     help="--mode snapshot only: evict the base before the stage-2 prefetch (default: below 130 GiB)")
+    gen.add_argument("--prompt", help="default: a robot dancing in the rain")
+    gen.add_argument("--negative-prompt", help="stage 1's guidance only (refused with --no-guidance)")
     gen.add_argument("--height", type=int)
     gen.add_argument("--width", type=int)
     gen.add_argument("--num-frames", type=int)
-    gen.add_argument("--frame-rate", type=float, default=24.0)
-    gen.add_argument("--steps", type=int, help="stage-1 denoising steps (stage 2 always runs 3)")
-    gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--max-sequence-length", type=int)
-    gen.add_argument("--stage1-strength", type=float, help="override the distilled LoRA's stage-1 strength")
-    gen.add_argument("--stage2-strength", type=float, help="override the distilled LoRA's stage-2 strength")
+    gen.add_argument("--frame-rate", type=checks.positive_float, default=24.0)
+    gen.add_argument("--steps", type=checks.positive_int,
+                     help=f"stage-1 denoising steps (stage 2 always runs {len(STAGE2_SIGMAS)})")
+    gen.add_argument("--seed", type=checks.seed, default=0)
+    gen.add_argument("--max-sequence-length", type=checks.positive_int, help="text tokens per prompt")
+    gen.add_argument("--stage1-strength", type=_strength_arg, help="override the distilled LoRA's stage-1 strength")
+    gen.add_argument("--stage2-strength", type=_strength_arg, help="override the distilled LoRA's stage-2 strength")
     gen.add_argument("--no-guidance", action="store_true", help="stage 1 without CFG/STG/modality guidance")
-    gen.add_argument("--device", default=None, help="default: cuda for --preset full, else cpu")
+    gen.add_argument("--device", type=checks.device, default=None, help="default: cuda for --preset full, else cpu")
     gen.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
-    gen.add_argument("--output", type=Path, help="mp4 path (default outputs/ltx2_<preset>.mp4)")
+    gen.add_argument("--output", type=Path,
+                     help="mp4 path, in an existing directory (default outputs/ltx2_<preset>.mp4)")
     gen.add_argument("--report", type=Path, help="JSON report path (default: the mp4 path with .json)")
     gen.add_argument("--no-progress", action="store_true")
-    gen.add_argument("--text-layers", type=int, default=2,
-                     help="--preset full: Gemma 3 layers to build (48 is the real depth, 24 GB more)")
+    gen.add_argument("--text-layers", type=checks.positive_int, default=None,
+                     help=f"--preset full only: Gemma 3 layers to build (default 2; {GEMMA3_12B_LAYERS} is the real "
+                     "depth, 24 GB more)")
 
     dia = sub.add_parser("diagram", help="print the mermaid state diagram of each residency mode")
     dia.add_argument("--mode", choices=[m.value for m in ResidencyMode], help="only this mode")
 
     perf = sub.add_parser("perf-check", help="run a perf_baselines.json case; exit 1 on a regression beyond "
-                          "tolerance, 2 on bad input, 3 when the case cannot run here")
+                          "tolerance, 2 on bad input, 3 when the case cannot run here",
+                          description="Run a case: its warm-up requests first (untimed, dropped), then its timed "
+                          "requests. Compared against the case's expectations: the median e2e, the median "
+                          "denoise step and each stage's median over the timed requests, their weight-management "
+                          "sum and the peak device memory. The mean denoise step is reported, never compared "
+                          "(one cold step moves it). Exit 0 within tolerance, 1 on a regression, 2 on bad input, "
+                          "3 when the case cannot run on this machine.")
     perf.add_argument("--case", help="the case to run (see --list)")
     perf.add_argument("--list", action="store_true", help="list the cases and exit")
-    perf.add_argument("--baselines", type=Path, help="baselines file (default: the repository's perf_baselines.json)")
+    perf.add_argument("--baselines", type=Path, metavar="PATH",
+                      help="baselines file (default: the perf_baselines.json installed with ltx2_pipeline)")
     perf.add_argument("--json", type=Path, metavar="OUT", help="write the measured metrics (the plot's input)")
     perf.add_argument("--update", action="store_true",
                       help="rewrite the case's expected numbers from this run (tolerances kept)")
@@ -125,48 +174,127 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _build(args: argparse.Namespace, progress: Any) -> LTX2TwoStagePipeline:
+@dataclass(frozen=True)
+class _Plan:
+    """A ``generate`` run, every argument checked: nothing is built before this exists."""
+
+    preset: str | None  # None: --model-path
+    device: torch.device
+    request: GenerationRequest
+    mp4: Path
+    report: Path
+    distilled: LoRASpec | None  # None: the preset's, or the model folder's file
+    loras: list[LoRASpec]
+
+
+def _plan(args: argparse.Namespace) -> _Plan:
+    """Check every ``generate`` argument against the others and this machine, before anything loads."""
+    preset = None if args.model_path is not None else (args.preset or "tiny")
+    _check_applicable(args, preset)
+    if preset == "full" and args.device is None and not torch.cuda.is_available():
+        raise GenerationInputError("--preset full runs on a CUDA device and there is none here; use --preset tiny, "
+                                   "or --device cpu on a host with the memory")
+    device = args.device or torch.device("cuda" if preset == "full" else "cpu")
+    checks.check_device(device)
+    if args.model_path is not None:
+        check_model_folder(args.model_path)
+    for flag, path in (("--distilled-lora", args.distilled_lora), *(("--lora", Path(p)) for p, _, _ in args.lora)):
+        if path is not None and not path.is_file():
+            what = "is not a file" if path.exists() else "does not exist"
+            hint = (" (strengths go after the last '@' as S1,S2, e.g. style.safetensors@0.5,1.0)"
+                    if flag == "--lora" and "@" in str(path) else "")
+            raise GenerationInputError(f"{flag} {str(path)!r} {what}{hint}")
+    mp4 = args.output or Path("outputs") / f"ltx2_{preset or 'model'}.mp4"
+    report = args.report or mp4.with_suffix(".json")
+    # the default folder is ours to make (when the run writes); a folder the user names must exist
+    checks.check_output_path("--output", mp4, checks.VIDEO_SUFFIXES, missing_ok=args.output is None)
+    checks.check_output_path("--report", report, missing_ok=args.report is None and args.output is None)
+    if report.resolve() == mp4.resolve():
+        raise GenerationInputError(f"--report {str(report)!r} is the video's own path; give the report another name")
+    request = _request(args, preset)
+    names = [f"lora{i}" if i else "user" for i in range(len(args.lora))]
+    check_request(request, *vae_compression(preset, args.model_path), ["distilled", *names])
+    if preset == "full":
+        _check_full_preset_fits(args, device)
+    # read (and checked against their format) here: a bad file is bad input, found before any model loads
+    distilled = (load_lora(args.distilled_lora, "distilled", VARIANT_STRENGTHS[args.variant])
+                 if args.distilled_lora is not None else None)
+    loras = [load_lora(path, name, {"stage1": s1, "stage2": s2})
+             for name, (path, s1, s2) in zip(names, args.lora, strict=True)]
+    return _Plan(preset, device, request, mp4, report, distilled, loras)
+
+
+def _check_applicable(args: argparse.Namespace, preset: str | None) -> None:
+    """Refuse a flag that would change nothing in this combination instead of ignoring it."""
+    if args.low_vram is not None and args.mode != "snapshot":
+        flag = "--low-vram" if args.low_vram else "--no-low-vram"
+        raise GenerationInputError(f"{flag} applies to --mode snapshot only (the mode that evicts the base before "
+                                   f"its stage-2 prefetch), not to --mode {args.mode}; drop it")
+    if args.text_layers is not None:
+        if preset != "full":
+            where = "--preset tiny" if preset == "tiny" else "--model-path (the folder's text encoder has its depth)"
+            raise GenerationInputError(f"--text-layers applies to --preset full only, not to {where}; drop it")
+        if args.text_layers > GEMMA3_12B_LAYERS:
+            raise GenerationInputError(f"--text-layers {args.text_layers}: Gemma 3 12B has {GEMMA3_12B_LAYERS} "
+                                       f"layers; use 1 to {GEMMA3_12B_LAYERS}")
+    if args.negative_prompt is not None and args.no_guidance:
+        raise GenerationInputError("--negative-prompt applies to stage 1's guidance, which --no-guidance turns off; "
+                                   "drop one of them")
+
+
+def _check_full_preset_fits(args: argparse.Namespace, device: torch.device) -> None:
+    """The full preset's weights (from diffusers' real configs), its LoRAs and a second DiT where the
+    mode keeps one, against the memory the device has free: a lower bound, activations come on top."""
+    dtype = DTYPES[args.dtype]
+    held = full_preset_bytes(dtype, args.text_layers or 2)
+    params = sum(v for k, v in held.items() if k != "distilled_lora") // dtype.itemsize
+    lora = args.distilled_lora.stat().st_size if args.distilled_lora is not None else held["distilled_lora"]
+    lora += sum(Path(p).stat().st_size for p, _, _ in args.lora)
+    need = sum(v for k, v in held.items() if k != "distilled_lora") + lora
+    parts = [f"{params / 1e9:.1f} B parameters in {args.dtype}", f"LoRAs {lora / checks.GIB:.1f} GiB"]
+    if args.mode == "resident" or (args.mode == "snapshot" and not args.low_vram):
+        need += held["transformer"]
+        parts.append(f"a second DiT for --mode {args.mode} {held['transformer'] / checks.GIB:.1f} GiB")
+    checks.check_fits("--preset full", need, device, " + ".join(parts),
+                      "use --preset tiny, or a device with more memory" +
+                      ("" if args.mode == "original" else ", or --mode original"))
+
+
+def _build(args: argparse.Namespace, plan: _Plan, progress: Any) -> LTX2TwoStagePipeline:
     cls = LTX2TwoStageHQPipeline if args.variant == "hq" else LTX2TwoStagePipeline
-    loras = [load_lora(path, f"lora{i}" if i else "user", {"stage1": s1, "stage2": s2})
-             for i, (path, s1, s2) in enumerate(args.lora)]
-    options = dict(mode=args.mode, merge_policy=args.merge_policy, loras=loras, progress=progress)
+    options = dict(mode=args.mode, merge_policy=args.merge_policy, loras=plan.loras, progress=progress)
     if args.low_vram is not None:
         options["low_vram"] = args.low_vram
     dtype = DTYPES[args.dtype]
-    if args.model_path is not None:
-        return cls.from_pretrained(args.model_path, distilled_lora=args.distilled_lora, dtype=dtype,
+    if plan.preset is None:
+        return cls.from_pretrained(args.model_path, distilled_lora=plan.distilled, dtype=dtype,
                                    device=args.device, **options)
-    preset = args.preset or "tiny"
-    if args.distilled_lora is not None:
-        options["distilled_lora"] = args.distilled_lora
-    preset_options = {"text_layers": args.text_layers} if preset == "full" else None
-    device = args.device or ("cuda" if preset == "full" else None)
-    return cls.from_preset(preset, seed=args.seed, device=device, dtype=dtype, preset_options=preset_options,
+    if plan.distilled is not None:
+        options["distilled_lora"] = plan.distilled
+    preset_options = {"text_layers": args.text_layers} if args.text_layers is not None else None
+    device = plan.device if plan.preset == "full" or args.device is not None else None
+    return cls.from_preset(plan.preset, seed=args.seed, device=device, dtype=dtype, preset_options=preset_options,
                            **options)
 
 
-def _request(args: argparse.Namespace) -> GenerationRequest:
+def _request(args: argparse.Namespace, preset: str | None) -> GenerationRequest:
     strengths: dict[str, dict[str, float]] = {}
     if args.stage1_strength is not None:
         strengths["stage1"] = {"distilled": args.stage1_strength}
     if args.stage2_strength is not None:
         strengths["stage2"] = {"distilled": args.stage2_strength}
     given = dict(height=args.height, width=args.width, num_frames=args.num_frames, num_inference_steps=args.steps,
-                 max_sequence_length=args.max_sequence_length or None)
+                 max_sequence_length=args.max_sequence_length, prompt=args.prompt,
+                 negative_prompt=args.negative_prompt)
     return GenerationRequest.for_preset(
-        "full" if args.model_path is not None else (args.preset or "tiny"),
-        prompt=args.prompt, negative_prompt=args.negative_prompt, frame_rate=args.frame_rate, seed=args.seed,
+        preset or "full", frame_rate=args.frame_rate, seed=args.seed,
         guidance=Guidance.off() if args.no_guidance else Guidance(), strengths=strengths,
         **{k: v for k, v in given.items() if v is not None})
 
 
-def _check_paths(args: argparse.Namespace) -> None:
-    for flag, path in (("--model-path", args.model_path), ("--distilled-lora", args.distilled_lora),
-                       *(("--lora", Path(p)) for p, _, _ in args.lora)):
-        if path is not None and not Path(path).exists():
-            raise GenerationInputError(f"{flag} {str(path)!r} does not exist")
-    if args.preset == "full" and (args.device or "cuda").startswith("cuda") and not torch.cuda.is_available():
-        raise GenerationInputError("--preset full needs a CUDA device (19 B parameters); use --preset tiny on a CPU")
+def _error(message: str) -> None:
+    """One line on stderr, whatever the message holds (a CUDA error spans several)."""
+    print("error: " + " ".join(message.split()), file=sys.stderr, flush=True)
 
 
 def _summary(console: Console, report: dict[str, Any], mp4: Path, json_path: Path) -> None:
@@ -185,24 +313,37 @@ def _summary(console: Console, report: dict[str, Any], mp4: Path, json_path: Pat
 
 
 def _generate(args: argparse.Namespace, console: Console) -> int:
-    _check_paths(args)
-    request = _request(args)
-    mp4 = args.output or Path("outputs") / f"ltx2_{args.preset or ('model' if args.model_path else 'tiny')}.mp4"
-    json_path = args.report or mp4.with_suffix(".json")
+    plan = _plan(args)
+    req = plan.request
+    # on stdout, once every argument is checked: stderr carries the progress and nothing but one line per error
+    print(f"ltx2 generate: {plan.preset or args.model_path} on {plan.device}, {req.width}x{req.height}, "
+          f"{req.num_frames} frames, {req.num_inference_steps} + {len(STAGE2_SIGMAS)} steps -> {plan.mp4}", flush=True)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=console, disable=args.no_progress, transient=False) as bars:
-        pipe = _build(args, _RichProgress(bars))
-        pipe.check(request)
-        result = pipe(request)
-    result.save_mp4(mp4)
-    report = {**result.report, "output": {"mp4": str(mp4), "frames": int(result.video.shape[0]),
+    pipe: LTX2TwoStagePipeline | None = None
+    try:
+        with Progress(*columns, console=console, disable=args.no_progress, transient=False) as bars:
+            pipe = _build(args, plan, _RichProgress(bars))
+            pipe.check(req)
+            result = pipe(req)
+    except NonFiniteOutputError as exc:
+        _write_report(plan.report, {**(exc.report or {}), "output": None})
+        _error(f"{type(exc).__name__}: {exc} (the report is in {plan.report}; no video written)")
+        return 1
+    finally:
+        if pipe is not None:
+            pipe.close()
+    result.save_mp4(plan.mp4)
+    report = {**result.report, "output": {"mp4": str(plan.mp4), "frames": int(result.video.shape[0]),
                                           "height": int(result.video.shape[1]), "width": int(result.video.shape[2]),
                                           "audio_sample_rate": result.audio_sample_rate}}
-    json_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps(report, indent=2) + "\n")
-    _summary(console, report, mp4, json_path)
-    pipe.close()
+    _write_report(plan.report, report)
+    _summary(console, report, plan.mp4, plan.report)
     return 0
+
+
+def _write_report(path: Path, report: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n")
 
 
 def _diagram(args: argparse.Namespace) -> int:
@@ -214,6 +355,8 @@ def _diagram(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Exit 0 on success, 2 on bad input (argparse's convention: before any work), 1 when a run
+    fails, 130 on Ctrl-C; every error is one line on stderr."""
     args = _parser().parse_args(argv)
     console = Console(stderr=True)
     try:
@@ -228,9 +371,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             return bench(args)
         return _generate(args, console)
+    except KeyboardInterrupt:
+        _error("interrupted")
+        return EXIT_INTERRUPTED
     except (GenerationInputError, ResidencyError) as exc:
-        console.print(f"[bold red]error:[/bold red] {type(exc).__name__}: {exc}")
-        return 2
+        _error(f"{type(exc).__name__}: {exc}")
+        # bad input is a ValueError (ConfigError, LoRAValidationError, ...); the rest failed at run time
+        return 2 if isinstance(exc, ValueError) else 1
+    except (torch.OutOfMemoryError, MemoryError) as exc:
+        _error(f"out of memory: {exc or type(exc).__name__}; try a smaller size, fewer frames or --preset tiny")
+        return 1
+    except OSError as exc:  # e.g. the disk filled up while writing the outputs
+        _error(f"{type(exc).__name__}: {exc}")
+        return 1
 
 
 if __name__ == "__main__":

@@ -119,7 +119,7 @@ def gemma3_config(vocab_size: int) -> Gemma3Config:
 
 
 @contextmanager
-def _quiet_diffusers() -> Iterator[None]:
+def quiet_diffusers() -> Iterator[None]:
     # ``.to(dtype)`` warns about "modules to keep in float32" and then lists none for these classes.
     verbosity = dlogging.get_verbosity()
     dlogging.set_verbosity_error()
@@ -187,7 +187,7 @@ def tiny_components(seed: int = 0, dtype: torch.dtype = torch.float32) -> dict[s
     The DiT is ``tiny_transformer(seed)`` weight for weight; each other module is seeded from its own
     offset of ``seed``. The caller's global RNG state is left as it was.
     """
-    with torch.random.fork_rng(devices=[]), _quiet_diffusers():
+    with torch.random.fork_rng(devices=[]), quiet_diffusers():
         transformer = tiny_transformer(
             seed, dtype=dtype,
             # RoPE coordinate scaling only (no weights): keep positions consistent with these VAEs.

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 from diffusers import LTX2Pipeline
 from diffusers.utils import logging as dlogging
 
-from ltx2_residency import LoRAKeyError, LoRASpec
+from ltx2_residency import LoRAKeyError, LoRASpec, StrengthError
+from ltx2_residency.domain import check_strength as _check_finite_strength
 from ltx2_residency.lora import read_safetensors
 
 #: The distilled LoRA's strengths per variant: (stage 1, stage 2).
@@ -25,6 +27,32 @@ VARIANT_STRENGTHS: dict[str, dict[str, float]] = {
     "hq": {"stage1": 0.25, "stage2": 0.5},
 }
 _ORIGINAL_PREFIX = "diffusion_model."
+#: The largest strength a generation takes. LoRAs are trained around 1; far beyond that their
+#: update swamps the weights (noise at best, in bf16 an overflow to inf), so such a value is
+#: refused as a typo rather than run.
+MAX_STRENGTH = 10.0
+
+
+def check_strength(value: object, where: str) -> float:
+    """A LoRA strength a generation takes: a finite real in [0, :data:`MAX_STRENGTH`]
+    (:class:`~ltx2_residency.StrengthError` otherwise, naming ``where``)."""
+    strength = _check_finite_strength(value, where)
+    if strength > MAX_STRENGTH:
+        raise StrengthError(f"{where}: strength {value!r} is above {MAX_STRENGTH:g}; a LoRA far beyond the "
+                            f"strength it was trained for gives noise or non-finite values: use 0 to "
+                            f"{MAX_STRENGTH:g} (1 is the LoRA as trained)")
+    return strength
+
+
+@dataclass(frozen=True)
+class FileLoRASpec(LoRASpec):
+    """A LoRA read (and converted) from a file: the manager's validation errors name the file."""
+
+    file: str = ""
+
+    @property
+    def source(self) -> str:
+        return self.file
 
 
 def key_format(tensors: Mapping[str, torch.Tensor]) -> str:
@@ -56,10 +84,12 @@ def to_diffusers_format(tensors: Mapping[str, torch.Tensor], what: str) -> dict[
 
 
 def load_lora(path: str | os.PathLike[str], name: str, strengths: Mapping[str, float]) -> LoRASpec:
-    """A :class:`LoRASpec` from a safetensors file in either key format."""
-    what = f"LoRA {name!r}"
+    """A :class:`LoRASpec` from a safetensors file in either key format; every error it raises,
+    here or when the manager validates it against the DiT, names the file."""
+    what = f"LoRA {name!r} ({os.fspath(path)})"
     tensors = read_safetensors(path, what)
-    return LoRASpec(name=name, tensors=to_diffusers_format(tensors, what), strengths=dict(strengths))
+    return FileLoRASpec(name=name, tensors=to_diffusers_format(tensors, what), strengths=dict(strengths),
+                        file=os.fspath(path))
 
 
 def to_original_format(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

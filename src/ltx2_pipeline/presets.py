@@ -36,7 +36,10 @@ from ltx2_residency.testing import linear_names, synthetic_lora
 from .components import (
     LTX2_SCHEDULER_CONFIG,
     PIPELINE_COMPONENTS,
+    SPATIAL_COMPRESSION,
+    TEMPORAL_COMPRESSION,
     gemma3_config,
+    quiet_diffusers,
     tiny_components,
     tiny_tokenizer,
 )
@@ -57,6 +60,10 @@ DISTILLED_FILE = "distilled_lora.safetensors"
 GEMMA3_12B_TEXT = dict(hidden_size=3840, intermediate_size=15360, num_attention_heads=16,
                        num_key_value_heads=8, head_dim=256, vocab_size=262_208, query_pre_attn_scalar=256,
                        sliding_window=1024)
+#: LTX-2's video VAE: 32x in space, 8x in time (diffusers' default config derives 64 in space).
+FULL_VAE_COMPRESSION = (32, 8)
+#: Gemma 3 12B's depth: the most text-encoder layers the full preset builds.
+GEMMA3_12B_LAYERS = 48
 
 
 def tiny_preset(seed: int = 0, dtype: torch.dtype = torch.bfloat16) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -103,8 +110,8 @@ def full_preset(device: str | torch.device = "cuda", dtype: torch.dtype = torch.
                 transformer=LTX2VideoTransformer3DModel(),
                 text_encoder=Gemma3ForConditionalGeneration(text_config),
                 connectors=LTX2TextConnectors(text_proj_in_factor=text_layers + 1),
-                # the default config's derived ratio says 64; LTX-2's VAE compresses 32x in space, 8x in time
-                vae=AutoencoderKLLTX2Video(spatial_compression_ratio=32, temporal_compression_ratio=8),
+                vae=AutoencoderKLLTX2Video(spatial_compression_ratio=FULL_VAE_COMPRESSION[0],
+                                           temporal_compression_ratio=FULL_VAE_COMPRESSION[1]),
                 audio_vae=AutoencoderKLLTX2Audio(),
                 vocoder=LTX2Vocoder(),
                 latent_upsampler=LTX2LatentUpsamplerModel(),
@@ -131,21 +138,61 @@ def save_components(components: dict[str, Any], path: str | os.PathLike[str]) ->
     return root
 
 
-def load_components(path: str | os.PathLike[str], dtype: torch.dtype | None = torch.bfloat16) -> dict[str, Any]:
-    """Read a local model folder (see :func:`save_components`); safetensors only, no hub.
-    ``dtype=None`` keeps diffusers' default (float32)."""
+def check_model_folder(path: str | os.PathLike[str]) -> Path:
+    """:class:`GenerationInputError` unless ``path`` looks like a folder :func:`load_components` reads
+    (its index, its VAE config and the upsampler subfolder); reads nothing but those names."""
     root = Path(path)
     if not (root / "model_index.json").is_file():
         raise GenerationInputError(
             f"--model-path {str(root)!r} is not a diffusers model folder (no model_index.json); pass the folder "
             "LTX2Pipeline.save_pretrained wrote (or ltx2_pipeline.presets.save_components)"
         )
+    if not (root / "vae" / "config.json").is_file():
+        raise GenerationInputError(f"--model-path {str(root)!r} has no vae/config.json; the folder is incomplete")
     if not (root / UPSAMPLER_SUBFOLDER / "config.json").is_file():
         raise GenerationInputError(
             f"--model-path {str(root)!r} has no {UPSAMPLER_SUBFOLDER}/ subfolder with a config.json; the two-stage "
             f"flow needs the x2 latent upsampler (LTX2LatentUpsamplerModel.save_pretrained(path / "
             f"'{UPSAMPLER_SUBFOLDER}'))"
         )
+    return root
+
+
+def vae_compression(preset: str | None = None, model_path: str | os.PathLike[str] | None = None) -> tuple[int, int]:
+    """The video VAE's (spatial, temporal) compression of a preset or a model folder, which the
+    request's size and frame count must fit; the folder's VAE is built from its config on the
+    meta device (no weights read)."""
+    if model_path is None:
+        if preset == "tiny":
+            return SPATIAL_COMPRESSION, TEMPORAL_COMPRESSION
+        if preset == "full":
+            return FULL_VAE_COMPRESSION
+        raise GenerationInputError(f"unknown preset {preset!r}; expected 'tiny' or 'full' (or a --model-path)")
+    config = AutoencoderKLLTX2Video.load_config(check_model_folder(model_path) / "vae")
+    with torch.device("meta"), quiet_diffusers():
+        vae = AutoencoderKLLTX2Video.from_config(config)
+    return int(vae.spatial_compression_ratio), int(vae.temporal_compression_ratio)
+
+
+def full_preset_bytes(dtype: torch.dtype = torch.bfloat16, text_layers: int = 2,
+                      lora_rank: int = 384) -> dict[str, int]:
+    """What the full preset holds, per component, at ``dtype``: the parameters and buffers of
+    diffusers' real configs (built on the meta device, no memory), plus ``distilled_lora``, the
+    synthetic distilled LoRA's A/B factors on every block linear."""
+    components, _ = full_preset(device="meta", dtype=dtype, text_layers=text_layers)
+    size = torch.empty((), dtype=dtype).element_size()
+    out = {name: sum(t.numel() for t in (*m.parameters(), *m.buffers())) * size
+           for name, m in components.items() if isinstance(m, nn.Module)}
+    dit = components["transformer"]
+    out["distilled_lora"] = sum(lora_rank * (lin.in_features + lin.out_features) * size
+                                for lin in (dit.get_submodule(n) for n in linear_names(dit)))
+    return out
+
+
+def load_components(path: str | os.PathLike[str], dtype: torch.dtype | None = torch.bfloat16) -> dict[str, Any]:
+    """Read a local model folder (see :func:`save_components`); safetensors only, no hub.
+    ``dtype=None`` keeps diffusers' default (float32)."""
+    root = check_model_folder(path)
     kw: dict[str, Any] = dict(local_files_only=True, use_safetensors=True)
     if dtype is not None:
         kw["dtype"] = dtype

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import math
 import os
 import statistics
 import time
@@ -38,8 +39,8 @@ from torch import nn
 from ltx2_residency import LoRASpec, Phase, PhaseWork, Request, ResidencyManager
 
 from .components import PIPELINE_COMPONENTS
-from .errors import GenerationInputError
-from .loras import VARIANT_STRENGTHS, load_lora, to_diffusers_format
+from .errors import GenerationInputError, NonFiniteOutputError
+from .loras import VARIANT_STRENGTHS, check_strength, load_lora, to_diffusers_format
 from .presets import DISTILLED_FILE, full_preset, load_components, tiny_preset
 
 STAGE2_SIGMAS: tuple[float, ...] = tuple(STAGE_2_DISTILLED_SIGMA_VALUES)
@@ -49,6 +50,17 @@ STAGES = ("TextEncodingStage", "LTX2LoRASwitchStage_stage1", "LTX2AVDenoisingSta
 #: A path (either key format), in-memory tensors, or a ready spec.
 DistilledLoRA = str | os.PathLike[str] | Mapping[str, torch.Tensor] | LoRASpec
 DENOISE_STAGES = {"LTX2AVDenoisingStage": "stage1", "LTX2RefinementStage": "stage2"}
+#: What each checked stage hands on, and what to try when it is not finite.
+STAGE_OUTPUTS = {
+    "LTX2AVDenoisingStage": ("stage 1 (denoising at half size)",
+                             "lower the LoRA strengths in stage 1, or check the LoRA files and the model's weights"),
+    "LTX2UpsampleStage": ("the x2 latent upsample",
+                          "check the latent upsampler's weights, or run in float32 (--dtype fp32)"),
+    "LTX2RefinementStage": ("stage 2 (refinement)",
+                            "lower the LoRA strengths in stage 2, or check the LoRA files and the model's weights"),
+    "LTX2AVDecodingStage": ("the video/audio decode",
+                            "check the VAE and vocoder weights, or run in float32 (--dtype fp32)"),
+}
 #: Stage 1's last steps a merge ahead is announced over: its check (the undo records) rides behind
 #: the first, its writes behind the last (one step: the whole merge behind the last).
 AHEAD_STEPS = 2
@@ -129,6 +141,72 @@ class GenerationResult:
             encode_video(self.video, fps=round(self.frame_rate), output_path=str(out),
                          audio=self.audio.float().cpu(), audio_sample_rate=self.audio_sample_rate)
         return out
+
+
+class _LTX2Scheduler(FlowMatchEulerDiscreteScheduler):
+    """Stage 1's scheduler: LTX-2's shifted sigmas stretched to end at ``shift_terminal``, where a
+    schedule can be stretched. The stretch divides by one minus the last sigma, and a one-step
+    schedule's only sigma is 1 (pure noise): there it is left as it is, one step from noise to
+    the clean latent, instead of turning every sigma into NaN."""
+
+    def stretch_shift_to_terminal(self, t: Any) -> Any:
+        if float(t[-1]) >= 1.0:
+            return t
+        return super().stretch_shift_to_terminal(t)
+
+
+def check_request(req: GenerationRequest, spatial: int, temporal: int, loras: Sequence[str]) -> None:
+    """:class:`GenerationInputError` (or :class:`~ltx2_residency.StrengthError`) for a request a
+    pipeline whose VAE compresses by ``spatial``/``temporal`` and that manages ``loras`` cannot
+    run; needs no pipeline, so a caller can check before building one."""
+    if not isinstance(req.prompt, str):
+        raise GenerationInputError(f"prompt must be a string, got {type(req.prompt).__name__}")
+    if not isinstance(req.negative_prompt, str):
+        raise GenerationInputError(f"negative_prompt must be a string, got {type(req.negative_prompt).__name__}")
+    # stage 1 runs at half size, which LTX2Pipeline takes in multiples of 32 (and of the VAE's cell)
+    step = 2 * max(32, spatial)
+    for name in ("height", "width"):
+        value = getattr(req, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0 or value % step:
+            lo = max(step, (value // step) * step) if isinstance(value, int) and value > 0 else step
+            raise GenerationInputError(
+                f"{name}={value!r}: must be a positive multiple of {step} (stage 1 runs at half size, "
+                f"which must be a multiple of {step // 2}); try {lo} or {lo + step}")
+    n = req.num_frames
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1 or (n - 1) % temporal:
+        near = max(1, ((n - 1) // temporal) * temporal + 1) if isinstance(n, int) and n > 1 else 1
+        raise GenerationInputError(f"num_frames={n!r}: must be {temporal}·k + 1 (the VAE compresses time by "
+                                   f"{temporal}); try {near} or {near + temporal}")
+    for name in ("num_inference_steps", "max_sequence_length"):
+        value = getattr(req, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise GenerationInputError(f"{name}={value!r}: must be an integer ≥ 1")
+    if isinstance(req.seed, bool) or not isinstance(req.seed, int) or not 0 <= req.seed < 2**63:
+        raise GenerationInputError(f"seed={req.seed!r}: must be an integer in [0, 2**63)")
+    rate = req.frame_rate
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not (math.isfinite(rate) and rate > 0):
+        raise GenerationInputError(f"frame_rate={rate!r}: must be a finite number > 0")
+    for phase, overrides in req.strengths.items():
+        if phase not in (Phase.STAGE1.value, Phase.STAGE2.value):
+            raise GenerationInputError(f"strengths: unknown phase {phase!r}; use 'stage1' or 'stage2'")
+        unknown = sorted(set(overrides) - set(loras))
+        if unknown:
+            raise GenerationInputError(f"strengths[{phase!r}]: unknown LoRA {unknown[0]!r}; managed LoRAs: "
+                                       f"{', '.join(map(repr, loras))}")
+        for name, value in overrides.items():
+            check_strength(value, f"strengths[{phase!r}][{name!r}]")
+
+
+def _check_finite(stage: str, outputs: Mapping[str, torch.Tensor | np.ndarray]) -> None:
+    """:class:`NonFiniteOutputError` naming ``stage`` when any of its outputs holds NaN or inf."""
+    for what, value in outputs.items():
+        tensor = torch.from_numpy(value) if isinstance(value, np.ndarray) else value
+        finite = torch.isfinite(tensor)
+        if not bool(finite.all()):
+            bad, total = int((~finite).sum()), finite.numel()
+            label, fix = STAGE_OUTPUTS[stage]
+            raise NonFiniteOutputError(stage, f"{stage}: {label} produced non-finite {what} ({bad} of {total} "
+                                              f"values are NaN or infinite); {fix}")
 
 
 class Progress(Protocol):
@@ -228,11 +306,18 @@ class LTX2TwoStagePipeline:
                                  strengths=strengths)
         else:
             distilled = load_lora(distilled_lora, "distilled", strengths)
+        for spec in (distilled, *loras):
+            if isinstance(spec, LoRASpec):  # anything else is the manager's to refuse
+                for phase, value in spec.strengths.items():
+                    check_strength(value, f"LoRA {spec.name!r} {getattr(phase, 'value', phase)}")
         self.manager = ResidencyManager(components["transformer"], mode=mode, loras=[distilled, *loras],
                                         merge_policy=merge_policy, **manager_options)
         self.progress: Progress = progress or _Silent()
         shared = {k: components[k] for k in PIPELINE_COMPONENTS}
-        self.stage1 = LTX2Pipeline(**shared)
+        scheduler = components["scheduler"]
+        if type(scheduler) is FlowMatchEulerDiscreteScheduler:
+            scheduler = _LTX2Scheduler.from_config(scheduler.config)
+        self.stage1 = LTX2Pipeline(**{**shared, "scheduler": scheduler})
         # stage 2 takes the distilled sigmas as given: the LTX-2 scheduler config would shift them
         raw = FlowMatchEulerDiscreteScheduler.from_config(components["scheduler"].config,
                                                           use_dynamic_shifting=False, shift_terminal=None)
@@ -288,35 +373,7 @@ class LTX2TwoStagePipeline:
     def check(self, req: GenerationRequest) -> None:
         """Raise :class:`GenerationInputError` for a request the flow cannot run (before any work)."""
         vae = self.components["vae"]
-        spatial, temporal = vae.spatial_compression_ratio, vae.temporal_compression_ratio
-        if not isinstance(req.prompt, str):
-            raise GenerationInputError(f"prompt must be a string, got {type(req.prompt).__name__}")
-        # stage 1 runs at half size, which LTX2Pipeline takes in multiples of 32 (and of the VAE's cell)
-        step = 2 * max(32, spatial)
-        for name in ("height", "width"):
-            value = getattr(req, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0 or value % step:
-                lo = max(step, (value // step) * step) if isinstance(value, int) and value > 0 else step
-                raise GenerationInputError(
-                    f"{name}={value!r}: must be a positive multiple of {step} (stage 1 runs at half size, "
-                    f"which must be a multiple of {step // 2}); try {lo} or {lo + step}")
-        n = req.num_frames
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1 or (n - 1) % temporal:
-            near = max(1, ((n - 1) // temporal) * temporal + 1) if isinstance(n, int) and n > 1 else 1
-            raise GenerationInputError(f"num_frames={n!r}: must be {temporal}·k + 1 (the VAE compresses time by "
-                                       f"{temporal}); try {near} or {near + temporal}")
-        if isinstance(req.num_inference_steps, bool) or not isinstance(req.num_inference_steps, int) \
-                or req.num_inference_steps < 1:
-            raise GenerationInputError(f"num_inference_steps={req.num_inference_steps!r}: must be an integer ≥ 1")
-        if not isinstance(req.frame_rate, (int, float)) or not req.frame_rate > 0:
-            raise GenerationInputError(f"frame_rate={req.frame_rate!r}: must be a positive number")
-        for phase, overrides in req.strengths.items():
-            if phase not in (Phase.STAGE1.value, Phase.STAGE2.value):
-                raise GenerationInputError(f"strengths: unknown phase {phase!r}; use 'stage1' or 'stage2'")
-            unknown = sorted(set(overrides) - set(self.manager.specs))
-            if unknown:
-                raise GenerationInputError(f"strengths[{phase!r}]: unknown LoRA {unknown[0]!r}; managed LoRAs: "
-                                           f"{', '.join(map(repr, self.manager.specs))}")
+        check_request(req, vae.spatial_compression_ratio, vae.temporal_compression_ratio, list(self.manager.specs))
 
     def __call__(self, request: GenerationRequest | None = None, /, **kwargs: Any) -> GenerationResult:
         req = request if request is not None else GenerationRequest(**kwargs)
@@ -326,15 +383,31 @@ class LTX2TwoStagePipeline:
         if clock.cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
         gen = torch.Generator("cpu").manual_seed(req.seed)  # same noise on every device
-        layers = self.base.config.num_layers
         start = clock.now()
+        opened: list[int] = []  # the manager request's id, once it opens (before any checked stage)
+        try:
+            video, audio = self._stages(req, clock, gen, opened)
+        except NonFiniteOutputError as exc:
+            self.manager.synchronize()  # the failed request's undo, so the report shows the DiT as it is left
+            exc.report = self._report(req, clock, (clock.now() - start) * 1e3, opened[0])
+            exc.report["error"] = {"type": type(exc).__name__, "stage": exc.stage, "message": str(exc)}
+            raise
+        e2e_ms = (clock.now() - start) * 1e3
+        report = self._report(req, clock, e2e_ms, opened[0])
+        return GenerationResult(video=video[0], audio=audio[0], frame_rate=req.frame_rate, report=report,
+                                audio_sample_rate=int(self.components["vocoder"].config.output_sampling_rate))
+
+    def _stages(self, req: GenerationRequest, clock: _Clock, gen: torch.Generator,
+                opened: list[int]) -> tuple[np.ndarray, torch.Tensor]:
+        """Every stage in order, each output checked for non-finite values before the next runs."""
+        layers = self.base.config.num_layers
         with torch.no_grad():
             with clock.stage("TextEncodingStage"):
                 embeds, mask, neg, neg_mask = self.stage1.encode_prompt(
                     req.prompt, req.negative_prompt, do_classifier_free_guidance=True,
                     max_sequence_length=req.max_sequence_length, device=self.device)
             with self.manager.request() as mreq:
-                request_id = mreq.id
+                opened.append(mreq.id)
                 with clock.stage("LTX2LoRASwitchStage_stage1"):
                     dit = mreq.enter(Phase.STAGE1, strengths=req.strengths.get("stage1"), work=self.work(req, 1))
                 with clock.stage("LTX2AVDenoisingStage", req.num_inference_steps), self._runs_on(self.stage1, dit):
@@ -345,11 +418,13 @@ class LTX2TwoStagePipeline:
                         num_inference_steps=req.num_inference_steps, generator=gen, output_type="latent",
                         callback_on_step_end=self._on_step(clock, "LTX2AVDenoisingStage", self._ahead(mreq, req)),
                         max_sequence_length=req.max_sequence_length, **req.guidance.kwargs(layers))
+                _check_finite("LTX2AVDenoisingStage", {"video latents": s1.frames, "audio latents": s1.audio})
                 with clock.stage("LTX2UpsampleStage"):
                     upsampled = self.upsample(
                         latents=s1.frames, height=req.height // 2, width=req.width // 2, num_frames=req.num_frames,
                         latents_normalized=False, adain_factor=0.0, tone_map_compression_ratio=0.0,
                         output_type="latent").frames
+                _check_finite("LTX2UpsampleStage", {"video latents": upsampled})
                 with clock.stage("LTX2LoRASwitchStage_stage2"):
                     dit = mreq.enter(Phase.STAGE2, strengths=req.strengths.get("stage2"), work=self.work(req, 2))
                 with clock.stage("LTX2RefinementStage", len(STAGE2_SIGMAS)), self._runs_on(self.stage2, dit):
@@ -360,18 +435,17 @@ class LTX2TwoStagePipeline:
                         num_inference_steps=len(STAGE2_SIGMAS), generator=gen, output_type="latent",
                         callback_on_step_end=self._on_step(clock, "LTX2RefinementStage"),
                         max_sequence_length=req.max_sequence_length, **Guidance.off().kwargs(layers))
+                _check_finite("LTX2RefinementStage", {"video latents": s2.frames, "audio latents": s2.audio})
                 restore = clock.now()
             # the request is closed: the shared DiT is restored, or (overlap_restore) its exact undo
             # is queued on the manager's side stream and runs under the decode
             clock.stages_ms["LTX2LoRARestoreStage"] = (clock.now() - restore) * 1e3
             with clock.stage("LTX2AVDecodingStage"):
                 video, audio = self.decode(s2.frames, s2.audio)
+            _check_finite("LTX2AVDecodingStage", {"video frames": video, "audio": audio})
             with clock.stage("LTX2LoRARestoreWaitStage"):  # what of the undo the decode did not hide
                 self.manager.synchronize()
-        e2e_ms = (clock.now() - start) * 1e3
-        report = self._report(req, clock, e2e_ms, request_id)
-        return GenerationResult(video=video[0], audio=audio[0], frame_rate=req.frame_rate, report=report,
-                                audio_sample_rate=int(self.components["vocoder"].config.output_sampling_rate))
+        return video, audio
 
     def work(self, req: GenerationRequest, stage: int) -> PhaseWork:
         """What a stage runs, for the manager's ``merge_policy="auto"``: its steps, its video tokens
