@@ -20,6 +20,7 @@ from ltx2_residency import (
     LoRASpec,
     LoRAValueError,
     PhaseOrderError,
+    RequestStateError,
     ResidencyManager,
     WeightState,
 )
@@ -428,3 +429,35 @@ def test_a_merge_ahead_is_declined_where_the_last_call_keeps_the_gpu_busy() -> N
     assert not hides_merge(PhaseWork(4, HOST_BOUND_TOKENS + 1, 3), "cuda")  # compute-bound: no idle time
     assert hides_merge(None, "cuda")  # the recipe's stage 1 (1536 tokens a call)
     assert hides_merge(PhaseWork(4, 10**6, 1), "cpu")  # inline on the CPU either way
+
+
+@pytest.mark.parametrize("on_hit", [1, 5, 9])
+def test_a_failure_in_a_block_hook_fails_the_request_even_when_the_engine_catches_it(
+        fresh_model, distilled_path, inputs, on_hit) -> None:
+    """An engine's loop that catches the failed stage-1 call and goes on: the merge started ahead
+    is broken (blocks merged, one half done), so neither another call nor the switch may run on
+    it; the request's exit undoes what was merged."""
+    faults = FaultInjector()
+    mgr = make(fresh_model(), distilled_path, faults=faults)
+    clean = weight_bits(mgr.managed_weights)
+    faults.arm("merge.layer", lambda: RuntimeError("device lost"), on_hit=on_hit)
+    with torch.no_grad(), mgr.request() as req:
+        dit = req.enter("stage1")
+        assert req.prepare("stage2", calls=1)
+        with pytest.raises(RuntimeError, match="device lost"):
+            dit(**inputs)  # the block hook's merge fails inside the announced call
+        assert "merge.layer" in faults.fired
+        with pytest.raises(ForwardGuardError, match="failed"):
+            dit(**inputs)
+        with pytest.raises(ForwardGuardError, match="failed"):
+            req.enter("stage2")
+        with pytest.raises(RequestStateError, match="failed while switching"):  # nothing more runs in it
+            req.enter("stage2")
+    assert mgr.state is WeightState.CLEAN
+    assert_same_bits(clean, weight_bits(mgr.managed_weights))
+    hooks = sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in mgr.transformer.modules())
+    with torch.no_grad(), mgr.request() as req:  # the next request merges ahead as usual
+        req.enter("stage1")
+        assert req.prepare("stage2")
+        req.enter("stage2")(**inputs)
+    assert sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in mgr.transformer.modules()) == hooks

@@ -47,10 +47,11 @@ FAULT_KINDS: dict[str, Callable[[], BaseException]] = {
 #: The policy whose request path passes each fault point, and the stage-1 strength that makes
 #: stage 1 apply the LoRA too (so restore and detach run between the phases as well).
 POINT_POLICY = {
-    "merge.before": "merge", "merge.layer": "merge", "merge.after": "merge",
+    "merge.before": "merge", "merge.layer": "merge", "merge.layer.written": "merge", "merge.after": "merge",
     "attach.before": "dynamic", "attach.layer": "dynamic", "attach.after": "dynamic",
     "detach.before": "dynamic", "detach.layer": "dynamic",
-    "restore.before": "merge", "restore.layer": "merge", "restore.after": "merge",
+    "restore.before": "merge", "restore.layer": "merge", "restore.layer.written": "merge",
+    "restore.after": "merge",
     "repair.layer": "merge", "forward": "dynamic",
     "prefetch.before": "merge", "prefetch.after": "merge",
 }
@@ -331,7 +332,12 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--check-every", type=int, default=1)
     s.add_argument("--stage1-off", type=float, default=1 / 3,
                    help="share of requests whose stage 1 runs on base weights")
+    i = sub.add_parser("interrupts", help="Ctrl-C at every line of the request path (ltx2_pipeline.interrupts)")
+    i.add_argument("--every", type=int, default=1, help="sweep every N-th point of each scenario (1: all)")
+    i.add_argument("--write", type=Path, help="replace the interrupt-sweep block of this markdown file")
     args = ap.parse_args(argv)
+    if args.cmd == "interrupts":
+        return _interrupt_sweep(args.every, args.write)
     import tempfile
     with tempfile.TemporaryDirectory() as tmp:
         fx = make_fixture(Path(tmp), num_layers=1)  # cheap; the full preset builds its own DiT
@@ -353,6 +359,21 @@ def main(argv: list[str] | None = None) -> int:
             args.write.write_text(replace_block(args.write.read_text(), "soak",
                                                 render_soak(report, command)))
         return 0 if report.drifted_checks == 0 else 1
+
+
+def _interrupt_sweep(every: int, write: Path | None) -> int:
+    import tempfile
+
+    from . import interrupts
+
+    with tempfile.TemporaryDirectory() as tmp:
+        points = interrupts.sweep(interrupts.block_fixture(Path(tmp)), every=every)
+    command = "python -m ltx2_pipeline.reliability interrupts" + (f" --every {every}" if every != 1 else "")
+    table = f"`{command}` (CPU):\n\n" + interrupts.render(points)
+    print(table)
+    if write:
+        write.write_text(replace_block(write.read_text(), "interrupt-sweep", table))
+    return 0 if all(p.outcome != "VIOLATION" for p in points) else 1
 
 
 def replace_block(text: str, name: str, body: str) -> str:

@@ -15,7 +15,10 @@ from .errors import (
     LoRAShapeError,
     LoRAValidationError,
     LoRAValueError,
+    ManagerClosedError,
+    ModelInUseError,
     ModeNotAvailableError,
+    OptionError,
     PhaseOrderError,
     QuarantinedError,
     RepairError,
@@ -29,7 +32,7 @@ from .lora import LoRASpec
 from .machine import TABLES, ModeTable, mermaid
 from .manager import ResidencyManager
 from .ops.fingerprint import Fingerprint
-from .request import Request
+from .request import Request, RequestScope
 from .trace import TransitionRecord
 
 __all__ = [
@@ -47,15 +50,19 @@ __all__ = [
     "LoRASpec",
     "LoRAValidationError",
     "LoRAValueError",
+    "ManagerClosedError",
     "MergePolicyName",
     "ModeNotAvailableError",
     "ModeTable",
+    "ModelInUseError",
+    "OptionError",
     "Phase",
     "PhaseOrderError",
     "PhaseWork",
     "QuarantinedError",
     "RepairError",
     "Request",
+    "RequestScope",
     "RequestStateError",
     "RequestTimeoutError",
     "ResidencyError",

@@ -38,6 +38,19 @@ class ConfigError(ResidencyError, ValueError):
     """A constructor or call argument the manager cannot accept (unknown mode, policy, ...)."""
 
 
+class OptionError(ConfigError):
+    """A manager option or call argument of the wrong type or out of range.
+
+    ``argument`` names it as the caller wrote it (``"strict"``, ``"request(timeout=)"``).
+    """
+
+    def __init__(self, message: str, argument: str = "") -> None:
+        # a keyword with a default: an exception pickled across processes is rebuilt from its
+        # message alone, then its attributes are set back from __dict__
+        super().__init__(message)
+        self.argument = argument
+
+
 class StrengthError(ConfigError):
     """A LoRA strength that is not a finite real number, or names an unknown LoRA or phase."""
 
@@ -98,3 +111,11 @@ class RepairError(ResidencyError, RuntimeError):
 
 class ModeNotAvailableError(ConfigError):
     """A residency mode whose weight mechanics are not available in this manager yet."""
+
+
+class ModelInUseError(ConfigError):
+    """The model (or a module of it) already has a live manager: one model, one manager."""
+
+
+class ManagerClosedError(RequestStateError):
+    """The manager was closed: it gave the model back and refuses every further use."""

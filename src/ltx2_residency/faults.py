@@ -16,6 +16,7 @@ from dataclasses import dataclass
 POINTS: tuple[str, ...] = (
     "merge.before",
     "merge.layer",  # before each layer's merged weight is written
+    "merge.layer.written",  # after it was written (its undo record was taken before)
     "merge.after",
     "attach.before",
     "attach.layer",
@@ -24,6 +25,7 @@ POINTS: tuple[str, ...] = (
     "detach.layer",
     "restore.before",
     "restore.layer",  # before each layer's restored weight is written
+    "restore.layer.written",  # after it was written, before the stack lets go of its record
     "restore.after",
     "repair.layer",
     "prefetch.before",  # snapshot mode: before a host-to-device copy starts

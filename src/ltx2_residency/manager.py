@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
@@ -19,25 +19,23 @@ from torch import nn
 from .costmodel import CostModel, PhaseWork
 from .domain import (
     PHASE_TARGET,
-    TRANSIENT_STATES,
+    REST_STATES,
     ApplyKind,
     MergePolicyName,
     Phase,
-    Residency,
     ResidencyMode,
     WeightState,
-    parse_enum,
 )
 from .errors import (
     ConfigError,
     DirtyWeightsError,
-    ForwardGuardError,
     QuarantinedError,
     RepairError,
     RequestStateError,
 )
 from .faults import NO_FAULTS, FaultInjector
-from .lora import LoadedLoRA, LoRASpec, checked_specs, resolve_strengths, validate_all
+from .guard import ForwardGuard, GuardedDiT, claim
+from .lora import LoadedLoRA, LoRASpec, resolve_strengths, validate_all
 from .machine import TABLES, Edge, WeightMachine
 from .modes import MODE_STRATEGIES, choose_auto
 from .ops.ahead import MergeAhead
@@ -47,23 +45,22 @@ from .ops.fingerprint import Fingerprint, FingerprintPlan
 from .ops.forward import forward_named
 from .ops.merge import RESTORE_STRATEGIES, MergeStack, choose_restore
 from .ops.overlap import PendingUndo, UndoStream
-from .options import Verify, checked_options
+from .options import Verify, checked_timeout, manager_options
 from .ownership import Ownership
 from .policy import MergePolicy, PhaseContext, hides_merge, make_policy
-from .request import Request
+from .request import Request, RequestScope
 from .trace import Trace, TransitionRecord
 
 
-class ResidencyManager:
+class ResidencyManager(GuardedDiT):
     """Guards one DiT's weights across the phases of LTX-2 requests.
 
     Args:
         transformer: the DiT (any ``nn.Module`` whose LoRA targets are ``nn.Linear``).
         mode: residency mode, ``"original"`` (one shared DiT).
         loras: the LoRAs to manage, e.g. the distilled LoRA plus a user LoRA.
-        merge_policy: ``"sglang"``, ``"dynamic"``, ``"merge"`` or ``"auto"`` (a cost model
-            weighs merging against dynamic adapters for each phase's declared work; see
-            ``policy`` and ``costmodel``).
+        merge_policy: ``"sglang"``, ``"dynamic"``, ``"merge"`` or ``"auto"`` (a cost model weighs merging
+            against dynamic adapters for each phase's declared work; see ``policy`` and ``costmodel``).
         native_ltx23: the model is the native LTX-2.3 variant (the sglang policy merges then).
         restore: exact-undo strategy of the merge path: ``"auto"`` (default: ``"fused"`` when
             the weights are bf16 on a CUDA device and Triton is there, else ``"recompute"``),
@@ -77,7 +74,7 @@ class ResidencyManager:
             merged into the weights), ``"always"`` or ``"never"``.
         clean_source: ``"host_copy"`` keeps a host copy of the managed weights for
             :meth:`repair`; ``None`` keeps none (repair is then impossible).
-        request_timeout: seconds a request waits for the DiT (``None``: forever).
+        request_timeout: seconds a request waits for the DiT (``None`` or ``inf``: forever).
         faults: a :class:`FaultInjector` for tests and drills.
         low_vram: snapshot mode only: evict the base before prefetching stage 2 (never both on
             the device). ``None``: on when the device has less than 130 GiB.
@@ -117,22 +114,26 @@ class ResidencyManager:
     ) -> None:
         if not isinstance(transformer, nn.Module):
             raise ConfigError(f"transformer must be a torch.nn.Module, got {type(transformer).__name__}")
-        auto = isinstance(mode, str) and mode.strip().lower() == "auto"
-        self.mode = ResidencyMode.ORIGINAL if auto else parse_enum(ResidencyMode, mode, "residency mode")
-        self.policy: MergePolicy = make_policy(merge_policy)
-        restore, verify, dynamic_forward = checked_options(
-            restore=restore, verify=verify, clean_source=clean_source, request_timeout=request_timeout,
-            overlap_restore=overlap_restore, dynamic_forward=dynamic_forward)
-        specs = checked_specs(loras)
+        options = manager_options(
+            mode=mode, loras=loras, merge_policy=merge_policy, native_ltx23=native_ltx23, restore=restore,
+            check_layers=check_layers, strict=strict, verify=verify, clean_source=clean_source,
+            request_timeout=request_timeout, trace_maxlen=trace_maxlen, faults=faults, low_vram=low_vram,
+            activation_reserve_gib=activation_reserve_gib, overlap_restore=overlap_restore,
+            dynamic_forward=dynamic_forward)
+        auto = options.auto
+        self.mode = options.mode if isinstance(options.mode, ResidencyMode) else ResidencyMode.ORIGINAL
+        self.policy: MergePolicy = make_policy(options.merge_policy)
+        restore, verify, dynamic_forward = options.restore, options.verify, options.dynamic_forward
+        specs = list(options.loras)
 
         self.transformer = transformer
-        self.native_ltx23 = bool(native_ltx23)
-        self.strict = strict
+        self.native_ltx23 = options.native_ltx23
+        self.strict = options.strict
         self.verify = verify
-        self.request_timeout = request_timeout
-        self.faults = faults or NO_FAULTS
+        self.request_timeout = options.request_timeout
+        self.faults = options.faults or NO_FAULTS
         self.specs = {s.name: s for s in specs}
-        self.trace = Trace(trace_maxlen)
+        self.trace = Trace(options.trace_maxlen)
 
         # Validate everything before the first mutation (PEFT injection wraps modules).
         self.loras: list[LoadedLoRA] = validate_all(specs, transformer)
@@ -142,7 +143,19 @@ class ResidencyManager:
         if auto:
             lora_bytes = sum(lo.nbytes for lo in self.loras)
             self.mode, self.mode_reason = choose_auto(transformer, lora_bytes,
-                                                      int(activation_reserve_gib * 2**30))
+                                                      int(options.activation_reserve_gib * 2**30))
+        self._closed = False
+        claim(transformer, self)  # one model, one manager: refused before anything changes
+        self._grad = {n: p.requires_grad for n, p in transformer.named_parameters()}
+        try:
+            self._build(transformer, options.clean_source, options.check_layers, options.overlap_restore,
+                        dynamic_forward, options.low_vram)
+        except BaseException:
+            self._give_back()  # a failed constructor leaves the model exactly as it was given
+            raise
+
+    def _build(self, transformer: nn.Module, clean_source: str | None, check_layers: bool,
+               overlap_restore: bool | None, dynamic_forward: str, low_vram: bool | None) -> None:
         # the pre-merged stage-2 DiT is copied from the base before anything wraps or hooks it
         stage2 = {name: spec.strength(Phase.STAGE2) for name, spec in self.specs.items()}
         self._mode = MODE_STRATEGIES[self.mode](transformer, self.loras, stage2, self.faults, low_vram)
@@ -174,7 +187,7 @@ class ResidencyManager:
         self._ownership = Ownership()
         self._request: Request | None = None
         self._context: tuple[int | None, str | None] = (None, None)
-        self._guards = [d.module.register_forward_pre_hook(self._forward_guard) for d in self._mode.dits]
+        self._guard = ForwardGuard([d.module for d in self._mode.dits], self._forward_guard, self._block_guard)
 
     # ------------------------------------------------------------------ public surface
     @property
@@ -185,84 +198,79 @@ class ResidencyManager:
     def managed_weights(self) -> Mapping[str, torch.Tensor]:
         return dict(self._weights)
 
-    @contextlib.contextmanager
-    def request(self, timeout: float | None = ...) -> Iterator[Request]:  # type: ignore[assignment]
-        """Own the DiT for one request; leaving the block by any path restores CLEAN."""
-        wait = self.request_timeout if timeout is ... else timeout
-        self._ownership.acquire(wait, "request()")
+    def request(self, timeout: float | None = ...) -> RequestScope:  # type: ignore[assignment]
+        """Own the DiT for one request: ``with manager.request() as req:``; leaving the block by any
+        path (return, exception, Ctrl-C, even a second Ctrl-C during the cleanup) restores CLEAN
+        or quarantines, and frees the DiT for the next request."""
+        return RequestScope(self, self._wait(timeout, "request"))
+
+    def _open_request(self, timeout: float | None) -> Request:
+        """The request scope's entry: its ``ExitStack`` already holds the release and the close."""
+        self._refuse_if_closed("request()")
+        self._ownership.acquire(timeout, "request()")
+        self._settle()
+        req = self._request = Request(self)
+        if self.state is WeightState.QUARANTINED:
+            raise QuarantinedError(self._quarantine_message())
+        return req
+
+    def _close_request(self, interrupted: BaseException | None) -> None:
+        """The request scope's exit (run twice, see ``RequestScope``): restore, verify, close."""
+        req = self._request
+        if req is None:
+            return
         try:
-            self._settle_restore()
-        except BaseException:
-            self._ownership.release()
-            raise
-        req = Request(self)
-        self._request = req
-        interrupted: BaseException | None = None
-        try:
-            if self.state is WeightState.QUARANTINED:
-                raise QuarantinedError(self._quarantine_message())
-            yield req
-        except BaseException as exc:
-            interrupted = None if isinstance(exc, Exception) else exc
-            raise
-        finally:
-            try:
-                self._finish(req)
-            except Exception as exc:
-                if interrupted is None:
-                    raise
-                # the body's Ctrl-C keeps propagating; the quarantine rides along as a note
-                interrupted.add_note(str(exc))
-            finally:
-                req.closed = True
-                self._request = None
-                self._ownership.release()
+            self._finish(req)
+        except Exception as exc:
+            if interrupted is None or isinstance(interrupted, Exception):
+                raise
+            # the body's Ctrl-C keeps propagating; the quarantine rides along as a note
+            interrupted.add_note(str(exc))
+        req.closed = True
+        self._request = None
+
+    def _wait(self, timeout: object, what: str) -> float | None:
+        return self.request_timeout if timeout is ... else checked_timeout(timeout, f"{what}(timeout=)")
 
     def verify_clean(self, timeout: float | None = ...) -> None:  # type: ignore[assignment]
         """Raise :class:`DirtyWeightsError` unless every managed weight is bit-identical to clean.
         Call it between requests; a mismatch quarantines the DiT."""
         def check() -> None:
-            self._settle_restore(host=True)
+            self._settle(host=True)
             self._check_clean()
         self._between_requests("verify_clean() checks the DiT", timeout, check)
 
     def synchronize(self, timeout: float | None = ...) -> None:  # type: ignore[assignment]
         """Wait (on the host) for an overlapped restore to finish and settle the DiT to CLEAN,
         checking it when the deferred verify applies; a no-op when nothing is pending."""
-        self._between_requests("synchronize() settles the DiT", timeout, lambda: self._settle_restore(host=True))
+        self._between_requests("synchronize() settles the DiT", timeout, lambda: self._settle(host=True))
 
     def _between_requests(self, what: str, timeout: float | None, run: Callable[[], None]) -> None:
-        if self._ownership.mine:
-            if self._request is not None:
-                raise RequestStateError(f"{what} between requests; call it after the `with manager.request()` "
-                                        "block")
+        self._refuse_if_closed(what.split()[0])
+        if self._ownership.mine and self._request is not None:
+            raise RequestStateError(f"{what} between requests; call it after the `with manager.request()` block")
+        with self._ownership.held(self._wait(timeout, what.split("(")[0]), what.split()[0]):
             run()
-            return
-        self._ownership.acquire(self.request_timeout if timeout is ... else timeout, what.split()[0])
-        try:
-            run()
-        finally:
-            self._ownership.release()
 
     def repair(self, timeout: float | None = ...) -> None:  # type: ignore[assignment]
         """Bring a QUARANTINED DiT back to CLEAN from its clean source (a no-op when not quarantined)."""
-        self._ownership.acquire(self.request_timeout if timeout is ... else timeout, "repair()")
-        try:
+        self._refuse_if_closed("repair()")
+        with self._ownership.held(self._wait(timeout, "repair"), "repair()"):
             with contextlib.suppress(DirtyWeightsError):
                 self._settle_restore(host=True)  # a dirty deferred verify quarantines: repaired below
-            if self.state in (WeightState.CLEAN, WeightState.OFFLOADED):
-                return  # nothing to repair between requests (low-VRAM snapshot rests offloaded)
-            try:
-                self._fire("repair")
-                self._fire("restored")
-            except BaseException as exc:
-                if self.machine.can("quarantine"):
-                    self._fire("quarantine")
-                if isinstance(exc, RepairError):
-                    raise
-                raise RepairError(f"repair failed, the DiT stays quarantined: {exc!r}") from exc
-        finally:
-            self._ownership.release()
+            if self.state not in REST_STATES:  # (low-VRAM snapshot rests offloaded: nothing to repair)
+                self._repair_quarantined()
+
+    def _repair_quarantined(self) -> None:
+        try:
+            self._fire("repair")
+            self._fire("restored")
+        except BaseException as exc:
+            if self.machine.can("quarantine"):
+                self._fire("quarantine")
+            if isinstance(exc, RepairError):
+                raise
+            raise RepairError(f"repair failed, the DiT stays quarantined: {exc!r}") from exc
 
     def set_merge_policy(self, merge_policy: str) -> None:
         """Use another merge policy from the next request on (between requests only: a request
@@ -299,12 +307,27 @@ class ResidencyManager:
             **{f"{d.name}_{place}_bytes": n for d in self._mode.dits for place, n in d.bytes_by_place().items()},
         }
 
-    def close(self) -> None:
-        """Remove the forward guards (the PEFT adapters stay, disabled)."""
-        if self._undo_stream is not None:
-            self._undo_stream.join(host=True)
-        for guard in self._guards:
-            guard.remove()
+    def close(self, timeout: float | None = ...) -> None:  # type: ignore[assignment]
+        """Give the model back as it was given (module structure, ``requires_grad``, bits: its own
+        DiT again, unguarded, free for another manager) and refuse every further use. Between
+        requests only. A model is only given back clean: a quarantined DiT is repaired first (a
+        ``RepairError`` when it cannot be, and the manager stays open). Idempotent."""
+        if self._closed:
+            return
+        with self._ownership.held(self._wait(timeout, "close"), "close()"):
+            with contextlib.suppress(DirtyWeightsError):
+                self._settle(host=True)  # a dirty deferred verify quarantines: repaired below
+            if self.state is WeightState.QUARANTINED:
+                self._repair_quarantined()
+            if self.state is WeightState.OFFLOADED:  # low-VRAM snapshot rests on the host: back on the device
+                self._fire("load_base")
+                self._fire("loaded")
+            self._closed = True
+            self._give_back()
+
+    def __repr__(self) -> str:
+        return (f"<ResidencyManager at 0x{id(self):x}: mode={self.mode.value!r}, loras={list(self.specs)}, "
+                f"policy={self.policy.name.value!r}, state={self.state.value!r}{', closed' if self._closed else ''}>")
 
     @property
     def low_vram(self) -> bool:
@@ -334,6 +357,8 @@ class ResidencyManager:
         self._context = (req.id, phase.value)
         req.phase = None  # no phase may run until this switch has completed
         try:
+            if self._ahead is not None:
+                self._ahead.refuse_if_failed()  # the engine may have caught the failed call: the request fails
             if self.state not in (WeightState.CLEAN, WeightState.OFFLOADED) and not ahead:
                 self._restore_or_quarantine(final=False)
             if premerged:
@@ -347,8 +372,8 @@ class ResidencyManager:
                     self._fire("load_base")
                     self._fire("loaded")
                 if kind is ApplyKind.MERGED:
+                    req.mutated = True  # before the first write: the end-of-request check must run
                     self._fire("merge", plan=[(n, s) for n, s in strengths.items() if s != 0.0])
-                    req.mutated = True
                     if self._costs is not None:  # the auto policy prices the next merge from this one
                         if not ahead:  # a merge ahead's switch is its tail: most of it ran in stage 1
                             self._costs.observe_merge(max(self.trace[-1].duration_ms, 1e-3))
@@ -401,7 +426,9 @@ class ResidencyManager:
     def _finish(self, req: Request) -> None:
         self._context = (req.id, None)
         try:
-            if self.state not in (WeightState.CLEAN, WeightState.OFFLOADED, WeightState.QUARANTINED):
+            if self._pending is not None:
+                pass  # an overlapped undo is under way already (this exit runs a second time)
+            elif self.state not in (WeightState.CLEAN, WeightState.OFFLOADED, WeightState.QUARANTINED):
                 self._restore_or_quarantine(overlap=self._undo_stream is not None)
                 restore = next((r for r in reversed(self.trace) if r.event == "restore"), None)
                 if self._costs is not None and restore is not None and req.mutated:
@@ -446,10 +473,20 @@ class ResidencyManager:
         self._costs.refresh_headroom()
         return self._costs
 
+    def _settle(self, host: bool = False) -> None:
+        """Between requests: an overlapped undo settled; a DiT left mid-undo (no undo pending) is
+        quarantined, since nothing vouches for it."""
+        self._settle_restore(host)
+        if self.state not in REST_STATES and self.state is not WeightState.QUARANTINED and self._pending is None:
+            if self.state is WeightState.RESTORING:
+                self._fire("quarantine")
+            else:
+                self._restore_or_quarantine()
+
     def _settle_restore(self, host: bool = False) -> None:
         """End an overlapped undo: the caller's stream waits for it on the device (``host``: this
         thread too), its deferred verify is read, and the DiT becomes CLEAN (or is quarantined)."""
-        pending, self._pending = self._pending, None
+        pending = self._pending
         if pending is None:
             return
         assert self._undo_stream is not None
@@ -458,9 +495,12 @@ class ResidencyManager:
         try:
             if pending.fingerprint is not None:
                 self._check_clean(pending.fingerprint)
-            self._fire(pending.settles_to)
+            if self.state is WeightState.RESTORING:  # kept until here: an interrupt above settles again
+                self._fire(pending.settles_to)
         finally:
             self._context = context
+            if self.state is not WeightState.RESTORING:
+                self._pending = None
 
     def _check_clean(self, now: Fingerprint | None = None) -> None:
         now = now if now is not None else self._fingerprints.compute()
@@ -491,9 +531,10 @@ class ResidencyManager:
 
     def _effect_merge(self, edge: Edge, ctx: Mapping[str, Any]) -> int:
         self.faults.hit("merge.before")
-        ahead, self._ahead = self._ahead, None
+        ahead = self._ahead
         if ahead is not None:
             written = ahead.complete()
+            self._ahead = None  # only once complete: until then a restore abandons it (its hooks removed)
         else:
             written = sum(self._stack.push(name, self._adapters.targets(name), strength)
                           for name, strength in ctx["plan"])
@@ -506,9 +547,9 @@ class ResidencyManager:
         return 0
 
     def _drop_ahead(self) -> None:
-        ahead, self._ahead = self._ahead, None
-        if ahead is not None:
-            ahead.abandon()
+        if self._ahead is not None:
+            self._ahead.abandon()  # idempotent: an interrupt here is finished by the resumed restore
+            self._ahead = None
 
     def _effect_attach(self, edge: Edge, ctx: Mapping[str, Any]) -> int:
         self._adapters.activate(ctx["strengths"])
@@ -557,41 +598,3 @@ class ResidencyManager:
                               f"({len(differing)} weights differ, e.g. {differing[0]!r})")
         self._stack.forget()
         return written + self._mode.repair_stage2(self._weights)
-
-    # ------------------------------------------------------------------ guard
-    def _forward_guard(self, module: nn.Module, args: Any) -> None:
-        state = self.machine.state
-        if state in TRANSIENT_STATES or (state is WeightState.PREMERGING and self._ahead is None):
-            raise ForwardGuardError(f"the DiT cannot run while its weights are {state.value} "
-                                    "(a weight operation is under way)")
-        if state is WeightState.QUARANTINED:
-            raise ForwardGuardError("the DiT is quarantined and refuses to run. " + self._repair_hint())
-        active = self._mode.active
-        if module is not active.module or active.residency is not Residency.RESIDENT:
-            raise ForwardGuardError(
-                f"the {'stage-2' if module is not self._mode.base.module else 'base'} DiT ran while "
-                f"the active DiT is {active.name!r} ({active.residency.value}); run the module "
-                "`req.enter(phase)` returned"
-            )
-        req = self._request
-        if self.strict and (req is None or not self._ownership.mine or req.phase is None):
-            raise ForwardGuardError(
-                "the managed DiT ran outside a request phase; run it inside "
-                "`with manager.request() as req:` on the module `req.enter(phase)` returns "
-                "(or build the manager with strict=False)"
-            )
-        self.faults.hit("forward")
-        if self._ahead is not None:
-            self._ahead.admit()  # one of the calls announced with req.prepare(), or refused
-        if req is not None:
-            req.calls += 1
-
-    def _repair_hint(self) -> str:
-        if self._clean_source is None:
-            return ("No clean source is kept (clean_source=None): manager.repair() can only clear it when the "
-                    "weights are still clean; otherwise reload the model.")
-        return "Call manager.repair() to restore it from the clean host copy."
-
-    def _quarantine_message(self) -> str:
-        return "the DiT is quarantined after a failed restore. " + self._repair_hint()
-

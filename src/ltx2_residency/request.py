@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import threading
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from types import TracebackType
+from typing import TYPE_CHECKING, Protocol
 
 from torch import nn
 
@@ -15,6 +17,16 @@ from .errors import ConfigError, PhaseOrderError, RequestStateError
 
 if TYPE_CHECKING:
     from .manager import ResidencyManager
+    from .ownership import Ownership
+
+
+class RequestHost(Protocol):
+    """What a :class:`RequestScope` needs of the manager."""
+
+    _ownership: Ownership
+
+    def _open_request(self, timeout: float | None) -> Request: ...
+    def _close_request(self, interrupted: BaseException | None) -> None: ...
 
 _ids = itertools.count(1)
 
@@ -110,3 +122,37 @@ class Request:
 
     def __repr__(self) -> str:
         return f"Request(id={self.id}, phase={self.phase and self.phase.value}, closed={self.closed})"
+
+
+class RequestScope(contextlib.ExitStack):
+    """What ``manager.request()`` returns: ``with`` it to own the DiT for one request.
+
+    Ctrl-C may land between any two lines, the cleanup's included. The exit is therefore
+    ``ExitStack``'s (its loop runs every registered step even after one was interrupted), the steps
+    are registered before the DiT is taken, and each is registered twice and idempotent: the
+    close (undo, verify) resumes where an interrupt stopped the first run, and the release frees
+    the DiT once."""
+
+    def __init__(self, host: RequestHost, timeout: float | None) -> None:
+        super().__init__()
+        self._host = host
+        self._timeout = timeout
+
+    def __enter__(self) -> Request:  # type: ignore[override]
+        ownership = self._host._ownership
+        ownership.refuse_nested("request()")  # before any step is registered: the outer request's
+        try:
+            self.callback(ownership.release_mine)
+            self.callback(ownership.release_mine)
+            self.push(self._close)
+            self.push(self._close)
+            return self._host._open_request(self._timeout)
+        except BaseException:
+            self.close()
+            raise
+
+    def _close(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+               tb: TracebackType | None) -> bool:
+        if self._host._ownership.mine:
+            self._host._close_request(exc)
+        return False

@@ -75,6 +75,10 @@ class MergeAhead:
     A block that runs again after its group was launched is refused (its weights are no longer
     the phase's); so is any DiT call beyond ``calls``. Both raise :class:`ForwardGuardError`
     before the block or call runs, and the request's restore undoes what was launched.
+
+    Any failure inside a hook (a refusal, a merge that fails) is kept in :attr:`failed`: the
+    caller may catch the DiT call's exception, but the merge is broken for good, so every later
+    call and the switch refuse, and the request's restore undoes what was launched.
     """
 
     def __init__(self, root: nn.Module, stack: MergeStack, plan: list[tuple[str, float, list[LayerTarget]]],
@@ -100,30 +104,57 @@ class MergeAhead:
                 self.checked = stack.check(first[0])
         self.pending = sorted(first[1], key=_block_order) if first is not None else []
         self.passed: set[str] = set()  # blocks the last call has run (launched, or waiting for earlier ones)
+        self.failed: BaseException | None = None  # a hook's failure: the merge cannot be completed
+        self.armed = True  # the hooks act only while armed (a hook removal cut short leaves them inert)
         # each call on the high-priority stream: the merge's tiles then wait for the call's kernels,
         # not the call's for the merge's (a hook that always runs, so a failing call switches back)
         self._caller: torch.cuda.Stream | None = None
         self._hooks: list[Any] = []
         try:
-            self._hooks += [root.register_forward_pre_hook(self._call_starts),
-                            root.register_forward_hook(self._call_done),
-                            root.register_forward_hook(self._call_ends, always_call=True)]
+            # one handle a statement: each is kept the moment it exists, so a failure (or Ctrl-C)
+            # part way removes every hook registered so far
+            call_done = self._guarded(self._call_done)
+            self._hooks.append(root.register_forward_pre_hook(self._call_starts))
+            self._hooks.append(root.register_forward_hook(call_done))
+            self._hooks.append(root.register_forward_hook(self._call_ends, always_call=True))
             for block in self.pending:
                 if block != OUTSIDE:
                     module = root.get_submodule(block)
-                    self._hooks.append(module.register_forward_pre_hook(self._block_starts(block)))
-                    self._hooks.append(module.register_forward_hook(self._block_done(block)))
+                    starts, done = self._block_starts(block), self._block_done(block)
+                    self._hooks.append(module.register_forward_pre_hook(starts))
+                    self._hooks.append(module.register_forward_hook(done))
         except BaseException:
             self.disarm()
             raise
 
     def admit(self) -> None:
         """A DiT call starts (called by the manager's forward guard)."""
+        self.refuse_if_failed()
         if self.calls_left <= 0:
             raise ForwardGuardError(
                 "the DiT ran after the calls its request announced with req.prepare(): the next "
                 "phase's merge is under way; enter that phase (req.enter) to run the DiT again")
         self.calls_left -= 1
+
+    def refuse_if_failed(self) -> None:
+        if self.failed is not None:
+            raise ForwardGuardError(
+                f"the next phase's merge, started ahead with req.prepare(), failed ({self.failed!r}); "
+                "the request cannot go on: leave its `with` block (the weights are rolled back) and "
+                "open a new request")
+
+    def _guarded(self, hook: Any) -> Any:
+        """``hook``, inert once disarmed, and remembered as the merge's failure if it raises."""
+        def run(*args: Any) -> Any:
+            if not self.armed:
+                return None
+            try:
+                return hook(*args)
+            except BaseException as exc:
+                if self.failed is None:
+                    self.failed = exc
+                raise
+        return run
 
     def _block_starts(self, block: str) -> Any:
         def hook(module: nn.Module, args: Any) -> None:
@@ -132,7 +163,7 @@ class MergeAhead:
                     f"block {block!r} ran again in the last call announced with req.prepare(), after "
                     "its weights were merged for the next phase; for a model that runs a block "
                     "twice in one call, prepare after the phase's last call instead")
-        return hook
+        return self._guarded(hook)
 
     def _block_done(self, block: str) -> Any:
         def hook(module: nn.Module, args: Any, output: Any) -> None:
@@ -142,10 +173,10 @@ class MergeAhead:
                 # in block-index order; launching out of it would misplace the layers' records)
                 while self.pending and self.pending[0] in self.passed:
                     self._launch(self.pending[0])
-        return hook
+        return self._guarded(hook)
 
     def _call_starts(self, module: nn.Module, args: Any) -> None:
-        if self._caller is None:
+        if self.armed and self._caller is None:
             self._caller = self.stream.hurry()
 
     def _call_ends(self, module: nn.Module, args: Any, output: Any) -> None:
@@ -165,16 +196,17 @@ class MergeAhead:
             self._launch(self.pending[0])
 
     def _launch(self, block: str) -> None:
-        self.pending.pop(0)
-        self.passed.add(block)
         frame, groups = self.frames[0]
+        self.passed.add(block)
         with self.stream.running():  # after the call's work so far on the caller's stream
             self.stack.merge_layers(frame, groups.get(block, []), launch=True)
+        self.pending.pop(0)  # only once launched: a failure above leaves it pending (and the merge failed)
 
     def complete(self) -> int:
         """The switch itself: the rest launched, the caller's stream ordered after the merge, the
         first frame closed (the host sync that checks finiteness), then any later LoRA merged
         as usual. Returns weight bytes written."""
+        self.refuse_if_failed()
         self.disarm()
         self._launch_rest()
         self.stream.join()
@@ -187,10 +219,13 @@ class MergeAhead:
 
     def disarm(self) -> None:
         """Remove the hooks (and leave the urgent stream, should an interrupt have skipped the
-        hook that does); what was launched stays on the stack (an undo takes it from there)."""
-        for hook in self._hooks:
-            hook.remove()
-        self._hooks = []
+        hook that does); what was launched stays on the stack (an undo takes it from there).
+        Idempotent, and safe to interrupt: the hooks go inert first, and each is forgotten only
+        once removed."""
+        self.armed = False
+        while self._hooks:
+            self._hooks[-1].remove()
+            self._hooks.pop()
         self._hand_back()
 
     def abandon(self) -> None:

@@ -60,21 +60,20 @@ class PeftAdapters:
         self.names = [lo.name for lo in loras]
         self._targets: dict[str, list[str]] = {}
         self._target_cache: dict[str, list[LayerTarget]] = {}
-        try:
-            for lora in loras:
-                self._inject(model, lora)
-        except BaseException:
-            _unwrap(model, self.names)  # leave the model as it was given to us
-            raise
-        self.layers: dict[str, LoraLayer] = {
-            name: m for name, m in model.named_modules() if isinstance(m, LoraLayer)
-        }
-        for p in model.parameters():
-            p.requires_grad_(False)
+        self.layers: dict[str, LoraLayer] = {}
         self.active: dict[str, float] = {}
         self._attached: list[LoraLayer] = []  # layers attached since the last detach
         self._touched = True  # PEFT injects enabled adapters: the first sweep disables them
-        self.deactivate()
+        try:
+            for lora in loras:
+                self._inject(model, lora)
+            self.layers = {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer)}
+            for p in model.parameters():
+                p.requires_grad_(False)
+            self.deactivate()
+        except BaseException:
+            _unwrap(model, self.names)  # leave the model as it was given to us
+            raise
 
     def _inject(self, model: nn.Module, lora: LoadedLoRA) -> None:
         with warnings.catch_warnings():
@@ -178,6 +177,13 @@ class PeftAdapters:
                     layer.set_scale(n, 1.0)
             self._touched = False
         self.active = {}
+
+    def remove(self) -> None:
+        """Take every adapter off the model: PEFT's wrappers replaced by their base layers again."""
+        self.deactivate()
+        _unwrap(self.model, self.names)
+        self.layers = {}
+        self._target_cache = {}
 
     @property
     def nbytes(self) -> int:

@@ -51,6 +51,7 @@ class _Frame:
     host_start: list[int] | None = None
     streams: set[int] = field(default_factory=set)  # side streams the pools were marked for
     checked: bool = False  # check() ran: launches write the checked tiles (records already taken)
+    undone: set[int] = field(default_factory=set)  # layers whose undo was launched (marked before the launch)
 
     def pools(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                              torch.Tensor, torch.Tensor]:
@@ -183,6 +184,10 @@ class FusedRestore:
         state.undos.append(undo)
         return undo  # written by flush() or finish(): a failure before leaves every weight untouched
 
+    def write(self, target: LayerTarget, undo: LayerUndo) -> None:
+        """Nothing per layer: :meth:`flush` and :meth:`finish` launch the registered layers, each
+        tile's flag recorded by the kernel with its write."""
+
     def flush(self, frame: MergeFrame) -> None:
         """Launch the layers registered since the last launch (asynchronous, current stream)."""
         state = frame.state
@@ -310,7 +315,13 @@ class FusedRestore:
         device = state.flags.device
         chosen = [0] * p.layers
         for _, undo in batch:
-            chosen[undo.handle[1]] = 1  # type: ignore[index]
+            if undo.handle[1] not in state.undone:  # type: ignore[index]
+                chosen[undo.handle[1]] = 1  # type: ignore[index]
+        if not any(chosen):
+            return  # an interrupted pop retried: these layers' undo was launched already
+        # marked before the launch: a retry after an interrupt never undoes a layer twice (one that
+        # falls between the mark and the launch stays merged, and the end-of-request check sees it)
+        state.undone.update(i for i, c in enumerate(chosen) if c)
         if all(chosen) and state.everyone is not None:
             active = state.everyone
         else:  # part of a LoRA (a fault stopped the undo part way): a host-to-device copy

@@ -74,10 +74,26 @@ class LayerTarget:
 
 @dataclass
 class LayerUndo:
+    """What undoing one layer's merge needs, recorded before the layer's first byte changes.
+
+    A write and the bookkeeping after it are two steps, and an interrupt may fall between them.
+    So while a torch strategy's write is in flight, the record holds the bits the layer will
+    have once it lands (``merging``, then ``restoring`` for the undo's write): comparing the
+    layer with them tells whether the write happened, and the undo neither skips a written
+    layer nor undoes one twice."""
+
     digest: Digest | None  # the layer before this merge (None: layer checks are off)
     captured: tuple[torch.Tensor, ...] = ()
     exceptions: int = 0
     handle: object = None  # strategy-private state (the fused strategy's tile flags and records)
+    merging: torch.Tensor | None = None  # the merged layer, until its write is known to have landed
+    restoring: torch.Tensor | None = None  # the restored layer, while the undo's write is in flight
+
+    def written(self, weight: torch.Tensor) -> bool:
+        """Whether the layer holds this merge (``False``: the merge never landed, or the undo did)."""
+        if self.restoring is not None and same_bits(weight, self.restoring):
+            return False
+        return self.merging is None or same_bits(weight, self.merging)
 
     @property
     def tensors(self) -> tuple[torch.Tensor, ...]:
@@ -91,6 +107,10 @@ class LayerUndo:
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return bool(torch.equal(_bits(a.detach()), _bits(b.detach())))
 
 
 class NonFiniteMergeError(Exception):
@@ -112,7 +132,8 @@ def _merge_checked(target: LayerTarget, strength: float) -> tuple[torch.Tensor, 
 
 
 class _TorchStrategy:
-    """Per layer: compute the merge aside, check it, capture the undo, then write once."""
+    """Per layer: compute the merge aside, check it, capture the undo; the stack records it, then
+    :meth:`write` writes the layer once."""
 
     name = "torch"
 
@@ -123,8 +144,14 @@ class _TorchStrategy:
     def merge(self, frame: MergeFrame, target: LayerTarget, digest: Digest | None) -> LayerUndo:
         merged, delta = _merge_checked(target, frame.strength)
         undo = self.capture(target, merged, delta, digest)
-        target.weight.detach().copy_(merged)
+        undo.merging = merged
         return undo
+
+    def write(self, target: LayerTarget, undo: LayerUndo) -> None:
+        """Write the recorded merge into the layer (the record is on the stack already)."""
+        assert undo.merging is not None
+        target.weight.detach().copy_(undo.merging)
+        undo.merging = None  # landed: the merged copy is no longer needed
 
     def begin(self, frame: MergeFrame, targets: list[LayerTarget]) -> None:
         """A frame starts; the torch strategies keep nothing across layers."""
@@ -152,9 +179,12 @@ class RecomputeRestore(_TorchStrategy):
 
     def undo(self, target: LayerTarget, undo: LayerUndo, strength: float) -> None:
         w = target.weight.detach()
-        torch.sub(w, target.delta(strength), out=w)
+        # computed aside and written once, like the merge: the record then tells whether it landed
+        restored = torch.sub(w, target.delta(strength), out=torch.empty_like(w))
         miss, values = undo.tensors
-        w.view(-1)[miss.to(torch.int64)] = values
+        restored.view(-1)[miss.to(torch.int64)] = values
+        undo.restoring = restored
+        w.copy_(restored)
 
 
 class CopyRestore(_TorchStrategy):
@@ -181,6 +211,7 @@ class RestoreStrategy(Protocol):
 
     def begin(self, frame: MergeFrame, targets: list[LayerTarget]) -> None: ...
     def merge(self, frame: MergeFrame, target: LayerTarget, digest: Digest | None) -> LayerUndo: ...
+    def write(self, target: LayerTarget, undo: LayerUndo) -> None: ...
     def flush(self, frame: MergeFrame) -> None: ...
     def finish(self, frame: MergeFrame) -> None: ...
     def undo(self, target: LayerTarget, undo: LayerUndo, strength: float) -> None: ...
@@ -282,7 +313,10 @@ class MergeStack:
             for target in targets:
                 self.faults.hit("merge.layer")
                 digest = tensor_digest(target.weight.detach()) if self.check_layers else None
-                frame.layers.append((target, self.strategy.merge(frame, target, digest)))
+                undo = self.strategy.merge(frame, target, digest)
+                frame.layers.append((target, undo))  # recorded before the layer's first byte changes
+                self.strategy.write(target, undo)
+                self.faults.hit("merge.layer.written")
             if launch:
                 self.strategy.flush(frame)
 
@@ -347,7 +381,9 @@ class MergeStack:
             undo_batch(batch, frame.strength)
         else:
             for target, undo in batch:
-                self.strategy.undo(target, undo, frame.strength)
+                if undo.written(target.weight):  # an interrupted merge or undo may not have landed
+                    self.strategy.undo(target, undo, frame.strength)
+                self.faults.hit("restore.layer.written")
         written = 0
         for target, undo in batch:
             if undo.digest is not None and tensor_digest(target.weight) != undo.digest:
