@@ -181,3 +181,23 @@ def _block_args(model, inputs) -> dict:
     with pytest.raises(_Done), torch.no_grad():
         model(**inputs)
     return captured
+
+
+def test_a_close_cut_short_gives_the_model_back_when_called_again(model, distilled_path, monkeypatch) -> None:
+    from ltx2_residency.ops.dynamic import PeftAdapters
+
+    before, keys = snapshot(model), list(model.state_dict())
+    mgr = make(model, distilled_path)
+    remove = PeftAdapters.remove
+
+    def interrupted(self):
+        monkeypatch.setattr(PeftAdapters, "remove", remove)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(PeftAdapters, "remove", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        mgr.close()
+    assert not mgr.closed
+    mgr.close()
+    given_back(model, before, keys)
+    make(model, distilled_path).close()

@@ -11,7 +11,14 @@ import threading
 import pytest
 import torch
 
-from ltx2_residency import ConfigError, LoRASpec, RequestTimeoutError, ResidencyManager, WeightState
+from ltx2_residency import (
+    ConfigError,
+    LoRASpec,
+    RequestStateError,
+    RequestTimeoutError,
+    ResidencyManager,
+    WeightState,
+)
 from ltx2_residency.ownership import Ownership
 
 STRENGTHS = {"stage1": 0.0, "stage2": 1.0}
@@ -111,3 +118,43 @@ def test_release_is_idempotent_and_only_the_owners() -> None:
     with own.held(1, "test"):
         assert own.mine
     assert not own.mine
+
+
+def test_a_real_ctrl_c_during_the_cleanup_is_held_until_the_cleanup_is_done(model, distilled_path,
+                                                                           monkeypatch) -> None:
+    """A SIGINT that arrives while the request's undo runs (on the main thread) cannot cut it, nor
+    fall between two cleanup steps: it is delivered once the DiT is CLEAN and free."""
+    from ltx2_residency.ops.merge import MergeStack
+
+    mgr = make(model, distilled_path)
+    clean = {n: w.clone() for n, w in mgr.managed_weights.items()}
+    pop_all = MergeStack.pop_all
+
+    def interrupted_pop_all(self, *args, **kw):
+        signal.raise_signal(signal.SIGINT)  # the handler runs at the next bytecode, inside the undo
+        return pop_all(self, *args, **kw)
+
+    monkeypatch.setattr(MergeStack, "pop_all", interrupted_pop_all)
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt), torch.no_grad(), mgr.request() as req:
+        req.enter("stage1")
+        req.enter("stage2")
+    assert signal.getsignal(signal.SIGINT) is before
+    assert mgr.state is WeightState.CLEAN
+    assert all(torch.equal(clean[n], w) for n, w in mgr.managed_weights.items())
+    monkeypatch.setattr(MergeStack, "pop_all", pop_all)
+    with mgr.request(timeout=0):
+        pass
+
+
+def test_a_request_scope_is_left_only_by_its_with_block(model, distilled_path) -> None:
+    mgr = make(model, distilled_path)
+    scope = mgr.request()
+    with scope as req:
+        req.enter("stage1")
+        for take_out in (scope.pop_all, scope.close):
+            with pytest.raises(RequestStateError):
+                take_out()
+    assert mgr.state is WeightState.CLEAN
+    with mgr.request(timeout=0):
+        pass

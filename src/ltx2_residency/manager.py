@@ -322,8 +322,8 @@ class ResidencyManager(GuardedDiT):
             if self.state is WeightState.OFFLOADED:  # low-VRAM snapshot rests on the host: back on the device
                 self._fire("load_base")
                 self._fire("loaded")
-            self._closed = True
             self._give_back()
+            self._closed = True  # after: a close() cut short gives the model back on the next call
 
     def __repr__(self) -> str:
         return (f"<ResidencyManager at 0x{id(self):x}: mode={self.mode.value!r}, loras={list(self.specs)}, "

@@ -13,7 +13,11 @@ from __future__ import annotations
 
 import contextlib
 import math
+import signal
+import sys
 import threading
+from types import FrameType
+from typing import Any
 
 from .errors import RequestStateError, RequestTimeoutError
 
@@ -59,16 +63,61 @@ class Ownership:
         if self.mine:
             self._lock.release()
 
-    def held(self, timeout: float | None, what: str) -> contextlib.ExitStack:
+    def held(self, timeout: float | None, what: str) -> Holding:
         """``with ownership.held(timeout, what):`` owns the DiT for the block; the release
         survives an interrupt at any line (see the module docstring)."""
-        self.refuse_nested(what)
-        stack = contextlib.ExitStack()
+        return Holding(self, timeout, what)
+
+
+class Holding(contextlib.ExitStack):
+    """The DiT owned for a ``with`` block: taken in ``__enter__`` after its releases are registered
+    (so nothing between the take and the block can leave it held), released by ``ExitStack``'s exit."""
+
+    def __init__(self, ownership: Ownership, timeout: float | None, what: str) -> None:
+        super().__init__()
+        self._ownership, self._timeout, self._what = ownership, timeout, what
+
+    def __enter__(self) -> Holding:
+        self._ownership.refuse_nested(self._what)
         try:
-            stack.callback(self.release_mine)
-            stack.callback(self.release_mine)
-            self.acquire(timeout, what)
-            return stack
+            self.callback(self._ownership.release_mine)
+            self.callback(self._ownership.release_mine)
+            self._ownership.acquire(self._timeout, self._what)
+            return self
         except BaseException:
-            stack.close()
+            super().__exit__(*sys.exc_info())
             raise
+
+
+class HeldInterrupts:
+    """Ctrl-C held while cleanup steps run (main thread only: the only one signals reach), then
+    delivered to the handler that was there. A signal may land between any two bytecodes, also in
+    ``ExitStack``'s own loop between two steps, where it would skip the steps after it."""
+
+    def __init__(self) -> None:
+        self._previous: Any = None
+        self._holding = False
+        self._arrived: tuple[int, FrameType | None] | None = None
+
+    def hold(self) -> None:
+        if self._holding or threading.current_thread() is not threading.main_thread():
+            return
+        self._arrived = None
+        self._previous = signal.signal(signal.SIGINT, self._note)
+        self._holding = True
+
+    def _note(self, signum: int, frame: FrameType | None) -> None:
+        self._arrived = (signum, frame)
+
+    def deliver(self) -> None:
+        """Put the previous handler back and give it a Ctrl-C that arrived meanwhile (idempotent)."""
+        if not self._holding:
+            return
+        signal.signal(signal.SIGINT, self._previous if self._previous is not None else signal.default_int_handler)
+        self._holding = False
+        arrived, self._arrived = self._arrived, None
+        if arrived is not None:
+            if callable(self._previous):
+                self._previous(*arrived)  # Python's default handler raises KeyboardInterrupt
+            elif self._previous != signal.SIG_IGN:
+                raise KeyboardInterrupt

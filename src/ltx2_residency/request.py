@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import sys
 import threading
 from collections.abc import Mapping
 from types import TracebackType
@@ -14,6 +15,7 @@ from torch import nn
 from .costmodel import PhaseWork
 from .domain import Phase, parse_enum
 from .errors import ConfigError, PhaseOrderError, RequestStateError
+from .ownership import HeldInterrupts
 
 if TYPE_CHECKING:
     from .manager import ResidencyManager
@@ -129,27 +131,40 @@ class RequestScope(contextlib.ExitStack):
 
     Ctrl-C may land between any two lines, the cleanup's included. The exit is therefore
     ``ExitStack``'s (its loop runs every registered step even after one was interrupted), the steps
-    are registered before the DiT is taken, and each is registered twice and idempotent: the
-    close (undo, verify) resumes where an interrupt stopped the first run, and the release frees
-    the DiT once."""
+    are registered before the DiT is taken, and each is registered twice and idempotent: a close
+    (undo, verify) cut short is finished by the second (an interrupted undo quarantines the DiT),
+    and the release frees the DiT once. On the main thread a Ctrl-C that arrives while the steps
+    run is held until they are done, so it cannot fall between two of them either. The steps
+    belong to the ``with`` block: ``pop_all()`` and ``close()`` are refused."""
 
     def __init__(self, host: RequestHost, timeout: float | None) -> None:
         super().__init__()
         self._host = host
         self._timeout = timeout
+        self._interrupts = HeldInterrupts()
 
     def __enter__(self) -> Request:  # type: ignore[override]
         ownership = self._host._ownership
         ownership.refuse_nested("request()")  # before any step is registered: the outer request's
         try:
+            # run last to first: hold Ctrl-C, close twice, deliver a held Ctrl-C, release twice
             self.callback(ownership.release_mine)
             self.callback(ownership.release_mine)
+            self.callback(self._interrupts.deliver)
+            self.callback(self._interrupts.deliver)
             self.push(self._close)
             self.push(self._close)
+            self.callback(self._interrupts.hold)
             return self._host._open_request(self._timeout)
         except BaseException:
-            self.close()
+            super().__exit__(*sys.exc_info())
             raise
+
+    def pop_all(self) -> contextlib.ExitStack:
+        raise RequestStateError("a request's cleanup belongs to its `with` block; it cannot be taken out")
+
+    def close(self) -> None:
+        raise RequestStateError("a request is closed by leaving its `with` block")
 
     def _close(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                tb: TracebackType | None) -> bool:

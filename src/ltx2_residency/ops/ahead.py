@@ -177,15 +177,19 @@ class MergeAhead:
 
     def _call_starts(self, module: nn.Module, args: Any) -> None:
         if self.armed and self._caller is None:
-            self._caller = self.stream.hurry()
+            # recorded before the switch: an interrupt between the two still finds the way back
+            self._caller = self.stream.behind()
+            if self._caller is not None:
+                self.stream.hurry(self._caller)
 
     def _call_ends(self, module: nn.Module, args: Any, output: Any) -> None:
         self._hand_back(tensors_in(output))
 
     def _hand_back(self, made: Iterable[torch.Tensor] = ()) -> None:
-        caller, self._caller = self._caller, None
+        caller = self._caller
         if caller is not None:
             self.stream.hand_back(caller, made)
+            self._caller = None  # only once back: handing back twice is harmless, never is not
 
     def _call_done(self, module: nn.Module, args: Any, output: Any) -> None:
         if self.calls_left == 0:

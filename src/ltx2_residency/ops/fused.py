@@ -51,7 +51,6 @@ class _Frame:
     host_start: list[int] | None = None
     streams: set[int] = field(default_factory=set)  # side streams the pools were marked for
     checked: bool = False  # check() ran: launches write the checked tiles (records already taken)
-    undone: set[int] = field(default_factory=set)  # layers whose undo was launched (marked before the launch)
 
     def pools(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                              torch.Tensor, torch.Tensor]:
@@ -315,13 +314,7 @@ class FusedRestore:
         device = state.flags.device
         chosen = [0] * p.layers
         for _, undo in batch:
-            if undo.handle[1] not in state.undone:  # type: ignore[index]
-                chosen[undo.handle[1]] = 1  # type: ignore[index]
-        if not any(chosen):
-            return  # an interrupted pop retried: these layers' undo was launched already
-        # marked before the launch: a retry after an interrupt never undoes a layer twice (one that
-        # falls between the mark and the launch stays merged, and the end-of-request check sees it)
-        state.undone.update(i for i, c in enumerate(chosen) if c)
+            chosen[undo.handle[1]] = 1  # type: ignore[index]
         if all(chosen) and state.everyone is not None:
             active = state.everyone
         else:  # part of a LoRA (a fault stopped the undo part way): a host-to-device copy

@@ -78,21 +78,18 @@ class LayerUndo:
 
     A write and the bookkeeping after it are two steps, and an interrupt may fall between them.
     So while a torch strategy's write is in flight, the record holds the bits the layer will
-    have once it lands (``merging``, then ``restoring`` for the undo's write): comparing the
-    layer with them tells whether the write happened, and the undo neither skips a written
-    layer nor undoes one twice."""
+    have once it lands (``merging``): comparing the layer with them tells whether the write
+    happened, and the undo neither skips a written layer nor undoes one that never was. (An
+    interrupted undo is not retried: it quarantines the DiT.)"""
 
     digest: Digest | None  # the layer before this merge (None: layer checks are off)
     captured: tuple[torch.Tensor, ...] = ()
     exceptions: int = 0
     handle: object = None  # strategy-private state (the fused strategy's tile flags and records)
     merging: torch.Tensor | None = None  # the merged layer, until its write is known to have landed
-    restoring: torch.Tensor | None = None  # the restored layer, while the undo's write is in flight
 
     def written(self, weight: torch.Tensor) -> bool:
-        """Whether the layer holds this merge (``False``: the merge never landed, or the undo did)."""
-        if self.restoring is not None and same_bits(weight, self.restoring):
-            return False
+        """Whether the layer holds this merge (``False``: an interrupt fell before its write)."""
         return self.merging is None or same_bits(weight, self.merging)
 
     @property
@@ -179,12 +176,9 @@ class RecomputeRestore(_TorchStrategy):
 
     def undo(self, target: LayerTarget, undo: LayerUndo, strength: float) -> None:
         w = target.weight.detach()
-        # computed aside and written once, like the merge: the record then tells whether it landed
-        restored = torch.sub(w, target.delta(strength), out=torch.empty_like(w))
+        torch.sub(w, target.delta(strength), out=w)
         miss, values = undo.tensors
-        restored.view(-1)[miss.to(torch.int64)] = values
-        undo.restoring = restored
-        w.copy_(restored)
+        w.view(-1)[miss.to(torch.int64)] = values
 
 
 class CopyRestore(_TorchStrategy):
@@ -381,7 +375,7 @@ class MergeStack:
             undo_batch(batch, frame.strength)
         else:
             for target, undo in batch:
-                if undo.written(target.weight):  # an interrupted merge or undo may not have landed
+                if undo.written(target.weight):  # an interrupted merge may not have landed
                     self.strategy.undo(target, undo, frame.strength)
                 self.faults.hit("restore.layer.written")
         written = 0

@@ -49,19 +49,22 @@ class UndoStream:
             self._urgent = torch.cuda.Stream(self.device, priority=-1)  # above the default, 0
         return self._urgent
 
-    def hurry(self) -> torch.cuda.Stream | None:
-        """Make the urgent stream current, after what the caller's stream has queued; returns the
-        caller's stream for :meth:`hand_back` (None: nothing switched, on the CPU or when the
-        caller's stream is ahead of the side stream already, e.g. a serving engine's own)."""
+    def behind(self) -> torch.cuda.Stream | None:
+        """The caller's stream when :meth:`hurry` should move its work ahead (None: on the CPU, or
+        when the caller's stream is ahead of the side stream already, e.g. a serving engine's own)."""
         urgent = self.urgent()
         if urgent is None:
             return None
         caller = torch.cuda.current_stream(self.device)
-        if caller.priority <= urgent.priority:
-            return None
+        return None if caller.priority <= urgent.priority else caller
+
+    def hurry(self, caller: torch.cuda.Stream) -> None:
+        """Make the urgent stream current, after what ``caller`` (from :meth:`behind`) has queued;
+        :meth:`hand_back` returns to it."""
+        urgent = self.urgent()
+        assert urgent is not None
         urgent.wait_stream(caller)
         torch.cuda.set_stream(urgent)
-        return caller
 
     def hand_back(self, caller: torch.cuda.Stream, made: Iterable[torch.Tensor] = ()) -> None:
         """Back on ``caller`` (from :meth:`hurry`), ordered after the urgent stream's work; ``made``:
