@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import signal
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -229,6 +230,7 @@ class Sweep:
     def point(self, at: int) -> Point:
         mgr = self._manager()
         hooks = _hooks(mgr.transformer)
+        handler = signal.getsignal(signal.SIGINT)
         tracer = LineInterrupt(at, armed=not self.sc.second)
         raised: BaseException | None = None
         with tracer.installed():
@@ -240,6 +242,9 @@ class Sweep:
         if tracer.where is None:
             return Point(self.sc.name, at, where, "NOT REACHED", "the run ended before this point")
         outcome, detail = self._judge(mgr, hooks, raised)
+        if signal.getsignal(signal.SIGINT) is not handler:
+            signal.signal(signal.SIGINT, handler)
+            outcome, detail = "VIOLATION", "the Ctrl-C handler was left replaced"
         with contextlib.suppress(Exception):
             mgr.close()
         return Point(self.sc.name, at, where, outcome, detail)

@@ -103,8 +103,9 @@ class HeldInterrupts:
         if self._holding or threading.current_thread() is not threading.main_thread():
             return
         self._arrived = None
-        self._previous = signal.signal(signal.SIGINT, self._note)
-        self._holding = True
+        self._previous = signal.getsignal(signal.SIGINT)
+        self._holding = True  # before the swap: an interrupt between the two still gets it undone
+        signal.signal(signal.SIGINT, self._note)
 
     def _note(self, signum: int, frame: FrameType | None) -> None:
         self._arrived = (signum, frame)
