@@ -97,12 +97,6 @@ def bits_of() -> Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
     return weight_bits
 
 
-def assert_same_bits(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert a.keys() == b.keys()
-    bad = [n for n in a if not torch.equal(a[n], b[n])]
-    assert not bad, f"{len(bad)} weights differ, e.g. {bad[:3]}"
-
-
 @pytest.fixture(autouse=True)
 def _fused_runs_in_the_triton_interpreter(request: pytest.FixtureRequest,
                                           monkeypatch: pytest.MonkeyPatch) -> None:

@@ -186,7 +186,7 @@ def installed(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_the_wheel_ships_the_baselines_the_license_and_a_core_without_the_pipeline(wheel: Path) -> None:
     with zipfile.ZipFile(wheel) as whl:
         names = set(whl.namelist())
-        shipped = whl.read("ltx2_pipeline/perf_baselines.json")
+        shipped = whl.read("ltx2_tools/perf_baselines.json")
         [info] = {n.split("/")[0] for n in names if n.split("/")[0].endswith(".dist-info")}
         metadata = Parser().parsestr(whl.read(f"{info}/METADATA").decode())
         scripts = whl.read(f"{info}/entry_points.txt").decode()

@@ -53,3 +53,9 @@ def assert_model_untouched(before: Snapshot, model: nn.Module, *, peft_free: boo
                      strict=True)
         differing = [n for n, b, a in chunks if not torch.equal(b, a)]
         raise AssertionError(f"{len(differing)} parameters changed bits, e.g. {differing[:3]}")
+
+
+def assert_same_bits(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    bad = [n for n in a if not torch.equal(a[n], b[n])]
+    assert not bad, f"{len(bad)} weights differ, e.g. {bad[:3]}"

@@ -15,6 +15,7 @@ LoRA-switch stages), the per-step times, the transition trace and peak memory.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from collections.abc import Sequence
@@ -27,8 +28,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from ltx2_residency import LoRASpec, MergePolicyName, ResidencyError, ResidencyMode
-from ltx2_residency.machine import TABLES, mermaid
+from ltx2_residency import TABLES, LoRASpec, MergePolicyName, ResidencyError, ResidencyMode, mermaid
 
 from . import checks
 from .errors import GenerationInputError, NonFiniteOutputError
@@ -152,26 +152,21 @@ def _parser() -> argparse.ArgumentParser:
     dia = sub.add_parser("diagram", help="print the mermaid state diagram of each residency mode")
     dia.add_argument("--mode", choices=[m.value for m in ResidencyMode], help="only this mode")
 
-    perf = sub.add_parser("perf-check", help="run a perf_baselines.json case; exit 1 on a regression beyond "
-                          "tolerance, 2 on bad input, 3 when the case cannot run here",
-                          description="Run a case: its warm-up requests first (untimed, dropped), then its timed "
-                          "requests. Compared against the case's expectations: the median e2e, the median "
-                          "denoise step and each stage's median over the timed requests, their weight-management "
-                          "sum and the peak device memory. The mean denoise step is reported, never compared "
-                          "(one cold step moves it). Exit 0 within tolerance, 1 on a regression, 2 on bad input, "
-                          "3 when the case cannot run on this machine.")
-    perf.add_argument("--case", help="the case to run (see --list)")
-    perf.add_argument("--list", action="store_true", help="list the cases and exit")
-    perf.add_argument("--baselines", type=Path, metavar="PATH",
-                      help="baselines file (default: the perf_baselines.json installed with ltx2_pipeline)")
-    perf.add_argument("--json", type=Path, metavar="OUT", help="write the measured metrics (the plot's input)")
-    perf.add_argument("--update", action="store_true",
-                      help="rewrite the case's expected numbers from this run (tolerances kept)")
-
-    from .bench import add_arguments  # the bench module imports no heavy dependency of its own
-    add_arguments(sub.add_parser("bench", help="ours against the PEFT/diffusers baselines on one model, in one "
-                                 "run: switches, restore, per-step overhead, fingerprint, requests"))
+    for name, (module, help_text) in TOOL_COMMANDS.items():
+        tool = importlib.import_module(module)  # light: a tool imports its heavy dependencies when it runs
+        tool.add_arguments(sub.add_parser(name, help=help_text, description=tool.DESCRIPTION))
     return parser
+
+
+#: Commands the tools package provides (``ltx2_tools``): name -> (module, help). Each module has
+#: ``DESCRIPTION``, ``add_arguments(parser)`` and ``command(args, console) -> exit status``; the product
+#: names them here and imports none of them statically.
+TOOL_COMMANDS: dict[str, tuple[str, str]] = {
+    "perf-check": ("ltx2_tools.perf", "run a perf_baselines.json case; exit 1 on a regression beyond tolerance, 2 "
+                   "on bad input, 3 when the case cannot run here"),
+    "bench": ("ltx2_tools.bench", "ours against the PEFT/diffusers baselines on one model, in one run: switches, "
+              "restore, per-step overhead, fingerprint, requests"),
+}
 
 
 @dataclass(frozen=True)
@@ -362,14 +357,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "diagram":
             return _diagram(args)
-        if args.command == "perf-check":
-            from .perf import perf_check  # late: only this command needs it
-
-            return perf_check(args, console)
-        if args.command == "bench":
-            from .bench import main as bench
-
-            return bench(args)
+        if args.command in TOOL_COMMANDS:
+            return int(importlib.import_module(TOOL_COMMANDS[args.command][0]).command(args, console))
         return _generate(args, console)
     except KeyboardInterrupt:
         _error("interrupted")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ltx2_residency.errors import ResidencyError
+from ltx2_residency import ResidencyError
 
 
 class GenerationInputError(ValueError):

@@ -17,9 +17,8 @@ import torch
 from diffusers import LTX2Pipeline
 from diffusers.utils import logging as dlogging
 
-from ltx2_residency import LoRAKeyError, LoRASpec, StrengthError
-from ltx2_residency.domain import check_strength as _check_finite_strength
-from ltx2_residency.lora import read_safetensors
+from ltx2_residency import LoRAKeyError, LoRASpec, StrengthError, read_safetensors
+from ltx2_residency import check_strength as _check_finite_strength
 
 #: The distilled LoRA's strengths per variant: (stage 1, stage 2).
 VARIANT_STRENGTHS: dict[str, dict[str, float]] = {

@@ -31,7 +31,7 @@ from diffusers.utils import logging as dlogging
 from torch import nn
 from transformers import Gemma3ForConditionalGeneration
 
-from ltx2_residency.testing import linear_names, synthetic_lora
+from ltx2_residency import testing
 
 from .components import (
     LTX2_SCHEDULER_CONFIG,
@@ -70,7 +70,8 @@ def tiny_preset(seed: int = 0, dtype: torch.dtype = torch.bfloat16) -> tuple[dic
     """The tiny components and their synthetic distilled LoRA (PEFT/diffusers keys)."""
     components = tiny_components(seed, dtype)
     dit = components["transformer"]
-    lora = synthetic_lora(dit, linear_names(dit), rank=8, relative_norm=0.10, seed=seed + 100, dtype=dtype)
+    lora = testing.synthetic_lora(dit, testing.linear_names(dit), rank=8, relative_norm=0.10, seed=seed + 100,
+                                  dtype=dtype)
     return components, lora
 
 
@@ -125,8 +126,8 @@ def full_preset(device: str | torch.device = "cuda", dtype: torch.dtype = torch.
     components: dict[str, Any] = dict(scheduler=FlowMatchEulerDiscreteScheduler(**LTX2_SCHEDULER_CONFIG),
                                       tokenizer=tokenizer, **built)
     dit = built["transformer"]
-    lora = {} if device.type == "meta" else synthetic_lora(
-        dit, linear_names(dit), rank=lora_rank, relative_norm=relative_norm, seed=seed + 100, dtype=dtype)
+    lora = {} if device.type == "meta" else testing.synthetic_lora(
+        dit, testing.linear_names(dit), rank=lora_rank, relative_norm=relative_norm, seed=seed + 100, dtype=dtype)
     return components, lora
 
 
@@ -185,7 +186,7 @@ def full_preset_bytes(dtype: torch.dtype = torch.bfloat16, text_layers: int = 2,
            for name, m in components.items() if isinstance(m, nn.Module)}
     dit = components["transformer"]
     out["distilled_lora"] = sum(lora_rank * (lin.in_features + lin.out_features) * size
-                                for lin in (dit.get_submodule(n) for n in linear_names(dit)))
+                                for lin in (dit.get_submodule(n) for n in testing.linear_names(dit)))
     return out
 
 

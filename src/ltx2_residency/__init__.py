@@ -3,8 +3,9 @@
 The public contract; everything else is an implementation detail.
 """
 
-from .costmodel import PhaseWork
-from .domain import ApplyKind, MergePolicyName, Phase, ResidencyMode, WeightState
+from . import testing
+from .costmodel import LTX2_BLOCK_LINEARS, LTX2_BLOCKS, PhaseWork
+from .domain import REST_STATES, ApplyKind, MergePolicyName, Phase, ResidencyMode, WeightState, check_strength
 from .errors import (
     ConfigError,
     DirtyWeightsError,
@@ -27,21 +28,27 @@ from .errors import (
     ResidencyError,
     StrengthError,
 )
+from .faults import POINTS as FAULT_POINTS
 from .faults import FaultInjector
-from .lora import LoRASpec
+from .lora import LoRASpec, read_safetensors
 from .machine import TABLES, ModeTable, mermaid
 from .manager import ResidencyManager
-from .ops.fingerprint import Fingerprint
+from .ops.fingerprint import Fingerprint, FingerprintPlan
 from .request import Request, RequestScope
 from .trace import TransitionRecord
 
 __all__ = [
+    "FAULT_POINTS",
+    "LTX2_BLOCKS",
+    "LTX2_BLOCK_LINEARS",
+    "REST_STATES",
     "TABLES",
     "ApplyKind",
     "ConfigError",
     "DirtyWeightsError",
     "FaultInjector",
     "Fingerprint",
+    "FingerprintPlan",
     "ForwardGuardError",
     "IllegalTransitionError",
     "LoRAFormatError",
@@ -71,7 +78,10 @@ __all__ = [
     "StrengthError",
     "TransitionRecord",
     "WeightState",
+    "check_strength",
     "mermaid",
+    "read_safetensors",
+    "testing",
 ]
 
 __version__ = "0.1.0"

@@ -179,10 +179,12 @@ class Fingerprint:
         return self._digests
 
     @classmethod
-    def of(cls, named: Iterable[tuple[str, torch.Tensor]]) -> Fingerprint:
+    def of(cls, named: Iterable[tuple[str, torch.Tensor]], *, use_kernel: bool = True) -> Fingerprint:
+        """The fingerprint of ``(name, tensor)`` pairs: one Triton launch where the tensors allow it, else
+        (or with ``use_kernel=False``) the torch path, which gives the same digests."""
         items = list(named)
         with torch.no_grad():
-            fast = _kernel_digests([t for _, t in items])
+            fast = _kernel_digests([t for _, t in items]) if use_kernel else None
             if fast is not None:
                 return cls({name: d for (name, _), d in zip(items, fast, strict=True)})
             return cls({name: d for (name, _), d in zip(items, _torch_digests([t for _, t in items]),
