@@ -161,7 +161,7 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tree = tmp_path_factory.mktemp("tree")
     for name in ("pyproject.toml", "README.md", "LICENSE"):
         shutil.copy2(ROOT / name, tree / name)
-    for package in ("ltx2_residency", "ltx2_pipeline"):
+    for package in ("ltx2_residency", "ltx2_pipeline", "ltx2_tools"):
         shutil.copytree(ROOT / "src" / package, tree / "src" / package,
                         ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     dist = tree / "dist"
@@ -190,8 +190,8 @@ def test_the_wheel_ships_the_baselines_the_license_and_a_core_without_the_pipeli
         [info] = {n.split("/")[0] for n in names if n.split("/")[0].endswith(".dist-info")}
         metadata = Parser().parsestr(whl.read(f"{info}/METADATA").decode())
         scripts = whl.read(f"{info}/entry_points.txt").decode()
-    assert shipped == (ROOT / "src" / "ltx2_pipeline" / "perf_baselines.json").read_bytes()
-    assert {"ltx2_residency/py.typed", "ltx2_pipeline/py.typed"} <= names
+    assert shipped == (ROOT / "src" / "ltx2_tools" / "perf_baselines.json").read_bytes()
+    assert {"ltx2_residency/py.typed", "ltx2_pipeline/py.typed", "ltx2_tools/py.typed"} <= names
     assert f"{info}/licenses/LICENSE" in names and metadata["License-Expression"] == "Apache-2.0"
     requires = [r.replace(" ", "") for r in metadata.get_all("Requires-Dist")]
     unconditional = {r.split(";")[0].split(">")[0].split("=")[0] for r in requires if ";" not in r}
@@ -204,10 +204,10 @@ def test_the_wheel_ships_the_baselines_the_license_and_a_core_without_the_pipeli
 
 def test_the_installed_package_finds_its_baselines_through_importlib_resources(installed: Path,
                                                                               tmp_path: Path) -> None:
-    code = ("import importlib.resources, json, ltx2_pipeline; "
-            "f = importlib.resources.files('ltx2_pipeline') / 'perf_baselines.json'; "
+    code = ("import importlib.resources, json, ltx2_tools; "
+            "f = importlib.resources.files('ltx2_tools') / 'perf_baselines.json'; "
             "cases = list(json.loads(f.read_text())['cases']); "
-            "print(json.dumps([ltx2_pipeline.__file__, str(f), f.is_file(), cases]))")
+            "print(json.dumps([ltx2_tools.__file__, str(f), f.is_file(), cases]))")
     run = _run([sys.executable, "-c", code], [installed], cwd=tmp_path)
     assert run.returncode == 0, run.stderr
     package, baselines, is_file, cases = json.loads(run.stdout)

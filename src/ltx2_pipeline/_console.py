@@ -17,7 +17,7 @@ MISSING_EXTRA = 1
 def _load(prog: str, module: str) -> Callable[..., int] | None:
     """``module``'s ``main``, or ``None`` after saying which extra to install."""
     try:
-        return importlib.import_module(f"{__package__}.{module}").main
+        return importlib.import_module(module).main
     except ModuleNotFoundError as exc:
         missing = (exc.name or "").partition(".")[0]
         if missing not in PIPELINE_MODULES:
@@ -28,10 +28,10 @@ def _load(prog: str, module: str) -> Callable[..., int] | None:
 
 
 def ltx2(argv: Sequence[str] | None = None) -> int:
-    main = _load("ltx2", "cli")
+    main = _load("ltx2", "ltx2_pipeline.cli")
     return MISSING_EXTRA if main is None else main(argv)
 
 
 def demo(argv: Sequence[str] | None = None) -> int:
-    main = _load("ltx2-demo", "demo")
+    main = _load("ltx2-demo", "ltx2_tools.demo")  # the scripted serving loop is a tool
     return MISSING_EXTRA if main is None else main(argv)

@@ -28,7 +28,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from ltx2_residency import TABLES, LoRASpec, MergePolicyName, ResidencyError, ResidencyMode, mermaid
+from ltx2_residency import TABLES, LoRASpec, ManagerOptions, MergePolicyName, ResidencyError, ResidencyMode, mermaid
 
 from . import checks
 from .errors import GenerationInputError, NonFiniteOutputError
@@ -257,9 +257,8 @@ def _check_full_preset_fits(args: argparse.Namespace, device: torch.device) -> N
 
 def _build(args: argparse.Namespace, plan: _Plan, progress: Any) -> LTX2TwoStagePipeline:
     cls = LTX2TwoStageHQPipeline if args.variant == "hq" else LTX2TwoStagePipeline
-    options = dict(mode=args.mode, merge_policy=args.merge_policy, loras=plan.loras, progress=progress)
-    if args.low_vram is not None:
-        options["low_vram"] = args.low_vram
+    options: dict[str, Any] = dict(mode=args.mode, merge_policy=args.merge_policy, loras=plan.loras,
+                                   progress=progress, options=ManagerOptions(low_vram=args.low_vram))
     dtype = DTYPES[args.dtype]
     if plan.preset is None:
         return cls.from_pretrained(args.model_path, distilled_lora=plan.distilled, dtype=dtype,

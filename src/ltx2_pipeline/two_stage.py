@@ -36,7 +36,7 @@ from diffusers.pipelines.ltx2.utils import STAGE_2_DISTILLED_SIGMA_VALUES
 from diffusers.utils import encode_video
 from torch import nn
 
-from ltx2_residency import LoRASpec, Phase, PhaseWork, Request, ResidencyManager
+from ltx2_residency import LoRASpec, ManagerOptions, Phase, PhaseWork, Request, ResidencyManager
 
 from .components import PIPELINE_COMPONENTS
 from .errors import GenerationInputError, NonFiniteOutputError
@@ -284,7 +284,8 @@ class LTX2TwoStagePipeline:
             ``diffusion_model.*`` keys), in-memory tensors, or a ready :class:`LoRASpec`
             (used as given). Paths and tensors get the variant's strengths.
         loras: further LoRAs (e.g. a user's style LoRA), stacked after the distilled one.
-        mode, merge_policy, **manager_options: passed to :class:`ResidencyManager`.
+        mode, merge_policy, options: passed to :class:`ResidencyManager` (``options``: its
+            :class:`ManagerOptions`; the deprecated 0.1 keywords in ``**manager_options`` too).
         progress: receives stage and step events (the CLI's rich bars).
     """
 
@@ -292,7 +293,8 @@ class LTX2TwoStagePipeline:
 
     def __init__(self, components: Mapping[str, Any], distilled_lora: DistilledLoRA, *,
                  loras: Sequence[LoRASpec] = (), mode: str = "original", merge_policy: str = "sglang",
-                 progress: Progress | None = None, **manager_options: Any) -> None:
+                 progress: Progress | None = None, options: ManagerOptions | None = None,
+                 **manager_options: Any) -> None:
         missing = [k for k in (*PIPELINE_COMPONENTS, "latent_upsampler") if k not in components]
         if missing:
             raise GenerationInputError(f"components lack {', '.join(missing)}; build them with "
@@ -311,7 +313,7 @@ class LTX2TwoStagePipeline:
                 for phase, value in spec.strengths.items():
                     check_strength(value, f"LoRA {spec.name!r} {getattr(phase, 'value', phase)}")
         self.manager = ResidencyManager(components["transformer"], mode=mode, loras=[distilled, *loras],
-                                        merge_policy=merge_policy, **manager_options)
+                                        merge_policy=merge_policy, options=options, **manager_options)
         self.progress: Progress = progress or _Silent()
         shared = {k: components[k] for k in PIPELINE_COMPONENTS}
         scheduler = components["scheduler"]

@@ -5,7 +5,7 @@ The public contract; everything else is an implementation detail.
 
 from . import testing
 from .costmodel import LTX2_BLOCK_LINEARS, LTX2_BLOCKS, PhaseWork
-from .domain import REST_STATES, ApplyKind, MergePolicyName, Phase, ResidencyMode, WeightState, check_strength
+from .domain import ApplyKind, MergePolicyName, Phase, ResidencyMode, WeightState, check_strength
 from .errors import (
     ConfigError,
     DirtyWeightsError,
@@ -31,9 +31,10 @@ from .errors import (
 from .faults import POINTS as FAULT_POINTS
 from .faults import FaultInjector
 from .lora import LoRASpec, read_safetensors
-from .machine import TABLES, ModeTable, mermaid
 from .manager import ResidencyManager
+from .modes import REST_STATES, TABLES, ModeTable, mermaid
 from .ops.fingerprint import Fingerprint, FingerprintPlan
+from .options import ManagerOptions
 from .request import Request, RequestScope
 from .trace import TransitionRecord
 
@@ -58,6 +59,7 @@ __all__ = [
     "LoRAValidationError",
     "LoRAValueError",
     "ManagerClosedError",
+    "ManagerOptions",
     "MergePolicyName",
     "ModeNotAvailableError",
     "ModeTable",
@@ -84,4 +86,4 @@ __all__ = [
     "testing",
 ]
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -25,27 +25,28 @@ from .errors import ConfigError
 #: One exact-undo record: an int32 flat index and the int16 original bf16 bits (ops/fused).
 RECORD_BYTES = 6
 #: Records reserved per adapted element: a LoRA's first merge reserves ops/fused.FIRST_GUESS
-#: (12.5 %), and that must fit; 7.7 % are kept after packing at ‖ΔW‖ = 10 % of ‖W‖.
+#: (12.5 %), and that must fit; fewer are kept after packing
+#: (measured in docs/results/measured_constants.md#undo-record-reserve).
 RECORD_FRACTION = 0.125
-#: The fused merge over its roofline: ~90 ms measured on one H100 at full LTX-2 scale against 58 ms
-#: from the formula at :data:`H100` rates (its delta GEMM runs below the tensor cores' rate).
+#: The fused merge over its roofline at :data:`H100` rates: its delta GEMM runs below the tensor
+#: cores' rate (measured in docs/results/measured_constants.md#fused-merge).
 MERGE_OVERHEAD = 1.5
-#: The undo runs asynchronously; a request waited for 39 of its 194 ms (docs/benchmarks.md).
+#: The undo runs asynchronously: a request waits for only part of it
+#: (measured in docs/results/measured_constants.md#undo-on-the-critical-path).
 UNDO_CRITICAL_SHARE = 0.2
 #: Merged ahead (``Request.prepare``), the share of a merge left on the request's path, with the
-#: announced calls on the urgent stream: 25-58 ms of 116-131 ms at 1536 tokens on an H200, by how
-#: host-bound stage 1's calls were (the larger end; 28-70 ms of 127-136 on an H100 without it).
+#: announced calls on the urgent stream: it varies with how host-bound stage 1's calls are, and
+#: this takes the larger end (measured in
+#: docs/results/measured_constants.md#merge-ahead-on-the-critical-path).
 AHEAD_CRITICAL_SHARE = 0.45
 #: Host time of one PEFT LoRA layer's forward, in eager launches: its 4 kernels plus the Python
-#: around them. Measured 105 µs per call over a disabled layer (H200 host, 9.8 µs launches) and
-#: 83-150 µs per layer in the full DiT (H100 and H200): ~12 launches.
+#: around them (measured in docs/results/measured_constants.md#peft-forward-host-time).
 HOST_LAUNCHES_PER_ADAPTER = 12
-#: Our forward (ops.forward) over its roofline: +57 ms measured per call at 6144 tokens on one H100
-#: against 38 ms from the formula (its rank-384 GEMMs run below the tensor cores' rate).
+#: Our forward (ops.forward) over its roofline: its rank-384 GEMMs run below the tensor cores'
+#: rate (measured in docs/results/measured_constants.md#fused-forward-overhead).
 FUSED_OVERHEAD = 1.5
 #: Host time of one layer under our forward, in eager launches: two more aten calls and a Python
-#: call. Measured +48.6 ms per host-bound call (384x256 request, stage 2, one H100 box): 36 µs a
-#: layer, ~4.5 launches.
+#: call (measured in docs/results/measured_constants.md#fused-forward-host-time).
 FUSED_HOST_LAUNCHES = 5
 
 
@@ -102,7 +103,8 @@ class DeviceRates:
 
     @classmethod
     def measure(cls, device: torch.device | str) -> DeviceRates:
-        """A probe, cached per device: ~9 ms on an H100 (+0.4 s of CUDA start-up if it is the first use)."""
+        """A probe, cached per device: brief, so it runs on the device's first use
+        (measured in docs/results/measured_constants.md#rate-probe)."""
         dev = torch.device(device)
         if dev.type == "cuda" and dev.index is None:
             dev = torch.device("cuda", torch.cuda.current_device())
@@ -114,8 +116,9 @@ class DeviceRates:
         return _MEASURED[key]
 
 
-#: H100 (80 GB HBM3): ~60 % of the 989 TFLOP/s bf16 peak (probe: 652-660); the one-read-one-write
-#: floor, 69 GiB in 29 ms (probe: 2490-2610 GiB/s); 8 µs per eager launch (probe: 7.8-8.4).
+#: H100 (80 GB HBM3): achieved rates, not the card's peaks, as the rooflines need: bf16 matmul,
+#: the one-read-one-write copy floor, one eager launch
+#: (measured in docs/results/measured_constants.md#h100-rates).
 H100 = DeviceRates(matmul_tflops=600.0, hbm_gibps=2400.0, launch_us=8.0)
 CPU = DeviceRates(matmul_tflops=0.1, hbm_gibps=10.0, launch_us=5.0)
 _MEASURED: dict[str, DeviceRates] = {}
@@ -135,7 +138,8 @@ def _best_ms(fn: Callable[[], object], device: torch.device, reps: int = 3) -> f
 
 
 def _probe(device: torch.device) -> DeviceRates:
-    # CUDA: a 4096³ bf16 GEMM (0.14 TFLOP, ~0.2 ms) and a 256 MiB copy (~0.2 ms); CPU: small sizes
+    # CUDA: a 4096³ bf16 GEMM (0.14 TFLOP) and a 256 MiB copy, each brief
+    # (measured in docs/results/measured_constants.md#rate-probe); CPU: small sizes
     cuda = device.type == "cuda"
     n, dtype, copy_elems = (4096, torch.bfloat16, 128 << 20) if cuda else (256, torch.float32, 4 << 20)
     with torch.no_grad():
@@ -287,8 +291,8 @@ class CostModel:
         """What the adapters add to one DiT call: the larger of device and host time (the host queues ahead).
 
         Where the base call is device-bound with host slack, part of the host time hides and this
-        overestimates: full DiT on an H200, +99 ms measured at 6144 tokens, 159 ms from the
-        formula; host-bound (≤ 1536 tokens) 143-191 ms measured, 159 ms from the formula."""
+        overestimates; host-bound, the estimate falls within the measured range (measured in
+        docs/results/measured_constants.md#peft-forward-overhead-estimate)."""
         a, r = self.adapters, self.rates
         _positive_int(tokens, "tokens")
         if self.dynamic_forward == "fused":

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from .domain import ResidencyMode
-from .machine import TABLES, mermaid
+from .modes import TABLES, mermaid
 
 _BLOCK = re.compile(r"(<!-- mermaid:(?P<mode>\w+) -->\n)(?P<body>.*?)(<!-- /mermaid:(?P=mode) -->)", re.S)
 

@@ -24,7 +24,7 @@ class WeightState(str, Enum):
     """What the managed DiT's weights are right now. Stored, never inferred from tensors."""
 
     CLEAN = "clean"
-    PREMERGING = "premerging"  # stage 1's last calls run while stage 2's merge starts behind them
+    MERGING_AHEAD = "merging_ahead"  # stage 1's last calls run while stage 2's merge starts behind them
     MERGING = "merging"
     STAGE1_MERGED = "stage1_merged"
     STAGE2_MERGED = "stage2_merged"
@@ -32,6 +32,7 @@ class WeightState(str, Enum):
     STAGE1_DYNAMIC = "stage1_dynamic"
     STAGE2_DYNAMIC = "stage2_dynamic"
     RESTORING = "restoring"
+    UNDO_PENDING = "undo_pending"  # the exact undo runs on a side stream; the DiT's next user settles it
     OFFLOADED = "offloaded"
     PREFETCHING = "prefetching"
     QUARANTINED = "quarantined"
@@ -67,24 +68,6 @@ class MergePolicyName(str, Enum):
     MERGE = "merge"
     AUTO = "auto"
 
-
-#: States in which a weight operation is under way: running the DiT there is never legal.
-TRANSIENT_STATES = frozenset({WeightState.MERGING, WeightState.ATTACHING, WeightState.RESTORING,
-                              WeightState.PREFETCHING})
-
-#: States a DiT rests in between requests, its shared weights untouched: CLEAN, or OFFLOADED in
-#: low-VRAM snapshot mode (the base bound to its pinned snapshot until the next request loads it).
-REST_STATES = frozenset({WeightState.CLEAN, WeightState.OFFLOADED})
-
-#: The settled state a phase reaches for each way of applying its LoRAs.
-PHASE_TARGET = {
-    (Phase.STAGE1, ApplyKind.NONE): WeightState.CLEAN,
-    (Phase.STAGE2, ApplyKind.NONE): WeightState.CLEAN,
-    (Phase.STAGE1, ApplyKind.MERGED): WeightState.STAGE1_MERGED,
-    (Phase.STAGE2, ApplyKind.MERGED): WeightState.STAGE2_MERGED,
-    (Phase.STAGE1, ApplyKind.DYNAMIC): WeightState.STAGE1_DYNAMIC,
-    (Phase.STAGE2, ApplyKind.DYNAMIC): WeightState.STAGE2_DYNAMIC,
-}
 
 E = TypeVar("E", bound=Enum)
 

@@ -3,8 +3,8 @@
 The guard is a forward pre-hook on each DiT the manager runs (its top-level call) and on each of
 its numbered blocks (``transformer_blocks.7``: the first numbered module on a path, the unit a DiT
 runs in order). A Linear called on its own is not guarded: a hook on each of the 1344 adapted
-layers would cost every DiT call more than the whole check is worth. The check itself is the
-manager's (:meth:`ResidencyManager._forward_guard`): it refuses a run in a transient state, in
+layers would cost every DiT call more than the whole check is worth. The check itself
+(:class:`DiTGuard`) refuses a run in a transient state, in
 quarantine, after ``close()``, on a DiT that is not the active one, and (``strict``) outside a
 request's phase.
 
@@ -17,23 +17,16 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from torch import nn
 
-from .domain import TRANSIENT_STATES, Residency, WeightState
+from .domain import Residency, WeightState
 from .errors import ForwardGuardError, ManagerClosedError, ModelInUseError
+from .executor import Executor
+from .gate import RequestGate
+from .modes import TRANSIENT_STATES
 from .ops.ahead import block_of
-
-if TYPE_CHECKING:
-    from .faults import FaultInjector
-    from .machine import WeightMachine
-    from .modes import OriginalMode
-    from .ops.ahead import MergeAhead
-    from .ops.clean_source import HostCopy
-    from .ops.dynamic import PeftAdapters
-    from .ownership import Ownership
-    from .request import Request
 
 #: model -> its manager (weakly: a model and a manager nobody holds any more are freed together)
 _CLAIMS: weakref.WeakKeyDictionary[nn.Module, weakref.ref[Any]] = weakref.WeakKeyDictionary()
@@ -92,92 +85,51 @@ class ForwardGuard:
             self._handles.pop(key, None)
 
 
-class GuardedDiT:
-    """The manager's side of the guard: the check each guarded call runs, and giving the model back.
-    (A base of :class:`~ltx2_residency.manager.ResidencyManager`, which holds the state read here.)"""
+class DiTGuard:
+    """The check each guarded call runs, and the hooks that run it on every DiT of a mode."""
 
-    transformer: nn.Module
-    machine: WeightMachine
-    strict: bool
-    faults: FaultInjector
-    _closed: bool
-    _grad: dict[str, bool]
-    _ahead: MergeAhead | None
-    _mode: OriginalMode
-    _request: Request | None
-    _ownership: Ownership
-    _clean_source: HostCopy | None
-    _adapters: PeftAdapters
-    _guard: ForwardGuard
+    def __init__(self, executor: Executor, gate: RequestGate, strict: bool) -> None:
+        self.executor = executor
+        self.gate = gate
+        self.strict = strict
+        self.hooks = ForwardGuard([d.module for d in executor.mode.dits], self.on_call, self.on_block)
 
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
-    def _refuse_if_closed(self, what: str) -> None:
-        if self._closed:
-            raise ManagerClosedError(f"{what}: this manager was closed (it gave the model back); build a new "
-                                     "ResidencyManager on the model to manage it again")
-
-    def _give_back(self) -> None:
-        """The model as it was given: hooks off, PEFT's wrappers gone, ``requires_grad`` as it was,
-        unclaimed. Idempotent (a failed constructor and ``close()`` both end here)."""
-        guard = getattr(self, "_guard", None)
-        if guard is not None:
-            guard.remove(self.transformer)  # a stage-2 copy keeps its guard: it refuses once closed
-        adapters = getattr(self, "_adapters", None)
-        if adapters is not None:
-            adapters.remove()
-        for name, p in self.transformer.named_parameters():
-            if name in self._grad:
-                p.requires_grad_(self._grad[name])
-        unclaim(self.transformer, self)
-
-    def _forward_guard(self, module: nn.Module, args: Any) -> None:
+    def on_call(self, module: nn.Module, args: Any) -> None:
         """A DiT's own call: checked, then counted (and admitted by a merge ahead)."""
-        self._check_run(module)
-        req = self._request
-        self.faults.hit("forward")
-        if self._ahead is not None:
-            self._ahead.admit()  # one of the calls announced with req.prepare(), or refused
+        self.check_run(module)
+        req = self.gate.request
+        self.executor.faults.hit("forward")
+        if self.executor.ahead is not None:
+            self.executor.ahead.admit()  # one of the calls announced with req.prepare(), or refused
         if req is not None:
             req.calls += 1
 
-    def _block_guard(self, root: nn.Module) -> Callable[[nn.Module, Any], None]:
+    def on_block(self, root: nn.Module) -> Callable[[nn.Module, Any], None]:
         """A block's call: the same check for the DiT it belongs to (inside a DiT call it passes)."""
-        return lambda block, args: self._check_run(root)
+        return lambda block, args: self.check_run(root)
 
-    def _check_run(self, module: nn.Module) -> None:
-        if self._closed:
+    def check_run(self, module: nn.Module) -> None:
+        if self.gate.closed:
             raise ManagerClosedError("this DiT belongs to a closed manager and refuses to run; the model the "
                                      "manager was built on was given back by close()")
-        state = self.machine.state
-        if state in TRANSIENT_STATES or (state is WeightState.PREMERGING and self._ahead is None):
+        ex = self.executor
+        state = ex.state
+        if state in TRANSIENT_STATES or (state is WeightState.MERGING_AHEAD and ex.ahead is None):
             raise ForwardGuardError(f"the DiT cannot run while its weights are {state.value} "
                                     "(a weight operation is under way)")
         if state is WeightState.QUARANTINED:
-            raise ForwardGuardError("the DiT is quarantined and refuses to run. " + self._repair_hint())
-        active = self._mode.active
+            raise ForwardGuardError("the DiT is quarantined and refuses to run. " + ex.repair_hint())
+        active = ex.mode.active
         if module is not active.module or active.residency is not Residency.RESIDENT:
             raise ForwardGuardError(
-                f"the {'stage-2' if module is not self._mode.base.module else 'base'} DiT ran while "
+                f"the {'stage-2' if module is not ex.mode.base.module else 'base'} DiT ran while "
                 f"the active DiT is {active.name!r} ({active.residency.value}); run the module "
                 "`req.enter(phase)` returned"
             )
-        req = self._request
-        if self.strict and (req is None or not self._ownership.mine or req.phase is None):
+        req = self.gate.request
+        if self.strict and (req is None or not self.gate.ownership.mine or req.phase is None):
             raise ForwardGuardError(
                 "the managed DiT ran outside a request phase; run it inside "
                 "`with manager.request() as req:` on the module `req.enter(phase)` returns "
-                "(or build the manager with strict=False)"
+                "(or build the manager with ManagerOptions(strict=False))"
             )
-
-    def _repair_hint(self) -> str:
-        if self._clean_source is None:
-            return ("No clean source is kept (clean_source=None): manager.repair() can only clear it when the "
-                    "weights are still clean; otherwise reload the model.")
-        return "Call manager.repair() to restore it from the clean host copy."
-
-    def _quarantine_message(self) -> str:
-        return "the DiT is quarantined after a failed restore. " + self._repair_hint()
-

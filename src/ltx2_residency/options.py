@@ -1,11 +1,12 @@
 """The manager's options, checked before anything is built: a typed error naming the argument,
 the model untouched.
 
-:func:`manager_options` takes every keyword of ``ResidencyManager(...)`` (the transformer aside)
-and returns them normalised in one frozen :class:`ManagerOptions`. Values are taken for what they
-are, never for their truthiness: ``strict="no"`` is refused, not read as ``True``.
-:func:`checked_timeout` checks the per-call ``timeout=`` of ``request()``, ``verify_clean()``,
-``repair()`` and ``synchronize()``.
+:class:`ManagerOptions` is one frozen dataclass of everything that tunes a manager (timeouts, the
+exact-merge kernel, the side-stream undo, the dynamic forward, ...); it checks and normalises its
+fields when it is built. The model, the mode, the LoRAs and the merge policy are the manager's own
+arguments, checked by :func:`checked_arguments`. Values are taken for what they are, never for
+their truthiness: ``strict="no"`` is refused, not read as ``True``. :func:`checked_timeout` checks
+the per-call ``timeout=`` of ``request()``, ``verify_clean()``, ``repair()`` and ``synchronize()``.
 
 Timeouts: ``None`` waits without limit, and so does ``math.inf`` (or any wait of at least
 ``threading.TIMEOUT_MAX``, the longest a lock can wait): both are normalised to ``None``.
@@ -14,20 +15,22 @@ NaN, negative values, bools and non-numbers are refused.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 import sys
 import threading
-from collections.abc import Sequence
+import warnings
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from .domain import MergePolicyName, ResidencyMode, parse_enum, shown
 from .errors import ConfigError, OptionError
 from .faults import FaultInjector
 from .lora import LoRASpec
+from .ops.exact import EXACT_KERNELS
 from .ops.forward import forward_named
-from .ops.merge import RESTORE_STRATEGIES
 
 Verify = Literal["always", "after_merge", "never"]
 VERIFY_SETTINGS = ("always", "after_merge", "never")
@@ -37,17 +40,33 @@ _GIB = 2**30
 
 @dataclass(frozen=True)
 class ManagerOptions:
-    """``ResidencyManager``'s keywords, checked and normalised; fields are named after them.
+    """How a :class:`~ltx2_residency.ResidencyManager` runs; checked and normalised when built
+    (:class:`OptionError` naming the field). Change one with ``dataclasses.replace``.
 
-    ``mode`` is a :class:`ResidencyMode` or ``"auto"`` (resolved when the device is known);
-    ``request_timeout`` is ``None`` for no limit.
+    Args:
+        native_ltx23: the model is the native LTX-2.3 variant (the sglang policy merges then).
+        exact_kernel: the kernel that merges a LoRA into the weights and undoes it bit for bit:
+            ``"auto"`` (``"fused"`` for bf16 weights on a CUDA device with Triton, else
+            ``"recompute"``), ``"fused"`` (Triton, one launch per LoRA), ``"recompute"`` (least
+            memory, pure torch), ``"copy"`` (a same-device copy) or ``"copy_host"``.
+        check_layers: also check every undone layer against its pre-merge digest.
+        strict: the forward guard also refuses runs outside a request's phase.
+        verify: fingerprint the DiT when a request ends: ``"after_merge"``, ``"always"`` or ``"never"``.
+        clean_source: ``"host_copy"`` keeps a host copy of the managed weights for ``repair()``;
+            ``None`` keeps none.
+        request_timeout: seconds a request waits for the DiT (``None`` or ``inf``: forever).
+        trace_maxlen: transitions kept in ``manager.trace``.
+        faults: a :class:`~ltx2_residency.FaultInjector` for tests and drills.
+        low_vram: snapshot mode: evict the base before prefetching stage 2 (``None``: below 130 GiB).
+        activation_reserve_gib: ``mode="auto"`` keeps this much device memory for activations.
+        overlap_restore: undo merged LoRAs on a side stream when a request ends (``None``: with the
+            ``fused`` kernel on a CUDA device); the DiT stays ``undo_pending`` until its next user.
+        dynamic_forward: dynamic phases run ``"fused"`` (our forward over PEFT's adapter tensors) or
+            ``"peft"`` (PEFT's own forward).
     """
 
-    mode: ResidencyMode | Literal["auto"] = ResidencyMode.ORIGINAL
-    loras: tuple[LoRASpec, ...] = ()
-    merge_policy: MergePolicyName = MergePolicyName.SGLANG
     native_ltx23: bool = False
-    restore: str = "auto"
+    exact_kernel: str = AUTO
     check_layers: bool = False
     strict: bool = True
     verify: Verify = "after_merge"
@@ -60,55 +79,61 @@ class ManagerOptions:
     overlap_restore: bool | None = None
     dynamic_forward: str = "fused"
 
-    @property
-    def auto(self) -> bool:
-        """``mode="auto"``: the manager picks resident or original from the device's memory."""
-        return self.mode == AUTO
+    def __post_init__(self) -> None:
+        checked = {
+            "native_ltx23": _flag(self.native_ltx23, "native_ltx23"),
+            "exact_kernel": _choice(self.exact_kernel, "exact_kernel", "exact-merge kernel", (AUTO, *EXACT_KERNELS)),
+            "check_layers": _flag(self.check_layers, "check_layers"),
+            "strict": _flag(self.strict, "strict"),
+            "verify": _choice(self.verify, "verify", "verify setting", VERIFY_SETTINGS),
+            "clean_source": None if self.clean_source is None else _choice(
+                self.clean_source, "clean_source", "clean_source", ("host_copy",), none_ok=True),
+            "request_timeout": _seconds(self.request_timeout, "request_timeout", zero_ok=False),
+            "trace_maxlen": _count(self.trace_maxlen, "trace_maxlen"),
+            "faults": _faults(self.faults),
+            "low_vram": _flag(self.low_vram, "low_vram", none_ok=True),
+            "activation_reserve_gib": _gib(self.activation_reserve_gib, "activation_reserve_gib"),
+            "overlap_restore": _flag(self.overlap_restore, "overlap_restore", none_ok=True),
+            "dynamic_forward": _dynamic_forward(self.dynamic_forward),
+        }
+        for name, value in checked.items():
+            object.__setattr__(self, name, value)
 
 
-_DEFAULTS = ManagerOptions()
+#: keywords ``ResidencyManager`` took before :class:`ManagerOptions` (0.1), by option field
+LEGACY_KEYWORDS: Mapping[str, str] = {
+    **{f.name: f.name for f in dataclasses.fields(ManagerOptions)},
+    "restore": "exact_kernel",
+}
 
 
-def manager_options(
-    *,
-    mode: object = _DEFAULTS.mode,
-    loras: object = _DEFAULTS.loras,
-    merge_policy: object = _DEFAULTS.merge_policy.value,
-    native_ltx23: object = _DEFAULTS.native_ltx23,
-    restore: object = _DEFAULTS.restore,
-    check_layers: object = _DEFAULTS.check_layers,
-    strict: object = _DEFAULTS.strict,
-    verify: object = _DEFAULTS.verify,
-    clean_source: object = _DEFAULTS.clean_source,
-    request_timeout: object = _DEFAULTS.request_timeout,
-    trace_maxlen: object = _DEFAULTS.trace_maxlen,
-    faults: object = _DEFAULTS.faults,
-    low_vram: object = _DEFAULTS.low_vram,
-    activation_reserve_gib: object = _DEFAULTS.activation_reserve_gib,
-    overlap_restore: object = _DEFAULTS.overlap_restore,
-    dynamic_forward: object = _DEFAULTS.dynamic_forward,
-) -> ManagerOptions:
-    """Every ``ResidencyManager`` keyword checked; raises :class:`OptionError` (a ``ConfigError``)
-    naming the first bad one. Reads no file and touches no tensor."""
-    return ManagerOptions(
-        mode=_mode(mode),
-        loras=_loras(loras),
-        merge_policy=_merge_policy(merge_policy),
-        native_ltx23=_flag(native_ltx23, "native_ltx23"),
-        restore=_choice(restore, "restore", "restore strategy", (AUTO, *RESTORE_STRATEGIES)),
-        check_layers=_flag(check_layers, "check_layers"),
-        strict=_flag(strict, "strict"),
-        verify=_choice(verify, "verify", "verify setting", VERIFY_SETTINGS),  # type: ignore[arg-type]
-        clean_source=None if clean_source is None else _choice(  # type: ignore[arg-type]
-            clean_source, "clean_source", "clean_source", ("host_copy",), none_ok=True),
-        request_timeout=_seconds(request_timeout, "request_timeout", zero_ok=False),
-        trace_maxlen=_count(trace_maxlen, "trace_maxlen"),
-        faults=_faults(faults),
-        low_vram=_flag(low_vram, "low_vram", none_ok=True),
-        activation_reserve_gib=_gib(activation_reserve_gib, "activation_reserve_gib"),
-        overlap_restore=_flag(overlap_restore, "overlap_restore", none_ok=True),
-        dynamic_forward=_dynamic_forward(dynamic_forward),
-    )
+def with_legacy_keywords(options: object, keywords: Mapping[str, Any]) -> ManagerOptions:
+    """``options`` with the 0.1 keywords of ``ResidencyManager(...)`` applied on top (deprecated)."""
+    if options is None:
+        options = ManagerOptions()
+    if not isinstance(options, ManagerOptions):
+        raise OptionError(f"options must be a ManagerOptions, got {type(options).__name__}; build one with "
+                          "ltx2_residency.ManagerOptions(...)", "options")
+    unknown = sorted(set(keywords) - set(LEGACY_KEYWORDS))
+    if unknown:
+        raise OptionError(f"ResidencyManager got an unknown argument {unknown[0]!r}; the options are the fields "
+                          f"of ManagerOptions: {', '.join(LEGACY_KEYWORDS)}", unknown[0])
+    if not keywords:
+        return options
+    if "restore" in keywords and "exact_kernel" in keywords:
+        raise OptionError("restore= is the old name of exact_kernel=; pass only exact_kernel", "restore")
+    fields = {LEGACY_KEYWORDS[k]: v for k, v in keywords.items()}
+    warnings.warn(f"ResidencyManager({', '.join(f'{k}=' for k in keywords)}) is deprecated; pass "
+                  f"options=ManagerOptions({', '.join(f'{f}=...' for f in fields)})", DeprecationWarning,
+                  stacklevel=3)
+    return dataclasses.replace(options, **fields)
+
+
+def checked_arguments(mode: object, loras: object, merge_policy: object
+                      ) -> tuple[ResidencyMode | Literal["auto"], tuple[LoRASpec, ...], MergePolicyName]:
+    """The manager's own arguments checked: ``mode`` (a :class:`ResidencyMode` or ``"auto"``),
+    ``loras`` (unique :class:`LoRASpec` objects), ``merge_policy``."""
+    return _mode(mode), _loras(loras), _merge_policy(merge_policy)
 
 
 def checked_timeout(value: object, what: str) -> float | None:
@@ -122,7 +147,7 @@ def _kind(value: object) -> str:
     return type(value).__name__
 
 
-def _flag(value: object, argument: str, *, none_ok: bool = False) -> bool:
+def _flag(value: object, argument: str, *, none_ok: bool = False) -> Any:
     if isinstance(value, bool) or (none_ok and value is None):
         return value  # type: ignore[return-value]
     allowed = "True, False or None (auto)" if none_ok else "True or False"
@@ -130,7 +155,7 @@ def _flag(value: object, argument: str, *, none_ok: bool = False) -> bool:
                       f"numbers are not read as flags: pass {argument}=True or {argument}=False", argument)
 
 
-def _choice(value: object, argument: str, what: str, choices: Sequence[str], *, none_ok: bool = False) -> str:
+def _choice(value: object, argument: str, what: str, choices: Sequence[str], *, none_ok: bool = False) -> Any:
     name = value.strip().lower() if isinstance(value, str) else value
     if isinstance(name, str) and name in choices:
         return name

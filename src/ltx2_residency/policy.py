@@ -116,8 +116,8 @@ def make_policy(name: MergePolicyName | str) -> MergePolicy:
 def hides_merge(running: PhaseWork | None, device_type: str) -> bool:
     """Whether a merge launched behind the running phase's last DiT call can hide there: on a GPU
     only a host-bound call (at most ``HOST_BOUND_TOKENS`` video tokens a call, on average over the
-    step's calls) leaves the device idle between launches. Measured on an H100 at real shapes: at
-    1536 tokens the switch's cost fell from 128 to 55 ms; at 6144 it rose from 123 to 131 ms. On
-    the CPU the merge runs inline either way. Without a declared work, the LTX-2 recipe (1536
+    step's calls) leaves the device idle between launches; a device-bound call leaves no gaps to
+    fill (measured in docs/results/measured_constants.md#merge-behind-a-host-bound-call). On the CPU
+    the merge runs inline either way. Without a declared work, the LTX-2 recipe (1536
     tokens a call at 768x512)."""
     return device_type != "cuda" or running is None or running.tokens <= HOST_BOUND_TOKENS

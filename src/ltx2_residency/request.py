@@ -8,27 +8,33 @@ import sys
 import threading
 from collections.abc import Mapping
 from types import TracebackType
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 from torch import nn
 
 from .costmodel import PhaseWork
 from .domain import Phase, parse_enum
 from .errors import ConfigError, PhaseOrderError, RequestStateError
-from .ownership import HeldInterrupts
+from .ownership import HeldInterrupts, Ownership
 
-if TYPE_CHECKING:
-    from .manager import ResidencyManager
-    from .ownership import Ownership
+
+class PhaseHost(Protocol):
+    """What a :class:`Request` needs: the phase switches (:class:`~.switch.PhaseSwitch`)."""
+
+    def enter_phase(self, req: Request, phase: Phase, overrides: Mapping[str, float] | None,
+                    work: PhaseWork | None) -> nn.Module: ...
+    def prepare_phase(self, req: Request, phase: Phase, overrides: Mapping[str, float] | None,
+                      work: PhaseWork | None, calls: int) -> bool: ...
 
 
 class RequestHost(Protocol):
-    """What a :class:`RequestScope` needs of the manager."""
+    """What a :class:`RequestScope` needs of the manager: the ownership of the DiT, and the
+    request's entry and exit."""
 
-    _ownership: Ownership
-
-    def _open_request(self, timeout: float | None) -> Request: ...
-    def _close_request(self, interrupted: BaseException | None) -> None: ...
+    @property
+    def ownership(self) -> Ownership: ...
+    def open_request(self, timeout: float | None) -> Request: ...
+    def close_request(self, interrupted: BaseException | None) -> None: ...
 
 _ids = itertools.count(1)
 
@@ -43,9 +49,9 @@ NEXT_PHASES: Mapping[Phase | None, tuple[Phase, ...]] = {
 class Request:
     """Returned by ``with manager.request() as req``; valid until the ``with`` block ends."""
 
-    def __init__(self, manager: ResidencyManager) -> None:
+    def __init__(self, host: PhaseHost) -> None:
         self.id = next(_ids)
-        self._manager = manager
+        self._host = host
         self._thread = threading.get_ident()
         self.phase: Phase | None = None
         self.entered: list[Phase] = []
@@ -68,7 +74,7 @@ class Request:
         dynamic adapters with it (the LTX-2 recipe is assumed without it).
         """
         target = self._checked(phase, work, "enter")
-        module = self._manager._enter_phase(self, target, strengths, work)
+        module = self._host.enter_phase(self, target, strengths, work)
         self.calls = 0
         if work is not None:
             self.work[target] = work
@@ -94,7 +100,7 @@ class Request:
                               f"got {calls!r}")
         if self.prepared is not None:
             return False  # once per request
-        return self._manager._prepare_phase(self, target, strengths, work, calls)
+        return self._host.prepare_phase(self, target, strengths, work, calls)
 
     def _checked(self, phase: Phase | str, work: PhaseWork | None, verb: str) -> Phase:
         if self.closed:
@@ -144,7 +150,7 @@ class RequestScope(contextlib.ExitStack):
         self._interrupts = HeldInterrupts()
 
     def __enter__(self) -> Request:  # type: ignore[override]
-        ownership = self._host._ownership
+        ownership = self._host.ownership
         ownership.refuse_nested("request()")  # before any step is registered: the outer request's
         try:
             # run last to first: hold Ctrl-C, close twice, deliver a held Ctrl-C, release twice
@@ -155,7 +161,7 @@ class RequestScope(contextlib.ExitStack):
             self.push(self._close)
             self.push(self._close)
             self.callback(self._interrupts.hold)
-            return self._host._open_request(self._timeout)
+            return self._host.open_request(self._timeout)
         except BaseException:
             super().__exit__(*sys.exc_info())
             raise
@@ -168,6 +174,6 @@ class RequestScope(contextlib.ExitStack):
 
     def _close(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                tb: TracebackType | None) -> bool:
-        if self._host._ownership.mine:
-            self._host._close_request(exc)
+        if self._host.ownership.mine:
+            self._host.close_request(exc)
         return False

@@ -81,9 +81,8 @@ def requests_section(preset: str, device: str, scenarios: Sequence[str], policie
 
     from .perf import cli_request, summarize
 
-    pipe = LTX2TwoStagePipeline.from_preset(preset, device=device, mode="original", merge_policy="merge",
-                                            restore="auto")
-    out: dict[str, Any] = {"restore": pipe.manager.restore, "overlap_restore": pipe.manager.overlap_restore,
+    pipe = LTX2TwoStagePipeline.from_preset(preset, device=device, mode="original", merge_policy="merge")
+    out: dict[str, Any] = {"exact_kernel": pipe.manager.exact_kernel, "overlap_restore": pipe.manager.overlap_restore,
                            "cases": {}}
     try:
         clean = Fingerprint.of(pipe.manager.managed_weights.items())
@@ -222,7 +221,7 @@ def print_summary(res: dict[str, Any]) -> None:
         console.print(t)
     if "requests" in res:
         r = res["requests"]
-        t = Table(title=f"requests ({res['requests_per_case']} per case, median; restore {r['restore']}, "
+        t = Table(title=f"requests ({res['requests_per_case']} per case, median; exact kernel {r['exact_kernel']}, "
                         f"overlapped: {r['overlap_restore']})")
         for col in ("case", "e2e ms", "weight mgmt ms", "share", "vs pre-merged DiT", "stage-2 step ms"):
             t.add_column(col, justify="left" if col == "case" else "right")

@@ -31,6 +31,7 @@ from ltx2_residency import (
     Fingerprint,
     FingerprintPlan,
     LoRASpec,
+    ManagerOptions,
     ResidencyManager,
     testing,
 )
@@ -76,7 +77,7 @@ def run(device: str, scale: float, repeats: int, tiles: Sequence[str], torch_pat
     lora = testing.synthetic_lora(model, targets, rank=8, relative_norm=0.10)
     mgr = ResidencyManager(model, loras=[LoRASpec("distilled", tensors=lora, strengths={"stage1": 0.0,
                                                                                         "stage2": 1.0})],
-                           merge_policy="merge", clean_source=None)
+                           merge_policy="merge", options=ManagerOptions(clean_source=None))
     weights = mgr.managed_weights
     res: dict[str, object] = {
         "device": torch.cuda.get_device_name() if cuda else "cpu",

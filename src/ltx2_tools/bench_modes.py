@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from ltx2_residency import LoRASpec, ResidencyManager, testing
+from ltx2_residency import LoRASpec, ManagerOptions, ResidencyManager, testing
 
 from .bench_switch import report
 from .realshape import real_shape_transformer
@@ -45,8 +45,8 @@ def _manager(mode: str, **kw) -> ResidencyManager:
     model = real_shape_transformer("cuda")
     tensors = testing.synthetic_lora(model, testing.linear_names(model), rank=384, relative_norm=0.10)
     spec = LoRASpec("distilled", tensors=tensors, strengths={"stage1": 0.0, "stage2": 1.0})
-    return ResidencyManager(model, mode=mode, loras=[spec], merge_policy="dynamic", strict=False,
-                            clean_source=None, **kw)
+    return ResidencyManager(model, mode=mode, loras=[spec], merge_policy="dynamic",
+                            options=ManagerOptions(strict=False, clean_source=None, **kw))
 
 
 def _busy(ms: float) -> None:
@@ -71,7 +71,7 @@ def _cleanup() -> None:
 def snapshot_case(low_vram: bool, h2d: float, requests: int = 3) -> dict:
     mgr = _manager("snapshot", low_vram=low_vram)
     torch.cuda.reset_peak_memory_stats()  # requests only, not the build
-    dit_bytes = mgr._mode.stage2.nbytes()
+    dit_bytes = mgr.memory()["stage2_host_snapshot_bytes"]  # the stage-2 DiT, pinned on the host
     transfer_ms = dit_bytes / GIB / h2d * 1e3
     out: dict = {"low_vram": low_vram, "dit_gib": dit_bytes / GIB, "transfer_ms_at_pinned_bw": transfer_ms}
     switch, bw = [], []

@@ -20,7 +20,7 @@ from collections.abc import Callable
 import torch
 from peft.tuners.lora import LoraLayer
 
-from ltx2_residency import Fingerprint, LoRASpec, ResidencyManager, testing
+from ltx2_residency import Fingerprint, LoRASpec, ManagerOptions, ResidencyManager, testing
 
 PRESETS = {
     "tiny": dict(rank=8),
@@ -48,7 +48,7 @@ TEXT_TOKENS = {"full": 1024, "tiny": 8}  # the pipeline pads prompts to max_sequ
 AUDIO_FRAMES = {"full": 126, "tiny": 4}
 
 
-def run(preset: str, relative_norm: float, requests: int, restore: str, device: str,
+def run(preset: str, relative_norm: float, requests: int, exact_kernel: str, device: str,
         tile_configs: list[str] | None = None, steps: bool = True) -> dict:
     if preset == "full":
         from .realshape import real_shape_transformer
@@ -61,14 +61,14 @@ def run(preset: str, relative_norm: float, requests: int, restore: str, device: 
     res: dict = {
         "preset": preset, "device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu",
         "torch": torch.__version__, "lora_layers": len(targets), "rank": PRESETS[preset]["rank"],
-        "relative_norm": relative_norm, "restore": restore,
+        "relative_norm": relative_norm, "exact_kernel": exact_kernel,
     }
     mgr = ResidencyManager(model, loras=[LoRASpec("distilled", tensors=tensors,
                                                   strengths={"stage1": 0.0, "stage2": 1.0})],
-                           merge_policy="merge", restore=restore, strict=False, verify="never",
-                           clean_source=None)
+                           merge_policy="merge", options=ManagerOptions(exact_kernel=exact_kernel, strict=False,
+                                                                       verify="never", clean_source=None))
     del tensors
-    res["restore"] = mgr.restore
+    res["exact_kernel"] = mgr.exact_kernel
     res["overlap_restore"] = mgr.overlap_restore
     mem = mgr.memory()
     res["adapted_weight_gib"] = mem["managed_weight_bytes"] / 2**30
@@ -92,7 +92,7 @@ def run(preset: str, relative_norm: float, requests: int, restore: str, device: 
         mgr.verify_clean()
         return merge, host, total, held, fraction
 
-    if tile_configs and mgr.restore == "fused":
+    if tile_configs and mgr.exact_kernel == "fused":
         res["tiles"] = {}
         for cfg in tile_configs:
             os.environ["LTX2_FUSED_TILES"] = cfg
@@ -266,14 +266,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
     ap.add_argument("--relative-norm", type=float, default=0.10)
     ap.add_argument("--requests", type=int, default=3)
-    ap.add_argument("--restore", default="auto")
+    ap.add_argument("--exact-kernel", default="auto")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--json", default=None)
     ap.add_argument("--tiles", default="", help="fused tile configs to compare, 'BN,BK,BR,warps,stages;...'")
     ap.add_argument("--no-steps", action="store_true", help="skip the per-step forward overhead")
     args = ap.parse_args(argv)
     configs = [c for c in args.tiles.split(";") if c]
-    report(run(args.preset, args.relative_norm, args.requests, args.restore, args.device, configs,
+    report(run(args.preset, args.relative_norm, args.requests, args.exact_kernel, args.device, configs,
                steps=not args.no_steps), args.json)
     return 0
 

@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ltx2_pipeline.tiny import tiny_inputs, tiny_transformer
-from ltx2_residency import LoRASpec, ResidencyError, ResidencyManager, testing
+from ltx2_residency import LoRASpec, ManagerOptions, ResidencyError, ResidencyManager, testing
 
 # (label, stage-1 override, stage-2 override, fail in stage 2?)
 REQUESTS = [
@@ -40,7 +40,7 @@ def _moved(clean: dict[str, torch.Tensor], now: dict[str, torch.Tensor]) -> int:
 def serve(console: Console, policy: str, base: torch.nn.Module, loras: list[LoRASpec]) -> int:
     model = copy.deepcopy(base)
     mgr = ResidencyManager(model, mode="original", loras=loras, merge_policy=policy,
-                           native_ltx23=True, verify="always")
+                           options=ManagerOptions(native_ltx23=True, verify="always"))
     clean = testing.weight_bits(mgr.managed_weights)
     inputs = tiny_inputs(base)
     drift = 0

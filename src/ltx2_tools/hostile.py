@@ -16,13 +16,14 @@ import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
 from torch import nn
 
 from ltx2_pipeline.tiny import tiny_inputs, tiny_transformer
-from ltx2_residency import LoRASpec, ResidencyError, ResidencyManager, testing
+from ltx2_residency import LoRASpec, ManagerOptions, ResidencyError, ResidencyManager, testing
 
 
 class _Marker:
@@ -146,8 +147,11 @@ class Env:
         path.write_bytes(data)
         return str(path)
 
-    def manager(self, *specs: LoRASpec, **kw: object) -> ResidencyManager:
-        return ResidencyManager(self.model, loras=list(specs) or [self.spec()], **kw)  # type: ignore[arg-type]
+    def manager(self, *specs: LoRASpec, mode: object = "original", merge_policy: object = "sglang",
+                **options: Any) -> ResidencyManager:
+        """A manager on the model; ``options`` are :class:`ManagerOptions` fields (checked first)."""
+        return ResidencyManager(self.model, mode, list(specs) or [self.spec()], merge_policy,  # type: ignore[arg-type]
+                                options=ManagerOptions(**options))
 
     def spec(self, **kw: object) -> LoRASpec:
         args: dict[str, object] = {"name": "distilled", "tensors": self.good}
@@ -228,7 +232,7 @@ CASES: list[Case] = [
     Case("unknown phase in strengths", lambda e: e.spec(strengths={"stage3": 1.0})),
     Case("unknown mode", lambda e: e.manager(mode="turbo")),
     Case("unknown merge policy", lambda e: e.manager(merge_policy="sometimes")),
-    Case("unknown restore strategy", lambda e: e.manager(restore="undo")),
+    Case("unknown exact-merge kernel", lambda e: e.manager(exact_kernel="undo")),
     Case("misspelt mode", lambda e: e.manager(mode="snap-shot")),
     Case("one spec instead of a list", lambda e: ResidencyManager(e.model, loras=e.spec())),  # type: ignore[arg-type]
     Case("LoRA name PEFT cannot use", lambda e: e.spec(name="update")),
@@ -331,7 +335,7 @@ def render(rows: list[Row]) -> str:
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    from .reliability import replace_block
+    from .docblock import replace_block
 
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--write", type=Path, help="replace the hostile block of this markdown file")

@@ -4,10 +4,11 @@
     python -m ltx2_tools.reliability interrupts --every 7  # a deterministic sample
 
 A dry run of each scenario counts the line events of the core's request path (the files in
-:data:`SWEPT`: request entry and exit, ownership, the machine, merge, merge ahead, the dynamic
-adapters); then, for each point ``n``, a fresh run raises ``KeyboardInterrupt`` from a
-``sys.settrace`` hook at the ``n``-th line event, which is how an interrupt lands between two
-lines (after a weight write and before its bookkeeping, between a lock taken and a ``try``).
+:data:`SWEPT`: request entry and exit, ownership, the phase switches, the executor, the machine,
+the guard, the modes, merge, merge ahead, the dynamic adapters, the side stream); then, for each
+point ``n``, a fresh run raises ``KeyboardInterrupt`` from a ``sys.settrace`` hook at the ``n``-th
+line event, which is how an interrupt lands between two lines (after a weight write and before its
+bookkeeping, between a lock taken and a ``try``).
 After each interrupt the outcome must be one of:
 
 - ``CLEAN``: the manager says CLEAN and every managed weight is bit-identical to an independent
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import signal
 import sys
 from collections.abc import Callable, Iterator
@@ -39,6 +41,7 @@ import ltx2_residency
 from ltx2_residency import (
     ForwardGuardError,
     LoRASpec,
+    ManagerOptions,
     QuarantinedError,
     ResidencyError,
     ResidencyManager,
@@ -46,13 +49,15 @@ from ltx2_residency import (
     testing,
 )
 
-from .reliability import Fixture
+from .fixture import Fixture
 
 _CORE = Path(ltx2_residency.__file__).parent
 #: The core's files whose lines are swept (the request path and every weight write).
 SWEPT = tuple(str(_CORE / f) for f in (
-    "manager.py", "request.py", "ownership.py", "machine.py", "ops/merge.py", "ops/ahead.py",
-    "ops/dynamic.py", "ops/overlap.py", "modes.py",
+    "manager.py", "request.py", "gate.py", "ownership.py", "switch.py", "executor.py", "machine.py", "guard.py",
+    "modes/original.py", "modes/resident.py", "modes/snapshot.py", "ops/merge.py", "ops/undo.py", "ops/exact.py",
+    "ops/ahead.py", "ops/residency.py",
+    "ops/dynamic.py", "ops/side_stream.py",
 ))
 
 OUTCOMES = ("CLEAN", "QUARANTINED", "VIOLATION", "NOT REACHED")
@@ -103,13 +108,16 @@ def block_fixture(tmp: Path, blocks: int = 2) -> Fixture:
 
 @dataclass(frozen=True)
 class Scenario:
-    """One request shape: the policy, per-phase strengths and whether stage 2 is merged ahead."""
+    """One request shape: the mode, the policy, per-phase strengths, whether stage 2 is merged ahead
+    and whether the undo runs behind the caller (``undo_pending`` until the next user settles it)."""
 
     name: str
     policy: str
     ahead: bool = False
     hq: bool = False  # stage 1 applies the LoRAs too (the HQ recipe)
     second: bool = False  # the body is interrupted in stage 2; the sweep covers the cleanup
+    mode: str = "original"
+    behind: bool = False  # ManagerOptions(overlap_restore=True)
 
 
 SCENARIOS = (
@@ -121,6 +129,11 @@ SCENARIOS = (
     Scenario("merge, second interrupt in cleanup", "merge", second=True),
     Scenario("merge ahead, second interrupt in cleanup", "merge", ahead=True, second=True),
     Scenario("dynamic, second interrupt in cleanup", "dynamic", second=True),
+    Scenario("merge, undo behind", "merge", behind=True),
+    Scenario("merge ahead, undo behind, second interrupt in cleanup", "merge", ahead=True, second=True,
+             behind=True),
+    Scenario("resident", "merge", mode="resident"),
+    Scenario("snapshot", "merge", mode="snapshot"),
 )
 
 
@@ -206,12 +219,12 @@ class Sweep:
         self.specs = _strengths(fx, sc.hq)
         ref = self._manager()
         self.clean = testing.weight_bits(ref.managed_weights)
-        self.expected = _body(ref, Scenario(sc.name, sc.policy, sc.ahead, sc.hq), fx.inputs, None)
+        self.expected = _body(ref, dataclasses.replace(sc, second=False), fx.inputs, None)
         ref.close()
 
     def _manager(self) -> ResidencyManager:
-        return ResidencyManager(copy.deepcopy(self.fx.base), mode="original", loras=self.specs,
-                                merge_policy=self.sc.policy)
+        return ResidencyManager(copy.deepcopy(self.fx.base), mode=self.sc.mode, loras=self.specs,
+                                merge_policy=self.sc.policy, options=ManagerOptions(overlap_restore=self.sc.behind))
 
     def count(self) -> int:
         """Line events of the swept files in one run of the scenario."""
@@ -279,7 +292,7 @@ class Sweep:
         if _hooks(mgr.transformer) != hooks:
             return "VIOLATION", f"{_hooks(mgr.transformer) - hooks} hooks left behind"
         try:
-            got = _body(mgr, Scenario(self.sc.name, self.sc.policy, self.sc.ahead, self.sc.hq), self.fx.inputs, None)
+            got = _body(mgr, dataclasses.replace(self.sc, second=False), self.fx.inputs, None)
         except BaseException as exc:
             return "VIOLATION", f"the next request failed: {exc!r}"
         if not torch.equal(got, self.expected):

@@ -12,6 +12,7 @@ suite never asserts a time: it checks this checker on synthetic numbers.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import gc
 import json
@@ -29,7 +30,7 @@ import torch
 
 from ltx2_pipeline.errors import GenerationInputError
 from ltx2_pipeline.two_stage import GenerationRequest, LTX2TwoStageHQPipeline, LTX2TwoStagePipeline
-from ltx2_residency import REST_STATES, ResidencyManager
+from ltx2_residency import REST_STATES, ManagerOptions, ResidencyManager
 
 _AT_REST = {s.value for s in REST_STATES}
 
@@ -67,8 +68,8 @@ class CaseCannotRun(RuntimeError):
 class CaseSpec:
     """What a case runs. ``steps`` are stage-1 steps (stage 2 always runs the 3 distilled sigmas);
     ``low_vram=None`` leaves snapshot mode's choice to the manager; strings the core validates
-    (mode, merge policy, restore) are passed through, so a policy the core adds later needs no
-    change here; ``manager_options`` go to the :class:`ResidencyManager` as they are."""
+    (mode, merge policy, exact-merge kernel) are passed through, so a policy the core adds later needs no
+    change here; ``manager_options`` are fields of the manager's :class:`ManagerOptions`."""
 
     name: str
     preset: str
@@ -83,7 +84,7 @@ class CaseSpec:
     steps: int = 4
     requests: int = 3
     warmup: int = 1
-    restore: str = "auto"
+    exact_kernel: str = "auto"
     manager_options: Mapping[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -103,7 +104,7 @@ class CaseSpec:
         if given.get("low_vram") not in (None, True, False):
             raise BaselineError(f"case {name!r}: low_vram={given['low_vram']!r}; expected true, false or null")
         if not isinstance(given.get("manager_options", {}), dict):
-            raise BaselineError(f"case {name!r}: manager_options must be an object of ResidencyManager arguments")
+            raise BaselineError(f"case {name!r}: manager_options must be an object of ManagerOptions fields")
         return cls(name=name, **given)
 
 
@@ -199,7 +200,7 @@ def update_case(doc: dict[str, Any], name: str, result: Mapping[str, Any]) -> di
         "denoise_step_ms": {p: [round(v, 3) for v in steps] for p, steps in result["denoise_step_ms"].items()},
         **{f"expected_{m}": None if result[m] is None else round(result[m], 3) for m in EXPECTED},
         "measured": {k: result[k] for k in ("device_name", "cpu_count", "torch_threads", "torch", "diffusers",
-                                            "restore", "low_vram", "requests", "warmup")}
+                                            "exact_kernel", "low_vram", "requests", "warmup")}
                     | {"date": datetime.date.today().isoformat()},
     })
     return entry
@@ -237,11 +238,11 @@ def run_case(spec: CaseSpec) -> dict[str, Any]:
                             f"(torch {torch.__version__}); run it on the device machine or pick a cpu case")
     request = cli_request(spec.preset, spec.height, spec.width, spec.frames, spec.steps)
     cls = LTX2TwoStageHQPipeline if spec.variant == "hq" else LTX2TwoStagePipeline
-    options: dict[str, Any] = dict(mode=spec.mode, merge_policy=spec.merge_policy, restore=spec.restore,
-                                   **spec.manager_options)
+    options = ManagerOptions(exact_kernel=spec.exact_kernel, **spec.manager_options)
     if spec.low_vram is not None:
-        options["low_vram"] = spec.low_vram
-    pipe = cls.from_preset(spec.preset, seed=request.seed, device=spec.device, **options)
+        options = dataclasses.replace(options, low_vram=spec.low_vram)
+    pipe = cls.from_preset(spec.preset, seed=request.seed, device=spec.device, mode=spec.mode,
+                           merge_policy=spec.merge_policy, options=options)
     try:
         pipe.check(request)
         for _ in range(spec.warmup):
@@ -273,7 +274,7 @@ def summarize(reports: list[dict[str, Any]], manager: ResidencyManager) -> dict[
                 for phase in ("stage1", "stage2")}
     return {
         "pipeline": last["pipeline"], "variant": last["variant"],
-        "mode": last["mode"], "merge_policy": last["merge_policy"], "restore": manager.restore,
+        "mode": last["mode"], "merge_policy": last["merge_policy"], "exact_kernel": manager.exact_kernel,
         "low_vram": manager.low_vram, "device": last["device"],
         "e2e_ms": e2e, "e2e_ms_per_request": [r["e2e_ms"] for r in reports],
         "avg_denoise_ms": statistics.fmean(steps) if steps else 0.0,

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import json
 import os
 import random
@@ -22,18 +21,21 @@ from pathlib import Path
 
 import torch
 
-from ltx2_pipeline.tiny import tiny_inputs, tiny_transformer
 from ltx2_residency import (
     FAULT_POINTS,
     FaultInjector,
     Fingerprint,
     LoRASpec,
+    ManagerOptions,
     QuarantinedError,
     ResidencyError,
     ResidencyManager,
     WeightState,
     testing,
 )
+
+from .docblock import replace_block
+from .fixture import Fixture, make_fixture
 
 OUTCOMES = ("CLEAN", "QUARANTINED", "VIOLATION", "NOT FIRED")
 
@@ -57,31 +59,6 @@ POINT_POLICY = {
 #: Points that only a residency mode with a second DiT passes, and the mode used for them.
 POINT_MODE = {"prefetch.before": "snapshot", "prefetch.after": "snapshot"}
 assert set(POINT_POLICY) == set(FAULT_POINTS), "every fault point needs a scenario"
-
-
-@dataclass
-class Fixture:
-    base: torch.nn.Module
-    specs: list[LoRASpec]
-    inputs: dict
-
-    def manager(self, policy: str, faults: FaultInjector | None = None, mode: str = "original",
-                **kw) -> ResidencyManager:
-        return ResidencyManager(copy.deepcopy(self.base), mode=mode, loras=self.specs, merge_policy=policy,
-                                faults=faults, **kw)
-
-
-def make_fixture(tmp: Path, seed: int = 0, num_layers: int = 2) -> Fixture:
-    base = tiny_transformer(seed=seed, num_layers=num_layers)
-    targets = testing.linear_names(base)
-    distilled = testing.save_lora(tmp / "distilled.safetensors",
-                          testing.synthetic_lora(base, targets, rank=8, relative_norm=0.10, seed=seed + 1))
-    attn = [n for n in targets if ".attn1." in n]
-    user = testing.save_lora(tmp / "user.safetensors",
-                     testing.synthetic_lora(base, attn, rank=4, relative_norm=0.15, seed=seed + 2))
-    specs = [LoRASpec("distilled", distilled, {"stage1": 0.25, "stage2": 1.0}),
-             LoRASpec("user", user, {"stage1": 1.0, "stage2": 0.5})]
-    return Fixture(base, specs, tiny_inputs(base, seed=seed))
 
 
 @dataclass
@@ -298,8 +275,8 @@ def full_soak_manager(faults: FaultInjector) -> dict[str, ResidencyManager]:
     model = real_shape_transformer("cuda")
     tensors = testing.synthetic_lora(model, testing.linear_names(model), rank=384, relative_norm=0.10)
     spec = LoRASpec("distilled", tensors=tensors, strengths={"stage1": 0.0, "stage2": 1.0})
-    return {"sglang": ResidencyManager(model, loras=[spec], merge_policy="sglang", native_ltx23=True,
-                                       faults=faults, trace_maxlen=256)}
+    return {"sglang": ResidencyManager(model, loras=[spec], merge_policy="sglang",
+                                       options=ManagerOptions(native_ltx23=True, faults=faults, trace_maxlen=256))}
 
 
 def render_soak(r: SoakReport, command: str) -> str:
@@ -373,13 +350,6 @@ def _interrupt_sweep(every: int, write: Path | None) -> int:
     if write:
         write.write_text(replace_block(write.read_text(), "interrupt-sweep", table))
     return 0 if all(p.outcome != "VIOLATION" for p in points) else 1
-
-
-def replace_block(text: str, name: str, body: str) -> str:
-    begin, end = f"<!-- {name} -->\n", f"<!-- /{name} -->"
-    head, _, rest = text.partition(begin)
-    _, _, tail = rest.partition(end)
-    return head + begin + body + end + tail
 
 
 if __name__ == "__main__":

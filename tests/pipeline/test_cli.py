@@ -22,8 +22,7 @@ import torch
 
 from ltx2_pipeline import checks
 from ltx2_pipeline.cli import _lora_arg, main
-from ltx2_residency import ResidencyMode
-from ltx2_residency.machine import TABLES, mermaid
+from ltx2_residency import TABLES, ResidencyMode, mermaid
 from ltx2_residency.testing import linear_names, save_lora, synthetic_lora
 from offline import assert_offline, no_network  # noqa: F401 - autouse fixtures
 

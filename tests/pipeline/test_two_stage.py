@@ -280,16 +280,16 @@ def test_stage2_merge_ahead_gives_the_same_video_and_rolls_back_from_a_fault() -
     ahead = pipe(**KW)
     assert pipe.prepared
     events = [r["event"] for r in ahead.report["trace"]]
-    assert events[:3] == ["premerge", "merge", "merged_stage2"]
+    assert events[:3] == ["merge_ahead", "merge", "merged_stage2"]
     pipe.merge_ahead = False
     usual = pipe(**KW)
-    assert not pipe.prepared and "premerge" not in [r["event"] for r in usual.report["trace"]]
+    assert not pipe.prepared and "merge_ahead" not in [r["event"] for r in usual.report["trace"]]
     assert np.array_equal(ahead.video, usual.video)
     three = {**KW, "num_inference_steps": 3}  # announced before step 2 of 3: over the last AHEAD_STEPS steps
     usual3 = pipe(**three)
     pipe.merge_ahead = True
     ahead3 = pipe(**three)
-    assert pipe.prepared and [r["event"] for r in ahead3.report["trace"]][:2] == ["premerge", "merge"]
+    assert pipe.prepared and [r["event"] for r in ahead3.report["trace"]][:2] == ["merge_ahead", "merge"]
     assert np.array_equal(ahead3.video, usual3.video)
 
     faults.arm("merge.layer", lambda: RuntimeError("CUDA error: out of memory"), on_hit=5)

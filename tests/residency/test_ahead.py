@@ -93,27 +93,28 @@ def test_merge_ahead_gives_the_usual_bits_and_the_announced_calls_run_on_the_bas
         base_out = dit(**inputs)[0]
         assert req.calls == 1
         assert req.prepare("stage2", calls=calls) is True
-        assert mgr.state is WeightState.PREMERGING
-        assert mgr._ahead is not None and mgr._ahead.checked is (restore == "fused" and calls > 1)
+        assert mgr.state is WeightState.MERGING_AHEAD
+        assert mgr._executor.ahead is not None and mgr._executor.ahead.checked is (restore == "fused" and calls > 1)
         for _ in range(calls):
             # nothing written before the last call (a check only reads the weights)
             assert_same_bits(clean, weight_bits(mgr.managed_weights))
             assert torch.equal(dit(**inputs)[0], base_out)  # each block merged after the last call had passed it
         with pytest.raises(ForwardGuardError, match="announced"):
             dit(**inputs)  # a call beyond those announced would see merged weights
-        assert mgr.state is WeightState.PREMERGING
+        assert mgr.state is WeightState.MERGING_AHEAD
         out = req.enter("stage2")(**inputs)[0]
         assert mgr.state is WeightState.STAGE2_MERGED
         assert_same_bits(want_weights, weight_bits(mgr.managed_weights))
         assert torch.equal(out, want_out)
     assert_same_bits(clean, clean_bits(mgr))
     assert mgr.state is WeightState.CLEAN
-    assert events(mgr) == ["premerge", "merge", "merged_stage2", "restore", "restored"]
+    undo = "restore_behind" if mgr.overlap_restore else "restore"  # CUDA + fused: the undo on the side stream
+    assert events(mgr) == ["merge_ahead", "merge", "merged_stage2", undo, "restored"]
 
 
 @pytest.mark.parametrize(("calls", "at_switch", "trace"), [
-    (3, None, ["premerge", "merge", "merged_stage2"]),  # fewer calls than announced: the switch merges the rest
-    (1, {"distilled": 0.5}, ["premerge", "restore", "restored", "merge"]),  # other strengths: undone, then as usual
+    (3, None, ["merge_ahead", "merge", "merged_stage2"]),  # fewer calls than announced: the switch merges the rest
+    (1, {"distilled": 0.5}, ["merge_ahead", "restore", "restored", "merge"]),  # other strengths: undone, then as usual
 ])
 def test_the_switch_completes_or_replaces_what_was_started(fresh_model, distilled_path, inputs, calls, at_switch,
                                                            trace) -> None:
@@ -199,7 +200,7 @@ def test_prepare_starts_nothing_where_no_merge_into_the_shared_dit_follows(fresh
             dit(**inputs)
             dit(**inputs)  # no call limit when nothing was started
             req.enter("stage2")(**inputs)
-        assert "premerge" not in events(mgr)
+        assert "merge_ahead" not in events(mgr)
     hq = ResidencyManager(fresh_model(), loras=[LoRASpec("distilled", distilled_path, {"stage1": 0.25,
                                                                                        "stage2": 0.5})],
                           merge_policy="merge")
@@ -357,7 +358,7 @@ def test_merge_ahead_on_the_side_stream_gives_the_usual_bits_at_ltx2_layer_sizes
         model.load_state_dict(base.state_dict())
         mgr = ResidencyManager(model, loras=[LoRASpec("distilled", tensors=tensors, strengths=STRENGTHS)],
                                merge_policy="merge")
-        assert mgr.restore == "fused" and mgr.overlap_restore
+        assert mgr.exact_kernel == "fused" and mgr.overlap_restore
         clean = weight_bits(mgr.managed_weights)
         with torch.no_grad(), mgr.request() as req:
             dit = req.enter("stage1")
@@ -408,7 +409,7 @@ def test_announced_calls_run_on_a_stream_ahead_of_the_merges_and_hand_back_the_c
         assert req.prepare("stage2", calls=3)
         caller = torch.cuda.current_stream()
         dit(x)  # on the default stream (the lowest priority, like the side stream's): switched
-        assert seen[-1] != caller and seen[-1].priority < mgr._undo_stream.stream.priority
+        assert seen[-1] != caller and seen[-1].priority < mgr._executor.side_stream.stream.priority
         assert torch.cuda.current_stream() == caller
         with torch.cuda.stream(high):  # a caller already ahead of the side stream: left alone
             dit(x)

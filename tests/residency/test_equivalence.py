@@ -20,12 +20,12 @@ from safetensors.torch import load_file
 from torch import nn
 
 from ltx2_residency import LoRASpec, MergePolicyName, ResidencyManager, WeightState
-from ltx2_residency.ops.merge import RESTORE_STRATEGIES
+from ltx2_residency.ops.exact import EXACT_KERNELS
 from ltx2_residency.testing import save_lora, synthetic_lora, weight_bits
 from untouched import assert_same_bits
 
 POLICIES = [p.value for p in MergePolicyName]
-RESTORES = list(RESTORE_STRATEGIES)
+RESTORES = list(EXACT_KERNELS)
 
 # Outputs of the fused models differ because their weights do (see test_merge_path_matches_fuse_lora):
 # PEFT rounds the delta to bf16 before adding it, we add it in float32 and round once, so 5-8 % of

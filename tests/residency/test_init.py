@@ -13,6 +13,8 @@ PINNED = {
     # repeated fingerprints, strength and LoRA-file checks, the testing helpers
     "FAULT_POINTS", "REST_STATES", "LTX2_BLOCKS", "LTX2_BLOCK_LINEARS", "FingerprintPlan", "check_strength",
     "read_safetensors", "testing",
+    # one frozen dataclass of the manager's options
+    "ManagerOptions",
 }
 
 

@@ -15,8 +15,10 @@ import torch
 from ltx2_residency import ConfigError, FaultInjector, LoRASpec, ResidencyManager, WeightState
 from ltx2_residency.faults import NO_FAULTS
 from ltx2_residency.ops import fused, kernels
+from ltx2_residency.ops.exact import RecomputeExactMerge
 from ltx2_residency.ops.fingerprint import Fingerprint, _kernel_digests, tensor_digest
-from ltx2_residency.ops.merge import LayerTarget, MergeStack, RecomputeRestore
+from ltx2_residency.ops.merge import MergeStack
+from ltx2_residency.ops.undo import LayerTarget
 from ltx2_residency.testing import weight_bits
 from untouched import assert_same_bits
 
@@ -71,8 +73,8 @@ def test_kernel_digests_equal_the_torch_digests() -> None:
 def test_fused_merge_gives_recomputes_bits_and_an_exact_undo(rank: int, shapes) -> None:
     layers, twins = _layers(1, shapes), _layers(1, shapes)
     original = _bits(layers)
-    ours = MergeStack(fused.FusedRestore(), NO_FAULTS)
-    reference = MergeStack(RecomputeRestore(), NO_FAULTS)
+    ours = MergeStack(fused.FusedExactMerge(), NO_FAULTS)
+    reference = MergeStack(RecomputeExactMerge(), NO_FAULTS)
     ours.push("distilled", _targets(layers, 2, rank), 1.0)
     reference.push("distilled", _targets(twins, 2, rank), 1.0)
     merged = _bits(layers)
@@ -91,7 +93,7 @@ def test_records_that_overflow_the_first_guess_are_merged_into_a_second_pool(mon
     monkeypatch.setattr(fused, "FIRST_GUESS", 0.0)  # MIN_REGION records a layer: most tiles find no room
     layers = _layers(3, shapes=((256, 192), (128, 128)))
     original = _bits(layers)
-    strategy = fused.FusedRestore()
+    strategy = fused.FusedExactMerge()
     stack = MergeStack(strategy, NO_FAULTS)
     stack.push("distilled", _targets(layers, 4), 1.0)
     frame = stack.frames[0]
@@ -129,7 +131,7 @@ def test_a_checked_merge_writes_the_merges_bits_and_records_and_undoes_exactly(m
     shapes = ((256, 192), (128, 128), (130, 70))
     layers, twins = _layers(7, shapes), _layers(7, shapes)
     original = _bits(layers)
-    ours, reference = MergeStack(fused.FusedRestore(), NO_FAULTS), MergeStack(fused.FusedRestore(), NO_FAULTS)
+    ours, reference = MergeStack(fused.FusedExactMerge(), NO_FAULTS), MergeStack(fused.FusedExactMerge(), NO_FAULTS)
     reference.push("distilled", _targets(twins, 8), 1.0)
 
     def flags_say_checked(flags: torch.Tensor) -> None:
@@ -150,14 +152,14 @@ def test_a_checked_merge_writes_the_merges_bits_and_records_and_undoes_exactly(m
 def test_a_checked_frame_abandoned_before_its_writes_leaves_the_weights_alone() -> None:
     layers = _layers(9)
     original = _bits(layers)
-    stack = MergeStack(fused.FusedRestore(), NO_FAULTS)
+    stack = MergeStack(fused.FusedExactMerge(), NO_FAULTS)
     targets = _targets(layers, 10)
     frame = stack.open("distilled", targets, 1.0)
     assert stack.check(frame)
     stack.merge_layers(frame, targets[:1], launch=True)  # one layer written, then a failure
     stack.pop_all()
     assert all(torch.equal(a, b) for a, b in zip(_bits(layers), original, strict=True))
-    assert not MergeStack(RecomputeRestore(), NO_FAULTS).check(MergeStack(RecomputeRestore(), NO_FAULTS).open(
+    assert not MergeStack(RecomputeExactMerge(), NO_FAULTS).check(MergeStack(RecomputeExactMerge(), NO_FAULTS).open(
         "distilled", _targets(_layers(9), 10), 1.0)), "recompute has no separate check"
 
 
@@ -165,7 +167,7 @@ def test_a_fault_between_layer_launches_rolls_back_exactly() -> None:
     faults = FaultInjector()
     layers = _layers(5)
     original = _bits(layers)
-    stack = MergeStack(fused.FusedRestore(), faults)
+    stack = MergeStack(fused.FusedExactMerge(), faults)
     faults.arm("merge.layer", lambda: RuntimeError("boom"), on_hit=3)
     with pytest.raises(RuntimeError, match="boom"):
         stack.push("distilled", _targets(layers, 6), 1.0)
@@ -178,14 +180,14 @@ def test_the_manager_runs_requests_on_the_fused_strategy(fresh_model, distilled_
     model = fresh_model().to(DEVICE)
     mgr = ResidencyManager(model, loras=[LoRASpec("distilled", distilled_path, {"stage1": 0.25, "stage2": 1.0})],
                            merge_policy="merge", restore="fused")
-    assert mgr.restore == "fused"
+    assert mgr.exact_kernel == "fused"
     clean = weight_bits(mgr.managed_weights)
     with torch.no_grad(), mgr.request() as req:
         req.enter("stage1")
         req.enter("stage2")(**{k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()})
         assert mgr.memory()["restore_capture_bytes"] > 0
     # on a GPU the undo is overlapped (on the manager's side stream) until something settles it
-    assert mgr.state is (WeightState.RESTORING if DEVICE == "cuda" else WeightState.CLEAN)
+    assert mgr.state is (WeightState.UNDO_PENDING if DEVICE == "cuda" else WeightState.CLEAN)
     mgr.synchronize()
     assert mgr.state is WeightState.CLEAN
     assert_same_bits(clean, weight_bits(mgr.managed_weights))
@@ -195,11 +197,11 @@ def test_fused_is_refused_where_it_cannot_run(fresh_model, distilled_path, monke
     monkeypatch.setenv("LTX2_RESIDENCY_KERNELS", "0")
     model = fresh_model()
     before = weight_bits({n: p for n, p in model.named_parameters()})
-    with pytest.raises(ConfigError, match="restore='fused' needs Triton"):
+    with pytest.raises(ConfigError, match="exact_kernel='fused' needs Triton"):
         ResidencyManager(model, loras=[LoRASpec("distilled", distilled_path)], restore="fused")
     assert_same_bits(before, weight_bits({n: p for n, p in model.named_parameters()}))
     auto = ResidencyManager(model, loras=[LoRASpec("distilled", distilled_path)], restore="auto")
-    assert auto.restore == "recompute"
+    assert auto.exact_kernel == "recompute"
 
 
 def test_a_popped_lora_frees_its_records_at_once() -> None:
@@ -208,7 +210,7 @@ def test_a_popped_lora_frees_its_records_at_once() -> None:
     import weakref
 
     layers = _layers(7)
-    stack = MergeStack(fused.FusedRestore(), NO_FAULTS)
+    stack = MergeStack(fused.FusedExactMerge(), NO_FAULTS)
     gc.disable()
     try:
         stack.push("distilled", _targets(layers, 8), 1.0)
@@ -242,8 +244,8 @@ def test_compiled_kernels_at_ltx2_sizes_merge_within_an_ulp_and_undo_exactly() -
     shapes = ((2048, 2048), (4096, 2048), (2048, 4096))
     layers, twins = _layers(11, shapes), _layers(11, shapes)
     original = _bits(layers)
-    ours = MergeStack(fused.FusedRestore(), NO_FAULTS)
-    reference = MergeStack(RecomputeRestore(), NO_FAULTS)
+    ours = MergeStack(fused.FusedExactMerge(), NO_FAULTS)
+    reference = MergeStack(RecomputeExactMerge(), NO_FAULTS)
     for checked in (False, True, True):  # the second merge runs on regions sized from the first
         if checked:  # as a merge ahead runs it: checked, then written
             _push_checked(ours, _targets(layers, 12, rank=384))

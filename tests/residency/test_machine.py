@@ -9,8 +9,8 @@ from ltx2_residency import (
     WeightState,
     mermaid,
 )
-from ltx2_residency.domain import TRANSIENT_STATES
 from ltx2_residency.machine import WeightMachine
+from ltx2_residency.modes import TRANSIENT_STATES
 
 
 def _noop_effects(log: list[str]) -> dict:
@@ -73,9 +73,9 @@ def test_illegal_event_names_mode_state_event_and_legal_events() -> None:
         m.fire("merged_stage2")
     err = info.value
     assert (err.mode, err.state, err.event) == ("original", "clean", "merged_stage2")
-    assert err.legal == ("attach", "merge", "premerge", "quarantine")
+    assert err.legal == ("attach", "merge", "merge_ahead", "quarantine")
     msg = str(err)
-    for part in ("'original'", "'merged_stage2'", "'clean'", "attach, merge, premerge, quarantine"):
+    for part in ("'original'", "'merged_stage2'", "'clean'", "attach, merge, merge_ahead, quarantine"):
         assert part in msg
     assert m.state is WeightState.CLEAN
 
@@ -89,7 +89,7 @@ def test_failed_effect_leaves_the_transient_state() -> None:
     with pytest.raises(RuntimeError, match="disk on fire"):
         m.fire("merge")
     assert m.state is WeightState.MERGING
-    assert set(m.legal_events()) == {"merged_stage1", "merged_stage2", "restore", "quarantine"}
+    assert set(m.legal_events()) == {"merged_stage1", "merged_stage2", "restore", "restore_behind", "quarantine"}
 
 
 def test_missing_effect_strategy_is_refused() -> None:

@@ -260,9 +260,9 @@ def test_stacked_loras_with_per_phase_strengths(model, distilled_path, user_lora
     clean = weight_bits(mgr.managed_weights)
     with torch.no_grad(), mgr.request() as req:
         req.enter("stage1")(**inputs)
-        assert [f.lora for f in mgr._stack.frames] == ["distilled", "user"]
+        assert [f.lora for f in mgr._executor.stack.frames] == ["distilled", "user"]
         req.enter("stage2", strengths={"user": 0.0})(**inputs)
-        assert [f.lora for f in mgr._stack.frames] == ["distilled"]
+        assert [f.lora for f in mgr._executor.stack.frames] == ["distilled"]
     assert_same_bits(clean, weight_bits(mgr.managed_weights))
 
 
@@ -357,7 +357,7 @@ def test_auto_weighs_the_work_each_phase_declares(model, distilled_path, inputs,
         assert mgr.state is WeightState.STAGE1_MERGED  # a thousand adapter passes cost more than a merge
         assert "3000 calls at 100000 tokens" in mgr.policy.last.reason
         req.enter("stage2", work=heavy)
-    costs = mgr._costs
+    costs = mgr._switch.costs
     assert costs is not None and costs.merge_ms() > 0  # the measured merge replaced the estimate
     costs.observe_merge(1e9)  # a merge measured as ruinously slow: the same work now runs dynamic
     with torch.no_grad(), mgr.request() as req:

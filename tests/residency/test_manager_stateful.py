@@ -292,7 +292,7 @@ class ManagerMachine(RuleBasedStateMachine):
 
     def _settled(self) -> None:
         """The call just made settled a pending overlapped undo: ``restored`` is in the trace."""
-        if self.expected is S.RESTORING:
+        if self.expected is S.UNDO_PENDING:
             STEPS["settle_overlapped_undo"] += 1
             assert self.mgr is not None and self.mgr.trace[-1].event == "restored"
             self.expected = S.CLEAN
@@ -303,13 +303,13 @@ class ManagerMachine(RuleBasedStateMachine):
         run = functools.partial(self.mgr.transformer, **self.mat.inputs)
         if self.quarantined or self.req is None or self.phase is None:
             STEPS["forward_refused"] += 1
-            expect = ("quarantined" if self.quarantined else "restoring" if self.expected is S.RESTORING
+            expect = ("quarantined" if self.quarantined else "undo_pending" if self.expected is S.UNDO_PENDING
                       else "outside a request phase")
             with self._no_side_effects(), torch.no_grad(), pytest.raises(ForwardGuardError) as info:
                 run()
             assert expect in str(info.value)
             return
-        if self.expected is S.PREMERGING:
+        if self.expected is S.MERGING_AHEAD:
             assert self.ahead is not None
             strengths, left = self.ahead
             if not left:  # the announced calls are spent: the weights are stage 2's, part merged
@@ -324,7 +324,7 @@ class ManagerMachine(RuleBasedStateMachine):
             out = run()[0]
         assert out.shape == self.mat.base_output.shape
         assert bool(torch.isfinite(out).all())
-        if self.expected in (S.CLEAN, S.PREMERGING):
+        if self.expected in (S.CLEAN, S.MERGING_AHEAD):
             # disabled PEFT layers call their base layer: bit-identical to the unwrapped model (a
             # merge ahead writes each block only after the call has run it)
             assert torch.equal(out, self.mat.base_output)
@@ -346,7 +346,7 @@ class ManagerMachine(RuleBasedStateMachine):
             assert _differing(now, self.clean_bits), "a merged state whose weights are clean"
         if self.expected in _UNTOUCHED:
             assert mgr.memory()["restore_capture_bytes"] == 0, "undo captures outlived their merge"
-        if self.expected is S.PREMERGING and self.ahead is not None and self.ahead[1] > 0:
+        if self.expected is S.MERGING_AHEAD and self.ahead is not None and self.ahead[1] > 0:
             assert_same_bits(now, self.clean_bits)  # nothing merged before the last announced call
         if len(mgr.trace):
             assert mgr.trace[-1].dest == mgr.state.value
@@ -403,9 +403,9 @@ class ManagerMachine(RuleBasedStateMachine):
             with pytest.raises(type(body)) as info:
                 exit_with(self.cm, body)
             assert info.value is body, "the body's exception was replaced or swallowed"
-        if (self.expected in _MERGED or self.expected is S.PREMERGING) and self.overlap:
-            self.expected = S.RESTORING  # the undo is launched; the DiT's next user settles it
-        elif self.expected in _APPLIED or self.expected is S.PREMERGING:
+        if (self.expected in _MERGED or self.expected is S.MERGING_AHEAD) and self.overlap:
+            self.expected = S.UNDO_PENDING  # the undo is launched; the DiT's next user settles it
+        elif self.expected in _APPLIED or self.expected is S.MERGING_AHEAD:
             self.expected = S.CLEAN
         self._request_closed()
 
@@ -451,7 +451,7 @@ class ManagerMachine(RuleBasedStateMachine):
         assert self.req is not None and self.mgr is not None
         phase = _NEXT[self.phase]
         assert phase is not None
-        if self.expected is S.PREMERGING:
+        if self.expected is S.MERGING_AHEAD:
             if self._enter_after_prepare(data):
                 return
         elif data.draw(_SOMETIMES, label="fail inside switch"):
@@ -494,7 +494,7 @@ class ManagerMachine(RuleBasedStateMachine):
                 assert self.req.prepare("stage2", strengths=overrides, calls=calls) is False
             return
         assert self.req.prepare("stage2", strengths=overrides, calls=calls) is True
-        self.expected = S.PREMERGING
+        self.expected = S.MERGING_AHEAD
         self.ahead = (resolved, calls)
 
     def _enter_after_prepare(self, data: st.DataObject) -> bool:
@@ -683,7 +683,7 @@ class ManagerMachine(RuleBasedStateMachine):
     @rule(fail=st.booleans(), data=st.data())
     def repair(self, fail: bool, data: st.DataObject) -> None:
         assert self.mgr is not None
-        if self.expected is S.RESTORING:
+        if self.expected is S.UNDO_PENDING:
             self.mgr.repair()  # settles the pending undo, then has nothing to repair
             self._settled()
             return
@@ -716,7 +716,7 @@ class ManagerMachine(RuleBasedStateMachine):
         assert self.mgr is not None
         self._done("verify")
         dirty = _differing(weight_bits(self.mgr.managed_weights), self.clean_bits)
-        if not dirty and self.expected is S.RESTORING:
+        if not dirty and self.expected is S.UNDO_PENDING:
             self.mgr.verify_clean()
             self._settled()
             return

@@ -17,21 +17,15 @@ from torch import nn
 
 from ltx2_residency import LoRAValueError, ResidencyError
 from ltx2_residency.faults import FaultInjector
+from ltx2_residency.ops.exact import EXACT_KERNELS, CopyExactMerge, RecomputeExactMerge
 from ltx2_residency.ops.fingerprint import Digest, Fingerprint
-from ltx2_residency.ops.merge import (
-    RESTORE_STRATEGIES,
-    CopyRestore,
-    LayerTarget,
-    LayerUndo,
-    MergeStack,
-    RecomputeRestore,
-    RestoreMismatchError,
-)
+from ltx2_residency.ops.merge import MergeStack
+from ltx2_residency.ops.undo import LayerTarget, LayerUndo, RestoreMismatchError
 from strategies import strengths
 
 SHAPES: tuple[tuple[int, int], ...] = ((256, 512), (512, 256), (384, 384))  # (out, in) of W
 REL_NORMS = (0.05, 0.10, 0.20)
-RESTORES = list(RESTORE_STRATEGIES)
+RESTORES = list(EXACT_KERNELS)
 
 # Local strategies (candidates for tests/strategies.py).
 ranks = st.integers(min_value=1, max_value=32)
@@ -101,7 +95,7 @@ def _stack(restore: str, faults: FaultInjector | None = None, *, check_layers: b
         # these layers are CPU tensors, for Triton's interpreter; on a GPU the compiled kernels
         # are tested by test_kernels and test_ahead
         pytest.skip("the fused cases here run CPU tensors through the interpreter (no GPU)")
-    return MergeStack(RESTORE_STRATEGIES[restore](), faults or FaultInjector(), check_layers=check_layers)
+    return MergeStack(EXACT_KERNELS[restore](), faults or FaultInjector(), check_layers=check_layers)
 
 
 def _relative_norm(t: LayerTarget, strength: float = 1.0) -> float:
@@ -181,7 +175,7 @@ def test_any_stack_of_realistic_loras_restores_exactly(
 
 
 # ---------------------------------------------------------------------------- why exceptions exist
-class _NaiveRecompute(RecomputeRestore):
+class _NaiveRecompute(RecomputeExactMerge):
     """Recompute without the exception patches: what PEFT's unmerge does (subtract the delta)."""
 
     name = "naive-recompute"
@@ -441,7 +435,7 @@ def test_weight_written_behind_the_stacks_back_is_detected_by_recompute() -> Non
 def test_copy_capture_lives_on_the_requested_device() -> None:
     layers = _layers()
     original = _bits(layers)
-    stack = MergeStack(CopyRestore("cpu"), FaultInjector())
+    stack = MergeStack(CopyExactMerge("cpu"), FaultInjector())
     stack.push("distilled", _targets(layers, seed=16), 1.0)
     for t, undo in stack.frames[0].layers:
         (backup,) = undo.tensors

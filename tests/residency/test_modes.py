@@ -59,7 +59,7 @@ def test_override_falls_back_to_dynamic_on_the_base(fresh_model, distilled_path,
         req.enter("stage1")
         dit = req.enter("stage2", strengths={"distilled": 0.5})
         assert mgr.state is WeightState.STAGE2_DYNAMIC
-        assert dit is mgr._mode.base.module
+        assert dit is mgr._executor.mode.base.module
         assert torch.equal(dit(**inputs)[0], ref[1])
     assert_same_bits(clean, weight_bits(mgr.managed_weights))
 
@@ -139,7 +139,7 @@ def test_guard_refuses_the_inactive_dit(fresh_model, distilled_path, inputs) -> 
     mgr = make(model, distilled_path, "resident")
     with torch.no_grad(), mgr.request() as req:
         req.enter("stage1")
-        stage2 = mgr._mode.stage2.module
+        stage2 = mgr._executor.mode.stage2.module
         with pytest.raises(ForwardGuardError, match="stage-2 DiT ran while the active DiT is 'base'"):
             stage2(**inputs)
         req.enter("stage2")
@@ -149,7 +149,7 @@ def test_guard_refuses_the_inactive_dit(fresh_model, distilled_path, inputs) -> 
 
 def test_tampered_stage2_copy_is_caught(fresh_model, distilled_path) -> None:
     mgr = make(fresh_model(), distilled_path, "resident")
-    w = mgr._mode.stage2.module.get_submodule("transformer_blocks.0.attn1.to_q").weight
+    w = mgr._executor.mode.stage2.module.get_submodule("transformer_blocks.0.attn1.to_q").weight
     with torch.no_grad():
         w.view(-1)[0] += 1
     with pytest.raises(DirtyWeightsError, match="stage2:transformer_blocks.0.attn1.to_q"):
@@ -160,7 +160,7 @@ def test_tampered_stage2_copy_is_caught(fresh_model, distilled_path) -> None:
 def test_repair_rebuilds_a_damaged_stage2_copy(fresh_model, distilled_path, inputs) -> None:
     reference = outputs(make(fresh_model(), distilled_path, "resident"), inputs)
     mgr = make(fresh_model(), distilled_path, "resident", clean_source=None)  # the base is not damaged
-    stage2 = mgr._mode.stage2.module
+    stage2 = mgr._executor.mode.stage2.module
     clean = weight_bits({n: p for n, p in stage2.named_parameters()})
     w = stage2.get_submodule("transformer_blocks.1.ff.net.0.proj").weight
     with torch.no_grad():

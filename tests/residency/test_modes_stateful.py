@@ -227,11 +227,11 @@ class ModesMachine(RuleBasedStateMachine):
         STEPS["examples"] += 1
         self.faults = WatchedFaults()
         self.mgr = _manager(self.mode, self.policy, self.lv, self.faults)
-        self.faults.mode = self.mgr._mode
+        self.faults.mode = self.mgr._executor.mode
         assert self.mgr.low_vram is self.lv
         self.clean_bits = weight_bits(self.mgr.managed_weights)
         assert set(self.clean_bits) == set(_targets())
-        stage2 = self.mgr._mode.stage2
+        stage2 = self.mgr._executor.mode.stage2
         assert stage2 is not None
         self.stage2_weights = {n: stage2.module.get_submodule(n).weight for n in self.clean_bits}
         self.stage2_bits = weight_bits(self.stage2_weights)
@@ -457,14 +457,14 @@ class ModesMachine(RuleBasedStateMachine):
             if self.snapshot and not self.lv and self.res["stage2"] == "offloaded":
                 self.res["stage2"] = "prefetching"
             self.active_key = ("stage1", self.policy if strength != 0.0 else "dynamic", strength)
-            assert self.dit is self.mgr._mode.base.module
+            assert self.dit is self.mgr._executor.mode.base.module
             return
         TALLIES["stage2_entered"] += 1
         if strength == HQ["stage2"]:
             self.expected = S.STAGE2_MERGED
             self.res = {"base": "offloaded" if self.lv else "resident", "stage2": "resident"}
             self.active_key = ("stage2", "merge", strength)
-            assert self.dit is self.mgr._mode.stage2.module  # type: ignore[union-attr]
+            assert self.dit is self.mgr._executor.mode.stage2.module  # type: ignore[union-attr]
             if stage2_was != "offloaded":
                 # the copy already on the device or in flight is the one stage 2 runs on: no
                 # second host-to-device copy at the switch (that overlap is snapshot mode's point)
@@ -475,7 +475,7 @@ class ModesMachine(RuleBasedStateMachine):
             self.expected = S.STAGE2_DYNAMIC if strength != 0.0 else S.CLEAN
             self.attached = self.n if strength != 0.0 else 0
             self.active_key = ("stage2", "dynamic", strength)
-            assert self.dit is self.mgr._mode.base.module
+            assert self.dit is self.mgr._executor.mode.base.module
 
     def _close(self, body: str, data: st.DataObject) -> None:
         assert self.cm is not None and self.req is not None and self.mgr is not None
@@ -690,7 +690,7 @@ class ModesMachine(RuleBasedStateMachine):
         self._ensure()
         assert self.mgr is not None
         self.refusals.add(self._refusal_key())
-        mode = self.mgr._mode
+        mode = self.mgr._executor.mode
         stage2 = mode.stage2
         assert stage2 is not None
         module, expect = mode.base.module, "outside a request phase"
@@ -745,7 +745,7 @@ class ModesMachine(RuleBasedStateMachine):
         res = self.mgr.residency()
         assert res == self.res, (res, self.res)
         mem = self.mgr.memory()
-        for dit in self.mgr._mode.dits:
+        for dit in self.mgr._executor.mode.dits:
             # a copy is in flight exactly while the model says it is prefetching
             assert (mem[f"{dit.name}_in_flight_bytes"] > 0) == (self.res[dit.name] == "prefetching"), dit.name
             # no DiT half moved: every tensor bound where its residency says, and counted so
@@ -770,7 +770,7 @@ class ModesMachine(RuleBasedStateMachine):
     def stage2_copy_never_changes(self) -> None:
         if self.mgr is None:
             return
-        stage2 = self.mgr._mode.stage2
+        stage2 = self.mgr._executor.mode.stage2
         assert stage2 is not None
         # the same Parameter objects: a prefetch or release rebinds their data, never replaces them
         now = {n: stage2.module.get_submodule(n).weight for n in self.stage2_weights}

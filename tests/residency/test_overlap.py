@@ -41,10 +41,10 @@ def test_a_merged_request_ends_restoring_and_the_next_user_settles_it(model, dis
     mgr = make(model, distilled_path)
     clean = weight_bits(mgr.managed_weights)
     first = run_request(mgr, inputs)
-    assert mgr.state is WeightState.RESTORING
-    assert [r.event for r in mgr.trace][-1] == "restore"
+    assert mgr.state is WeightState.UNDO_PENDING
+    assert [r.event for r in mgr.trace][-1] == "restore_behind"
     assert_same_bits(clean, weight_bits(mgr.managed_weights))  # the CPU undo ran inline
-    with pytest.raises(ForwardGuardError, match="restoring"), torch.no_grad():
+    with pytest.raises(ForwardGuardError, match="undo_pending"), torch.no_grad():
         model(**inputs)  # between requests, before anything settled it
     with mgr.request() as req:
         assert mgr.state is WeightState.CLEAN  # request() settled it before handing it over
@@ -63,7 +63,7 @@ def test_a_merged_request_ends_restoring_and_the_next_user_settles_it(model, dis
 def test_verify_clean_and_repair_settle_a_pending_undo_first(model, distilled_path, inputs) -> None:
     mgr = make(model, distilled_path, verify="never")
     run_request(mgr, inputs)
-    assert mgr.state is WeightState.RESTORING
+    assert mgr.state is WeightState.UNDO_PENDING
     mgr.verify_clean()
     assert mgr.state is WeightState.CLEAN
     run_request(mgr, inputs)
@@ -82,7 +82,7 @@ def test_the_deferred_verify_catches_a_bad_undo_at_the_next_request(model, disti
                                                                      monkeypatch) -> None:
     mgr = make(model, distilled_path)
     clean = weight_bits(mgr.managed_weights)
-    undo = mgr._stack.strategy.undo
+    undo = mgr._executor.stack.strategy.undo
     skipped: list[str] = []
 
     def forgetful(target, layer_undo, strength) -> None:  # an undo that silently skips one layer
@@ -91,13 +91,13 @@ def test_the_deferred_verify_catches_a_bad_undo_at_the_next_request(model, disti
             return
         undo(target, layer_undo, strength)
 
-    monkeypatch.setattr(mgr._stack.strategy, "undo", forgetful)
+    monkeypatch.setattr(mgr._executor.stack.strategy, "undo", forgetful)
     run_request(mgr, inputs)
-    assert mgr.state is WeightState.RESTORING and skipped
+    assert mgr.state is WeightState.UNDO_PENDING and skipped
     with pytest.raises(DirtyWeightsError, match=skipped[0].replace(".", r"\.")), mgr.request():
         pass
     assert mgr.state is WeightState.QUARANTINED
-    monkeypatch.setattr(mgr._stack.strategy, "undo", undo)
+    monkeypatch.setattr(mgr._executor.stack.strategy, "undo", undo)
     mgr.repair()
     assert mgr.state is WeightState.CLEAN
     assert_same_bits(clean, weight_bits(mgr.managed_weights))
@@ -137,12 +137,12 @@ def test_the_side_stream_undo_is_exact_under_work_queued_behind_it(fresh_model, 
     model = fresh_model().cuda()
     cuda_inputs = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
     mgr = make(model, distilled_path, restore="auto", overlap_restore=None)
-    assert mgr.restore == "fused" and mgr.overlap_restore
+    assert mgr.exact_kernel == "fused" and mgr.overlap_restore
     clean = weight_bits(mgr.managed_weights)
     reference = None
     for _ in range(3):
         out = run_request(mgr, cuda_inputs)
-        assert mgr.state is WeightState.RESTORING
+        assert mgr.state is WeightState.UNDO_PENDING
         # the main stream goes on at once (the decode's place), reusing freed memory
         scratch = [torch.randn(4096, 4096, device="cuda") for _ in range(4)]
         for t in scratch:

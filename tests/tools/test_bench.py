@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from ltx2_pipeline import bench
 from ltx2_pipeline.cli import main
+from ltx2_tools import bench
 from offline import assert_offline, no_network  # noqa: F401 - autouse fixtures
 
 

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from ltx2_pipeline import interrupts
+from ltx2_residency.ops import exact as exact_ops
 from ltx2_residency.ops import merge as merge_ops
 from ltx2_residency.ownership import Ownership
+from ltx2_tools import interrupts
 
 EVERY = int(os.environ.get("LTX2_SWEEP_EVERY", "5"))
 
@@ -43,11 +44,11 @@ def test_an_interrupt_right_after_a_write_is_undone_exactly(fixture, monkeypatch
     once did), the same points leave a layer merged that no undo knows of; only the end-of-request
     check then catches it, and the DiT is quarantined."""
     sweep = interrupts.Sweep(fixture, interrupts.Scenario("merge", "merge"))
-    source = Path(merge_ops.__file__).read_text().splitlines()
+    source = Path(exact_ops.__file__).read_text().splitlines()
 
     def after_write() -> list[int]:
         points = [n for n, (file, line) in enumerate(sweep.lines(), 1)
-                  if file == "ops/merge.py" and source[line - 1].strip().startswith("undo.merging = None")]
+                  if file == "ops/exact.py" and source[line - 1].strip().startswith("undo.merging = None")]
         assert len(points) == 4 + 2  # the distilled LoRA on 4 block Linears, the user LoRA on 2
         return points
 

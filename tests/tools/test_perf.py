@@ -18,8 +18,8 @@ from typing import Any
 import pytest
 import torch
 
-from ltx2_pipeline import perf
 from ltx2_pipeline.cli import main
+from ltx2_tools import perf
 from ltx2_tools.perf import (
     BaselineError,
     CaseCannotRun,
@@ -122,7 +122,7 @@ def test_medians_over_the_timed_requests_ignore_one_cold_step() -> None:
                 "memory": {"peak_device_bytes": None, "peak_host_rss_bytes": 2**30}, "trace": [],
                 "dit_state_after": "clean"}
 
-    manager = SimpleNamespace(restore="recompute", low_vram=False, state=SimpleNamespace(value="clean"))
+    manager = SimpleNamespace(exact_kernel="recompute", low_vram=False, state=SimpleNamespace(value="clean"))
     # the first timed request met a cold cache: its first step, its switch and its e2e are 10x
     reports = [report(1000.0, [200.0, 20.0, 20.0, 20.0], 50.0)] + [report(100.0, [20.0] * 4, 5.0)] * 2
     result = perf.summarize(reports, manager)  # type: ignore[arg-type]
@@ -231,13 +231,13 @@ def test_a_case_spec_keeps_what_core_validates_as_given() -> None:
     spec = CaseSpec.from_entry("x", {"preset": "full", "device": "cuda", "merge_policy": "auto",
                                      "mode": "snapshot", "low_vram": False, "expected_e2e_ms": 1.0,
                                      "manager_options": {"strict": False}})
-    assert (spec.merge_policy, spec.mode, spec.low_vram, spec.restore) == ("auto", "snapshot", False, "auto")
+    assert (spec.merge_policy, spec.mode, spec.low_vram, spec.exact_kernel) == ("auto", "snapshot", False, "auto")
     assert (spec.requests, spec.warmup) == (3, 1) and spec.manager_options == {"strict": False}
 
 
 def test_the_shipped_baselines_file() -> None:
     # package data: the path an installed wheel has too (tests/test_packaging.py checks the wheel)
-    shipped = importlib.resources.files("ltx2_pipeline") / "perf_baselines.json"
+    shipped = importlib.resources.files("ltx2_tools") / "perf_baselines.json"
     assert shipped.is_file() and Path(str(shipped)) == perf.DEFAULT_BASELINES
     assert not (ROOT / "perf_baselines.json").exists(), "one copy: the package's"
     doc = load_baselines()
@@ -284,7 +284,7 @@ def test_run_case_runs_the_pipeline_and_reports_every_field() -> None:
     assert result["peak_vram_gib"] is None and result["peak_rss_gib"] > 0
     assert result["device"] == "cpu" and result["device_name"] and result["cpu_count"] >= 1
     assert result["torch"] == torch.__version__ and result["diffusers"]
-    assert result["restore"] == "recompute"  # "auto" on a CPU
+    assert result["exact_kernel"] == "recompute"  # "auto" on a CPU
     json.dumps(result)  # what --json writes
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from ltx2_pipeline import hostile, reliability
+from ltx2_tools import hostile, reliability
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "reliability.md"
 
@@ -27,7 +27,7 @@ def test_fault_matrix_has_only_clean_or_quarantined_cells(fixture) -> None:
     bad = [c for c in cells if c.outcome not in ("CLEAN", "QUARANTINED")]
     assert not bad, bad
     # every point was reached, by every kind of fault
-    assert {c.point for c in cells} == set(reliability.POINTS)
+    assert {c.point for c in cells} == set(reliability.FAULT_POINTS)
     assert _block("fault-matrix") == reliability.render_matrix(cells), (
         "docs/reliability.md is stale: python -m ltx2_tools.reliability matrix --write docs/reliability.md")
 

@@ -1,1 +1,2 @@
-"""Weight operations: the mechanism layer. Policy lives in ``policy``, sequencing in ``manager``."""
+"""Weight operations: the mechanism layer. Policy lives in ``policy``, plans in ``modes``, their
+execution in ``executor``."""

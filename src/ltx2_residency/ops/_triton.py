@@ -9,7 +9,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from . import fingerprint as _fp
+from . import digest_mix as _fp
 
 
 @triton.jit

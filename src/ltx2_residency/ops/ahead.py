@@ -9,8 +9,8 @@ Announced two calls or more ahead, a strategy that can (``fused``) splits the me
 (the undo records, the weights only read) is launched at once, behind the calls before the
 last, and the last call's gaps are left with the writes, about half the work.
 
-The mechanism only: the manager decides when (``Request.prepare``), holds the state
-(``premerging``), and counts the calls through its forward guard (:meth:`MergeAhead.admit`).
+The mechanism only: the phase switch decides when (``Request.prepare``), the machine holds the
+state (``merging_ahead``), and the forward guard counts the calls (:meth:`MergeAhead.admit`).
 The merge is the stack's own (:meth:`MergeStack.open` / ``merge_layers`` / ``close``), so the
 bits, the undo records and the last-in-first-out undo are those of an ordinary merge; only
 when each group of layers is launched differs. On the CPU there is no stream: each group merges
@@ -26,8 +26,9 @@ import torch
 from torch import nn
 
 from ..errors import ForwardGuardError
-from .merge import LayerTarget, MergeFrame, MergeStack
-from .overlap import UndoStream
+from .merge import MergeStack
+from .side_stream import SideStream
+from .undo import LayerTarget, MergeFrame
 
 OUTSIDE = ""  # the group of layers that sit in no numbered block (merged when the call ends)
 
@@ -82,7 +83,7 @@ class MergeAhead:
     """
 
     def __init__(self, root: nn.Module, stack: MergeStack, plan: list[tuple[str, float, list[LayerTarget]]],
-                 calls: int, stream: UndoStream) -> None:
+                 calls: int, stream: SideStream) -> None:
         self.stack = stack
         self.stream = stream
         self.calls_left = calls
@@ -128,7 +129,7 @@ class MergeAhead:
             raise
 
     def admit(self) -> None:
-        """A DiT call starts (called by the manager's forward guard)."""
+        """A DiT call starts (called by the forward guard)."""
         self.refuse_if_failed()
         if self.calls_left <= 0:
             raise ForwardGuardError(

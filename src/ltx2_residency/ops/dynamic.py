@@ -27,7 +27,7 @@ from ..errors import LoRAValidationError
 from ..faults import FaultInjector
 from ..lora import LoadedLoRA
 from .forward import DYNAMIC_FORWARDS, has_fused
-from .merge import LayerTarget
+from .undo import LayerTarget
 
 
 def _config(lora: LoadedLoRA) -> LoraConfig:
@@ -109,7 +109,8 @@ class PeftAdapters:
 
         Built once per LoRA: the modules and parameters never change after injection (a
         residency move rebinds a parameter's ``.data``, not the parameter), and walking PEFT's
-        module tree cost 30 ms per merge at 1344 layers."""
+        module tree for 1344 layers on every merge was slow (measured in
+        docs/results/measured_constants.md#cached-merge-targets)."""
         cached = self._target_cache.get(lora)
         if cached is None:
             cached = self._target_cache[lora] = self._build_targets(lora)
@@ -167,7 +168,8 @@ class PeftAdapters:
         self._attached = []
         self.forward.end()
         if self._touched:
-            # PEFT's per-layer calls cost ~30 ms at 1344 layers, on the request's critical path:
+            # PEFT's per-layer calls over 1344 layers are slow, on the request's critical path
+            # (docs/results/measured_constants.md#peft-adapter-sweep):
             # swept only when some adapter was enabled or scaled since the last sweep
             for layer in self.layers.values():
                 if not layer.disable_adapters:

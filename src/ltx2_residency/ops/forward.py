@@ -32,14 +32,14 @@ from torch import nn
 
 from ..errors import ConfigError
 
-#: Roofline exchange rate of an H100-class card: ~600 TFLOP/s bf16 against ~2.5 TB/s.
+#: Roofline exchange rate of an H100-class card, in FLOPs per byte: its achieved bf16 matmul rate
+#: over its achieved memory bandwidth (docs/results/measured_constants.md#roofline-exchange-rate).
 FLOPS_PER_BYTE = 240.0
 #: Tokens of a DiT call (its first input's, e.g. LTX-2's video latents) at or below which every
-#: layer on a GPU takes the transient merge. The full LTX-2 DiT on one H100 is host-bound at
-#: stage 1's 1536 tokens (162 ms of kernels under ~13,000 launches, ~260 ms): fewer launches win
-#: although the rebuilds cost more device time. Measured there, paired with the base in the same
-#: rounds: +11.0 % rebuilding every weight, +15.6 % factored everywhere; at 6144 tokens
-#: (device-bound) the roofline's per-layer choice is best, +9.9 % against +11.8 %.
+#: layer on a GPU takes the transient merge. The full LTX-2 DiT is host-bound at stage 1's 1536
+#: tokens: fewer launches win although the rebuilds cost more device time; at 6144 tokens
+#: (device-bound) the roofline's per-layer choice is best (measured in
+#: docs/results/measured_constants.md#host-bound-tokens).
 HOST_BOUND_TOKENS = 2048
 
 
@@ -189,7 +189,8 @@ class FusedForward(PeftForward):
         self.call = CallSize(host_bound_tokens)
         self._hook: torch.utils.hooks.RemovableHandle | None = None
         # each layer's last forward and the strengths it was made for: a dynamic switch walks
-        # 1344 layers, and building each anew through PEFT's module dicts cost 24 µs a layer
+        # 1344 layers, and building each anew through PEFT's module dicts is slow
+        # (docs/results/measured_constants.md#kept-fused-forwards)
         self._kept: dict[int, tuple[tuple[tuple[str, float], ...], FusedLoRALinear]] = {}
 
     def begin(self, model: nn.Module) -> None:

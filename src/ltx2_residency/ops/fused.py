@@ -18,10 +18,12 @@ import torch
 
 from . import kernels
 from .fingerprint import Digest
-from .merge import LayerTarget, LayerUndo, MergeFrame, NonFiniteMergeError
-from .overlap import keep_for_stream
+from .side_stream import keep_for_stream
+from .undo import LayerTarget, LayerUndo, MergeFrame, NonFiniteMergeError
 
-FIRST_GUESS = 0.125  # of the elements: 7.7 % need a record at ‖ΔW‖ = 10 % of ‖W‖, 12.5 % at 20 %
+# Records reserved per element at a LoRA's first merge: enough at the delta norms measured in
+# docs/results/measured_constants.md#undo-record-reserve (tiles that find no room are merged again).
+FIRST_GUESS = 0.125
 MIN_REGION = 256
 
 
@@ -91,7 +93,7 @@ def _exclusive_cumsum(values: list[int]) -> list[int]:
     return out
 
 
-class FusedRestore:
+class FusedExactMerge:
     name = "fused"
     batched = True
     keeps_for_stream = True  # undo_batch marks its pooled tensors for an overlapped undo's stream
@@ -121,7 +123,7 @@ class FusedRestore:
                                 target.lora_A.detach().to(device=w.device, dtype=w.dtype).contiguous())
         if not kernels.supports(w.detach(), a, b):
             raise TypeError(f"the fused restore needs contiguous 2-D bfloat16 weights and factors; "
-                            f"{target.name!r} is {tuple(w.shape)} {w.dtype}; use restore='recompute'")
+                            f"{target.name!r} is {tuple(w.shape)} {w.dtype}; use exact_kernel='recompute'")
         self._factor_cache[target.name] = (*key, (b, a))
         return b, a
 
@@ -208,7 +210,7 @@ class FusedRestore:
         kernels.lora_tiles(kernels.WRITE if state.checked else kernels.MERGE, p, everyone[lo:hi], flags[t0:t1],
                            counters[lo:hi], count[lo:hi], rec_start[lo:hi], capacity[lo:hi], idx, val)
 
-    def check(self, frame: MergeFrame) -> None:
+    def check(self, frame: MergeFrame) -> bool:
         """Take the whole frame's records now, writing no weight (asynchronous, current stream):
         a merge ahead checks while the weights still serve the phase before, so that what is
         left for the last call's gaps is the write, half the merge's work. Before any layer is
@@ -217,11 +219,12 @@ class FusedRestore:
         assert isinstance(state, _Frame) and not state.targets, "check() right after begin()"
         p = state.full
         if p is None:
-            return
+            return True  # nothing to merge: nothing to record
         flags, counters, count, rec_start, capacity, everyone, idx, val = state.pools()
         self._mark_for_stream(state, p)
         state.checked = True
         kernels.lora_tiles(kernels.CHECK, p, everyone, flags, counters, count, rec_start, capacity, idx, val)
+        return True
 
     @staticmethod
     def _mark_for_stream(state: _Frame, p: kernels.Plan) -> None:

@@ -15,10 +15,10 @@ import torch
 from torch import nn
 
 from ..lora import LoadedLoRA
-from .merge import LayerTarget
+from .undo import LayerTarget
 
 
-def build_premerged(base: nn.Module, loras: list[LoadedLoRA], strengths: Mapping[str, float],
+def build_stage2_copy(base: nn.Module, loras: list[LoadedLoRA], strengths: Mapping[str, float],
                     place: torch.device) -> nn.Module:
     """A copy of ``base`` with its tensors on ``place`` (pinned when that is the host of a CUDA
     DiT) and the LoRAs merged in at ``strengths``. Call before anything hooks or wraps ``base``."""
@@ -59,7 +59,7 @@ def merged_weight(w_base: torch.Tensor, name: str, loras: list[LoadedLoRA],
     return merged
 
 
-def rebuild_premerged(stage2: nn.Module, base_weights: Mapping[str, torch.Tensor], loras: list[LoadedLoRA],
+def rebuild_stage2_copy(stage2: nn.Module, base_weights: Mapping[str, torch.Tensor], loras: list[LoadedLoRA],
                       strengths: Mapping[str, float]) -> int:
     """Rewrite the stage-2 copy's adapted weights from clean base weights; returns bytes written.
     Only the adapted weights are rebuilt: the others are never written by any operation of ours."""

@@ -2,8 +2,8 @@
 request's caller goes on (to the VAE decode, say); the next user of the weights waits for it on
 the device, so it never sees them dirty, and no host thread blocks on it.
 
-On the CPU there are no streams: the undo runs inline, and only the manager's bookkeeping (the
-DiT stays ``restoring`` until its next user settles it) is the same, which is what the CPU tests
+On the CPU there are no streams: the undo runs inline, and only the bookkeeping (the DiT stays
+``undo_pending`` until its next user settles it) is the same, which is what the CPU tests
 exercise.
 """
 
@@ -28,7 +28,7 @@ class PendingUndo:
     fingerprint: Fingerprint | None = None  # the deferred verify, launched after the undo (sums in flight)
 
 
-class UndoStream:
+class SideStream:
     """Where overlapped undos run: one CUDA side stream per manager (inline on the CPU)."""
 
     def __init__(self, device: torch.device) -> None:
@@ -41,8 +41,7 @@ class UndoStream:
         The side stream has the default priority, the lowest: a big kernel on it would otherwise
         hold every SM until its last tile is dispatched, and each of a host-bound DiT call's small
         kernels would wait behind it; from a higher-priority stream they are dispatched first, and
-        the side stream's tiles fill the gaps (H200, a merge ahead behind 1536-token calls: a
-        median of 30 ms over the calls against 139-154 ms with the side stream alone)."""
+        the side stream's tiles fill the gaps (measured in docs/results/measured_constants.md#urgent-stream)."""
         if self.stream is None:
             return None
         if self._urgent is None:

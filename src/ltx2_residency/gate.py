@@ -1,0 +1,82 @@
+"""Who holds the DiT: the open request, and the calls that need the DiT between requests.
+
+A request is opened by :class:`~.request.RequestScope` through :meth:`RequestGate.open_request`
+(the DiT taken, a pending undo settled, the DiT refused when quarantined) and closed by
+:meth:`RequestGate.close_request` (undo, verify, forget the request), which the scope runs twice
+so that an interrupted close is finished. Between requests, :meth:`RequestGate.between_requests`
+holds the DiT for one call (``verify_clean()``, ``synchronize()`` ...).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from .domain import WeightState
+from .errors import ManagerClosedError, QuarantinedError, RequestStateError
+from .executor import Executor
+from .ownership import Holding, Ownership
+from .request import Request
+from .switch import PhaseSwitch
+
+
+class RequestGate:
+    """The DiT's one door: ownership, the open request, and whether the manager is closed."""
+
+    def __init__(self, executor: Executor, switch: PhaseSwitch) -> None:
+        self.executor = executor
+        self.switch = switch
+        self.ownership = Ownership()
+        self.request: Request | None = None
+        self.closed = False
+
+    def refuse_if_closed(self, what: str) -> None:
+        if self.closed:
+            raise ManagerClosedError(f"{what}: this manager was closed (it gave the model back); build a new "
+                                     "ResidencyManager on the model to manage it again")
+
+    def open_request(self, timeout: float | None) -> Request:
+        """The request scope's entry: its ``ExitStack`` already holds the release and the close."""
+        self.refuse_if_closed("request()")
+        self.ownership.acquire(timeout, "request()")
+        self.executor.settle()
+        req = self.request = Request(self.switch)
+        if self.executor.state is WeightState.QUARANTINED:
+            raise QuarantinedError(self.quarantine_message())
+        return req
+
+    def close_request(self, interrupted: BaseException | None) -> None:
+        """The request scope's exit (run twice, see ``RequestScope``): restore, verify, close."""
+        req = self.request
+        if req is None:
+            return
+        try:
+            self.switch.finish(req)
+        except Exception as exc:
+            if interrupted is None or isinstance(interrupted, Exception):
+                raise
+            # the body's Ctrl-C keeps propagating; the quarantine rides along as a note
+            interrupted.add_note(str(exc))
+        req.closed = True
+        self.request = None
+
+    def hold(self, wait: Callable[[], float | None], what: str) -> Holding:
+        """The DiT for one call between requests (``with gate.hold(...)``); ``wait`` gives the
+        timeout, checked once the call is known not to be refused."""
+        self.refuse_if_closed(what)
+        return self.ownership.held(wait(), what)
+
+    def between_requests(self, what: str, wait: Callable[[], float | None], run: Callable[[], None]) -> None:
+        """Run ``run`` holding the DiT; refused inside this thread's own request."""
+        call = what.split()[0]
+        self.refuse_if_closed(call)
+        if self.ownership.mine and self.request is not None:
+            raise RequestStateError(f"{what} between requests; call it after the `with manager.request()` block")
+        with self.ownership.held(wait(), call):
+            run()
+
+    def outside_requests(self, what: str) -> None:
+        if self.request is not None:
+            raise RequestStateError(f"{what} takes effect between requests; call it after the `with` block")
+
+    def quarantine_message(self) -> str:
+        return "the DiT is quarantined after a failed restore. " + self.executor.repair_hint()

@@ -1,0 +1,138 @@
+"""A request's phase switches: the policy decides, the mode plans, the executor runs the plan.
+
+Any failure during a switch fails the request and rolls the DiT back (to CLEAN, or QUARANTINED
+when the undo itself fails); the request's end undoes what its phases applied and verifies.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from torch import nn
+
+from .costmodel import CostModel, PhaseWork
+from .domain import ApplyKind, MergePolicyName, Phase, WeightState
+from .errors import QuarantinedError
+from .executor import Executor
+from .lora import LoRASpec, resolve_strengths
+from .modes import PHASE_TARGET, REST_STATES, Fire, PhaseDecision, Undo
+from .options import ManagerOptions
+from .policy import MergePolicy, PhaseContext, hides_merge
+from .request import Request
+
+S = WeightState
+
+
+class PhaseSwitch:
+    """Switches the DiT between a request's phases (the ``PhaseHost`` a :class:`Request` calls)."""
+
+    def __init__(self, executor: Executor, specs: Mapping[str, LoRASpec], policy: MergePolicy,
+                 options: ManagerOptions) -> None:
+        self.executor = executor
+        self.mode = executor.mode
+        self.specs = specs
+        self.policy = policy
+        self.options = options
+        self.costs: CostModel | None = None  # merge_policy="auto" only: built at first use
+
+    def enter_phase(self, req: Request, phase: Phase, overrides: Mapping[str, float] | None,
+                    work: PhaseWork | None = None) -> nn.Module:
+        ex = self.executor
+        if ex.state is S.QUARANTINED:
+            raise QuarantinedError("the DiT is quarantined after a failed restore. " + ex.repair_hint())
+        strengths = resolve_strengths(self.specs, phase, overrides)
+        stage1 = req.strengths.get(Phase.STAGE1, strengths if phase is Phase.STAGE1 else {})
+        # a merge started ahead (req.prepare) is completed when the phase and strengths are the ones
+        # prepared; anything else undoes it and switches as usual
+        ahead = ex.state is S.MERGING_AHEAD and req.prepared == (phase, strengths)
+        kind = ApplyKind.MERGED if ahead else self._decide(phase, strengths, stage1, work)
+        decision = PhaseDecision(self.mode.decide(phase, kind, strengths), strengths, ahead)
+        ex.context = (req.id, phase.value)
+        req.phase = None  # no phase may run until this switch has completed
+        try:
+            if ex.ahead is not None:
+                ex.ahead.refuse_if_failed()  # the engine may have caught the failed call: the request fails
+            steps = list(self.mode.plan(ex.state, phase, decision))
+            while steps:
+                step = steps.pop(0)
+                merge = isinstance(step, Fire) and step.event == "merge"
+                if merge:
+                    req.mutated = True  # before the first write: the end-of-request check must run
+                ex.run((step,))
+                if isinstance(step, Undo):  # the rest is planned from where the undo left the DiT
+                    steps = list(self.mode.plan(ex.state, phase, decision))
+                if merge and self.costs is not None:
+                    self._observe_merge(ahead)
+        except BaseException as exc:
+            req.failed = exc
+            ex.run(self.mode.plan_end(ex.state, behind=False))
+            raise
+        assert ex.state is PHASE_TARGET[(phase, decision.kind)], (ex.state, phase, decision.kind)
+        req.phase = phase
+        req.entered.append(phase)
+        req.strengths[phase] = strengths
+        return self.mode.active.module
+
+    def prepare_phase(self, req: Request, phase: Phase, overrides: Mapping[str, float] | None,
+                      work: PhaseWork | None, calls: int) -> bool:
+        """Start ``phase``'s merge behind the current phase's last ``calls`` DiT calls, when the
+        policy merges it into the shared DiT and nothing is applied now (see ``ops.ahead``)."""
+        ex = self.executor
+        strengths = resolve_strengths(self.specs, phase, overrides)
+        if not ex.machine.can("merge_ahead") or not hides_merge(req.work.get(Phase.STAGE1), self.mode.device.type):
+            return False
+        stage1 = req.strengths.get(Phase.STAGE1, {})
+        if self._decide(phase, strengths, stage1, work, ahead=True) is not ApplyKind.MERGED:
+            return False
+        req.prepared = (phase, strengths)
+        req.mutated = True
+        try:
+            ex.start_ahead(PhaseDecision(ApplyKind.MERGED, strengths).merge_plan, calls)
+        except BaseException as exc:
+            req.failed = exc
+            ex.undo_or_quarantine(final=False)
+            raise
+        return True
+
+    def finish(self, req: Request) -> None:
+        """The request's end: undo what its phases applied (behind, on the side stream, when
+        ``overlap_restore``), then verify the DiT clean (deferred behind a pending undo)."""
+        ex = self.executor
+        ex.context = (req.id, None)
+        try:
+            if ex.pending is None:  # else this exit runs a second time: the undo is under way
+                undoing = ex.state not in REST_STATES and ex.state is not S.QUARANTINED
+                ex.run(self.mode.plan_end(ex.state, behind=True))
+                restore = next((r for r in reversed(ex.trace) if r.event in ("restore", "restore_behind")), None)
+                if undoing and self.costs is not None and restore is not None and req.mutated:
+                    self.costs.observe_undo(max(restore.duration_ms, 1e-3))  # the critical-path part
+            verify = self.options.verify == "always" or (self.options.verify == "after_merge" and req.mutated)
+            if ex.pending is not None and verify:
+                ex.verify_behind()
+            elif ex.state in REST_STATES and verify:
+                ex.check_clean()
+        finally:
+            ex.context = (None, None)
+
+    def _decide(self, phase: Phase, strengths: dict[str, float], stage1: Mapping[str, float],
+                work: PhaseWork | None, ahead: bool = False) -> ApplyKind:
+        costs = self.cost_model() if self.policy.name is MergePolicyName.AUTO else None
+        return self.policy.decide(PhaseContext(self.mode.mode, phase, strengths, stage1, self.options.native_ltx23,
+                                               work, costs, ahead))
+
+    def cost_model(self) -> CostModel:
+        """The auto policy's cost model (built at first use: it probes the device), free memory now."""
+        if self.costs is None:
+            ex = self.executor
+            self.costs = CostModel.for_targets([t for n in self.specs for t in ex.adapters.targets(n)],
+                                               ex.adapters.forward.name)
+        self.costs.refresh_headroom()
+        return self.costs
+
+    def _observe_merge(self, ahead: bool) -> None:
+        """The auto policy prices the next merge from this one."""
+        assert self.costs is not None
+        if not ahead:  # a merge ahead's switch is its tail: most of it ran in stage 1
+            self.costs.observe_merge(max(self.executor.trace[-1].duration_ms, 1e-3))
+        self.costs.observe_records(self.executor.stack.last_exception_fraction)
+
