@@ -94,7 +94,8 @@ def test_merge_ahead_gives_the_usual_bits_and_the_announced_calls_run_on_the_bas
         assert req.calls == 1
         assert req.prepare("stage2", calls=calls) is True
         assert mgr.state is WeightState.MERGING_AHEAD
-        assert mgr._executor.ahead is not None and mgr._executor.ahead.checked is (restore == "fused" and calls > 1)
+        ahead = mgr._executor.ahead
+        assert ahead is not None and ahead.recorded_ahead is (restore == "fused" and calls > 1)
         for _ in range(calls):
             # nothing written before the last call (a check only reads the weights)
             assert_same_bits(clean, weight_bits(mgr.managed_weights))

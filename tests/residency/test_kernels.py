@@ -115,7 +115,7 @@ def _push_checked(stack: MergeStack, targets: list[LayerTarget], check_ok=None) 
     weights left alone, then written in two launches."""
     before = _bits([t.weight for t in targets])
     frame = stack.open("distilled", targets, 1.0)
-    assert stack.check(frame)
+    assert stack.record_ahead(frame)
     assert all(torch.equal(a, b) for a, b in zip(_bits([t.weight for t in targets]), before, strict=True))
     if check_ok is not None:
         check_ok(frame.state.flags)
@@ -155,12 +155,13 @@ def test_a_checked_frame_abandoned_before_its_writes_leaves_the_weights_alone() 
     stack = MergeStack(fused.FusedExactMerge(), NO_FAULTS)
     targets = _targets(layers, 10)
     frame = stack.open("distilled", targets, 1.0)
-    assert stack.check(frame)
+    assert stack.record_ahead(frame)
     stack.merge_layers(frame, targets[:1], launch=True)  # one layer written, then a failure
     stack.pop_all()
     assert all(torch.equal(a, b) for a, b in zip(_bits(layers), original, strict=True))
-    assert not MergeStack(RecomputeExactMerge(), NO_FAULTS).check(MergeStack(RecomputeExactMerge(), NO_FAULTS).open(
-        "distilled", _targets(_layers(9), 10), 1.0)), "recompute has no separate check"
+    torch_stack = MergeStack(RecomputeExactMerge(), NO_FAULTS)
+    frame = torch_stack.open("distilled", _targets(_layers(9), 10), 1.0)
+    assert not torch_stack.record_ahead(frame), "recompute records as it merges: nothing to take ahead"
 
 
 def test_a_fault_between_layer_launches_rolls_back_exactly() -> None:

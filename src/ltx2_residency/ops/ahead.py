@@ -71,7 +71,7 @@ def by_block(targets: list[LayerTarget]) -> dict[str, list[LayerTarget]]:
 class MergeAhead:
     """One phase's merge, opened now and launched block by block during the next ``calls`` DiT
     calls: each block's group after the last of those calls has run the block (with
-    ``calls > 1``, checked first, see :meth:`MergeStack.check`).
+    ``calls > 1``, checked first, see :meth:`MergeStack.record_ahead`).
 
     A block that runs again after its group was launched is refused (its weights are no longer
     the phase's); so is any DiT call beyond ``calls``. Both raise :class:`ForwardGuardError`
@@ -99,10 +99,10 @@ class MergeAhead:
         first = self.frames[0] if self.frames else None
         # with calls to spare before the last one, its records are taken now, behind them (the
         # weights are only read): the last call's gaps are left with the writes, half the work
-        self.checked = False
+        self.recorded_ahead = False
         if calls > 1 and first is not None:
             with self.stream.running():
-                self.checked = stack.check(first[0])
+                self.recorded_ahead = stack.record_ahead(first[0])
         self.pending = sorted(first[1], key=_block_order) if first is not None else []
         self.passed: set[str] = set()  # blocks the last call has run (launched, or waiting for earlier ones)
         self.failed: BaseException | None = None  # a hook's failure: the merge cannot be completed

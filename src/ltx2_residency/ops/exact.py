@@ -71,7 +71,7 @@ class _TorchStrategy:
     def finish(self, frame: MergeFrame) -> None:
         """Every layer of a frame is merged; nothing is pending for the torch strategies."""
 
-    def check(self, frame: MergeFrame) -> bool:
+    def record_ahead(self, frame: MergeFrame) -> bool:
         """The torch strategies record each layer as they merge it: nothing to take ahead."""
         return False
 

@@ -52,7 +52,7 @@ class _Frame:
     everyone: torch.Tensor | None = None  # all layers active: the usual undo, made at merge (no H2D copy then)
     host_start: list[int] | None = None
     streams: set[int] = field(default_factory=set)  # side streams the pools were marked for
-    checked: bool = False  # check() ran: launches write the checked tiles (records already taken)
+    checked: bool = False  # record_ahead() ran: launches write the checked tiles (records already taken)
 
     def pools(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                              torch.Tensor, torch.Tensor]:
@@ -210,13 +210,13 @@ class FusedExactMerge:
         kernels.lora_tiles(kernels.WRITE if state.checked else kernels.MERGE, p, everyone[lo:hi], flags[t0:t1],
                            counters[lo:hi], count[lo:hi], rec_start[lo:hi], capacity[lo:hi], idx, val)
 
-    def check(self, frame: MergeFrame) -> bool:
+    def record_ahead(self, frame: MergeFrame) -> bool:
         """Take the whole frame's records now, writing no weight (asynchronous, current stream):
         a merge ahead checks while the weights still serve the phase before, so that what is
         left for the last call's gaps is the write, half the merge's work. Before any layer is
         registered; the tiles' flags then say which tiles the launches of :meth:`flush` write."""
         state = frame.state
-        assert isinstance(state, _Frame) and not state.targets, "check() right after begin()"
+        assert isinstance(state, _Frame) and not state.targets, "record_ahead() right after begin()"
         p = state.full
         if p is None:
             return True  # nothing to merge: nothing to record

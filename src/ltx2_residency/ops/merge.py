@@ -72,14 +72,14 @@ class MergeStack:
             self.strategy.begin(frame, targets)
         return frame
 
-    def check(self, frame: MergeFrame) -> bool:
+    def record_ahead(self, frame: MergeFrame) -> bool:
         """Take ``frame``'s undo records now, before any of its layers is written, where the
         strategy can (``fused``: one launch, asynchronous, the weights only read); its launches
         then only write. Returns whether it did."""
         if frame.layers:
             return False
         with torch.no_grad(), _reported(frame):
-            return self.strategy.check(frame)
+            return self.strategy.record_ahead(frame)
 
     def merge_layers(self, frame: MergeFrame, targets: list[LayerTarget], launch: bool = False) -> None:
         """Merge the next ``targets`` of ``frame``. A batched strategy writes them at
