@@ -25,6 +25,7 @@ class WeightState(str, Enum):
 
     CLEAN = "clean"
     MERGING_AHEAD = "merging_ahead"  # stage 1's last calls run while stage 2's merge starts behind them
+    PREMERGING = "merging_ahead"  # deprecated 0.1 name of MERGING_AHEAD (the same member), removed in 0.3
     MERGING = "merging"
     STAGE1_MERGED = "stage1_merged"
     STAGE2_MERGED = "stage2_merged"

@@ -10,6 +10,7 @@ It decides nothing itself.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -197,6 +198,12 @@ class ResidencyManager:
     @property
     def managed_weights(self) -> Mapping[str, torch.Tensor]:
         return dict(self._executor.weights)
+
+    @property
+    def restore(self) -> str:
+        """Deprecated since 0.2 (removed in 0.3): the exact-merge kernel is :attr:`exact_kernel`."""
+        warnings.warn("manager.restore is deprecated; use manager.exact_kernel", DeprecationWarning, stacklevel=2)
+        return self.exact_kernel
 
     @property
     def overlap_restore(self) -> bool:

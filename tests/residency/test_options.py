@@ -412,3 +412,12 @@ def test_a_bad_call_timeout_is_refused_before_the_dit_is_taken(call: str, value:
         release.set()
         owner.join()
     assert mgr.state is WeightState.CLEAN
+
+
+def test_the_0_1_names_remain_as_deprecated_aliases(model: nn.Module, user: list[LoRASpec]) -> None:
+    mgr = ResidencyManager(model, loras=user, options=ManagerOptions(exact_kernel="copy"))
+    with pytest.warns(DeprecationWarning, match="manager.exact_kernel"):
+        assert mgr.restore == "copy"
+    assert WeightState.PREMERGING is WeightState.MERGING_AHEAD and WeightState.PREMERGING.value == "merging_ahead"
+    assert "PREMERGING" not in [s.name for s in WeightState]  # an alias: not a state of its own
+    mgr.close()
