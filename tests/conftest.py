@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import os
+import signal
 from collections.abc import Callable
 from pathlib import Path
 
@@ -108,3 +109,12 @@ def _fused_runs_in_the_triton_interpreter(request: pytest.FixtureRequest,
     pytest.importorskip("triton")
     if not torch.cuda.is_available():
         monkeypatch.setenv("LTX2_RESIDENCY_KERNELS", "interpret")
+
+
+@pytest.fixture(autouse=True)
+def _ctrl_c_reaches_python() -> None:
+    """A test run started in the background of a script (``make test &``) inherits SIGINT ignored, and
+    so would every process it starts; the tests that send a real Ctrl-C need Python's own handler, as
+    in a terminal."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)

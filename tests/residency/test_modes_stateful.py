@@ -357,7 +357,7 @@ class ModesMachine(RuleBasedStateMachine):
         assert self.mgr is not None
         n = self.mgr.trace.total - since
         records = list(self.mgr.trace)[-n:] if n else []
-        assert any(not r.ok and r.event == "restore" and r.error == repr(injected) for r in records)
+        assert any(not r.ok and r.event in ("restore", "restore_behind") and r.error == repr(injected) for r in records)
 
     def _quarantined_at(self, hit: Hits, k: int, final: bool) -> None:
         """What an undo that failed at the ``k``-th hit of ``hit`` leaves: it stops there."""
