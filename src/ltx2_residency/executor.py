@@ -34,13 +34,13 @@ S = WeightState
 class Executor:
     """The machine, the weight operations its effects run, and the trace of every transition."""
 
-    def __init__(self, mode: OriginalMode, adapters: PeftAdapters, stack: MergeStack,
-                 clean_source: HostCopy | None, side_stream: SideStream | None, faults: FaultInjector,
-                 trace: Trace) -> None:
+    def __init__(self, mode: OriginalMode, adapters: PeftAdapters, weights: Mapping[str, torch.Tensor],
+                 stack: MergeStack, clean_source: HostCopy | None, side_stream: SideStream | None,
+                 faults: FaultInjector, trace: Trace) -> None:
         self.mode = mode
         self.adapters = adapters
         self.stack = stack
-        self.weights = adapters.base_weights()
+        self.weights = dict(weights)  # the managed weights (adapters.base_weights())
         self.fingerprints = FingerprintPlan(self.weights)
         self.clean: Fingerprint = self.fingerprints.compute()
         self.clean_source = clean_source
@@ -113,6 +113,9 @@ class Executor:
                 exc.add_note(message)
                 raise
             raise QuarantinedError(message) from exc
+
+    def quarantine_message(self) -> str:
+        return "the DiT is quarantined after a failed restore. " + self.repair_hint()
 
     def repair_hint(self) -> str:
         if self.clean_source is None:
@@ -256,4 +259,4 @@ def build_executor(mode: OriginalMode, adapters: PeftAdapters, stack: MergeStack
     device = next(iter(weights.values())).device if weights else torch.device("cpu")
     if overlap is None:
         overlap = stack.strategy.name == "fused" and device.type == "cuda"
-    return Executor(mode, adapters, stack, source, SideStream(device) if overlap else None, faults, trace)
+    return Executor(mode, adapters, weights, stack, source, SideStream(device) if overlap else None, faults, trace)

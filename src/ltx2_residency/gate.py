@@ -41,7 +41,7 @@ class RequestGate:
         self.executor.settle()
         req = self.request = Request(self.switch)
         if self.executor.state is WeightState.QUARANTINED:
-            raise QuarantinedError(self.quarantine_message())
+            raise QuarantinedError(self.executor.quarantine_message())
         return req
 
     def close_request(self, interrupted: BaseException | None) -> None:
@@ -77,6 +77,3 @@ class RequestGate:
     def outside_requests(self, what: str) -> None:
         if self.request is not None:
             raise RequestStateError(f"{what} takes effect between requests; call it after the `with` block")
-
-    def quarantine_message(self) -> str:
-        return "the DiT is quarantined after a failed restore. " + self.executor.repair_hint()

@@ -39,7 +39,7 @@ class PhaseSwitch:
                     work: PhaseWork | None = None) -> nn.Module:
         ex = self.executor
         if ex.state is S.QUARANTINED:
-            raise QuarantinedError("the DiT is quarantined after a failed restore. " + ex.repair_hint())
+            raise QuarantinedError(ex.quarantine_message())
         strengths = resolve_strengths(self.specs, phase, overrides)
         stage1 = req.strengths.get(Phase.STAGE1, strengths if phase is Phase.STAGE1 else {})
         # a merge started ahead (req.prepare) is completed when the phase and strengths are the ones

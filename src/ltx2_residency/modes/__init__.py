@@ -16,7 +16,7 @@ from torch import nn
 
 from ..domain import ResidencyMode
 from .original import ORIGINAL, OriginalMode, device_of
-from .resident import RESIDENT, ResidentMode
+from .resident import GIB, RESIDENT, ResidentMode
 from .snapshot import SNAPSHOT, SnapshotMode
 from .table import (
     PHASE_TARGET,
@@ -55,8 +55,6 @@ __all__ = [
     "device_of",
     "mermaid",
 ]
-
-GIB = 2**30
 
 #: residency mode -> its strategy (whose ``table`` is the mode's transition table)
 MODES: Mapping[ResidencyMode, type[OriginalMode]] = {

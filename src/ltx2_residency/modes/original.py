@@ -16,7 +16,6 @@ from .table import (
     APPLIED_STATES,
     REST_STATES,
     Edge,
-    Fire,
     ModeTable,
     Move,
     PhaseDecision,
@@ -90,8 +89,8 @@ class OriginalMode:
 
     def plan(self, state: WeightState, phase: Phase, decision: PhaseDecision) -> tuple[Step, ...]:
         """The steps from ``state`` to ``phase`` applied as ``decision`` says."""
-        if decision.ahead:  # the merge req.prepare() started: the switch completes it
-            return Fire("merge", {"plan": decision.merge_plan}), Fire(f"merged_{phase.value}")
+        if decision.ahead:  # the merge req.prepare() started: the switch completes it (no undo first)
+            return apply_steps(phase, decision)
         undo = () if state in REST_STATES else (Undo(final=False),)
         return (*undo, *apply_steps(phase, decision))
 

@@ -13,11 +13,10 @@ from torch import nn
 from ..domain import Residency, ResidencyMode, WeightState
 from ..faults import FaultInjector
 from ..lora import LoadedLoRA
-from .resident import ResidentMode, stage1_edges
+from .resident import GIB, ResidentMode, stage1_edges
 from .table import Edge, Fire, ModeTable, Move, Step, quarantine_edges, undo_edges
 
 S = WeightState
-GIB = 2**30
 #: below this much device memory, snapshot mode never holds both DiTs on the device (one LTX-2 DiT
 #: fits an 80 GB card, two need a 141 GB one)
 LOW_VRAM_BELOW = 130 * GIB
