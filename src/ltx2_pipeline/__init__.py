@@ -3,12 +3,16 @@ ltx2_residency."""
 
 from typing import Any
 
-__all__ = ["TINY_TRANSFORMER_CONFIG", "tiny_inputs", "tiny_transformer"]
+__all__ = ["TINY_TRANSFORMER_CONFIG", "STGSkippedWarning", "tiny_inputs", "tiny_transformer"]
 
 
 def __getattr__(name: str) -> Any:
     # loaded on first use: the package itself imports without the pipeline extra (diffusers), so the
     # console scripts can name what to install instead of failing inside this import
+    if name == "STGSkippedWarning":
+        from .errors import STGSkippedWarning
+
+        return STGSkippedWarning
     if name in __all__:
         from . import tiny
 

@@ -2,6 +2,7 @@
 
     ltx2 generate --preset tiny                      # offline, CPU, well under two minutes
     ltx2 generate --preset full --mode snapshot      # real shapes, random weights, on a GPU
+    ltx2 generate --preset full --compile            # the DiT under torch.compile (inductor)
     ltx2 generate --model-path ./ltx2 --distilled-lora distilled.safetensors --lora style.safetensors@0,1
     ltx2 diagram [--mode resident]
     ltx2 perf-check --case tiny_cpu_normal_merge     # against perf_baselines.json; --list for the cases
@@ -9,7 +10,8 @@
 
 ``generate`` writes the mp4 (video + audio) and a JSON report next to it: per-stage times in the
 shape of sglang's perf baselines (``e2e_ms``, ``avg_denoise_ms``, ``stages_ms`` with both
-LoRA-switch stages), the per-step times, the transition trace and peak memory.
+LoRA-switch stages), the per-step times, the transition trace, peak memory and, with
+``--compile``, the graphs the request compiled.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import argparse
 import importlib
 import json
 import sys
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,10 +31,20 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from ltx2_residency import TABLES, LoRASpec, ManagerOptions, MergePolicyName, ResidencyError, ResidencyMode, mermaid
+from ltx2_residency import (
+    TABLES,
+    CompileSpec,
+    LoRASpec,
+    ManagerOptions,
+    MergePolicyName,
+    ResidencyError,
+    ResidencyMode,
+    mermaid,
+)
 
 from . import checks
-from .errors import GenerationInputError, NonFiniteOutputError
+from .compiling import add_compile_arguments, compile_arguments
+from .errors import GenerationInputError, NonFiniteOutputError, STGSkippedWarning
 from .loras import VARIANT_STRENGTHS, check_strength, load_lora
 from .presets import (
     GEMMA3_12B_LAYERS,
@@ -141,6 +154,7 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--no-guidance", action="store_true", help="stage 1 without CFG/STG/modality guidance")
     gen.add_argument("--device", type=checks.device, default=None, help="default: cuda for --preset full, else cpu")
     gen.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    add_compile_arguments(gen)
     gen.add_argument("--output", type=Path,
                      help="mp4 path, in an existing directory (default outputs/ltx2_<preset>.mp4)")
     gen.add_argument("--report", type=Path, help="JSON report path (default: the mp4 path with .json)")
@@ -180,12 +194,14 @@ class _Plan:
     report: Path
     distilled: LoRASpec | None  # None: the preset's, or the model folder's file
     loras: list[LoRASpec]
+    compile: CompileSpec | None  # None: the DiT runs eager
 
 
 def _plan(args: argparse.Namespace) -> _Plan:
     """Check every ``generate`` argument against the others and this machine, before anything loads."""
     preset = None if args.model_path is not None else (args.preset or "tiny")
     _check_applicable(args, preset)
+    compile_spec = compile_arguments(args)
     if preset == "full" and args.device is None and not torch.cuda.is_available():
         raise GenerationInputError("--preset full runs on a CUDA device and there is none here; use --preset tiny, "
                                    "or --device cpu on a host with the memory")
@@ -216,7 +232,7 @@ def _plan(args: argparse.Namespace) -> _Plan:
                  if args.distilled_lora is not None else None)
     loras = [load_lora(path, name, {"stage1": s1, "stage2": s2})
              for name, (path, s1, s2) in zip(names, args.lora, strict=True)]
-    return _Plan(preset, device, request, mp4, report, distilled, loras)
+    return _Plan(preset, device, request, mp4, report, distilled, loras, compile_spec)
 
 
 def _check_applicable(args: argparse.Namespace, preset: str | None) -> None:
@@ -258,7 +274,8 @@ def _check_full_preset_fits(args: argparse.Namespace, device: torch.device) -> N
 def _build(args: argparse.Namespace, plan: _Plan, progress: Any) -> LTX2TwoStagePipeline:
     cls = LTX2TwoStageHQPipeline if args.variant == "hq" else LTX2TwoStagePipeline
     options: dict[str, Any] = dict(mode=args.mode, merge_policy=args.merge_policy, loras=plan.loras,
-                                   progress=progress, options=ManagerOptions(low_vram=args.low_vram))
+                                   progress=progress, options=ManagerOptions(low_vram=args.low_vram),
+                                   compile=plan.compile)
     dtype = DTYPES[args.dtype]
     if plan.preset is None:
         return cls.from_pretrained(args.model_path, distilled_lora=plan.distilled, dtype=dtype,
@@ -303,6 +320,11 @@ def _summary(console: Console, report: dict[str, Any], mp4: Path, json_path: Pat
     console.print(f"transitions: {events}")
     console.print(f"DiT after the request: [bold]{report['dit_state_after']}[/bold]; "
                   f"avg denoise step {report['avg_denoise_ms']:,.1f} ms")
+    if report.get("compile"):
+        spec = report["compile"]
+        console.print(f"DiT compiled (mode {spec['mode']}, backend {spec['backend']}): {report['graphs_compiled']} "
+                      f"graphs compiled in this request, {report['compile_ms'] / 1e3:,.1f} s of its e2e "
+                      "(a later request at the same shapes compiles none)")
     console.print(f"wrote {mp4} and {json_path}")
 
 
@@ -310,15 +332,23 @@ def _generate(args: argparse.Namespace, console: Console) -> int:
     plan = _plan(args)
     req = plan.request
     # on stdout, once every argument is checked: stderr carries the progress and nothing but one line per error
+    compiled = "" if plan.compile is None else f", DiT compiled ({plan.compile.mode}, {plan.compile.backend})"
     print(f"ltx2 generate: {plan.preset or args.model_path} on {plan.device}, {req.width}x{req.height}, "
-          f"{req.num_frames} frames, {req.num_inference_steps} + {len(STAGE2_SIGMAS)} steps -> {plan.mp4}", flush=True)
+          f"{req.num_frames} frames, {req.num_inference_steps} + {len(STAGE2_SIGMAS)} steps{compiled} -> {plan.mp4}",
+          flush=True)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     pipe: LTX2TwoStagePipeline | None = None
     try:
         with Progress(*columns, console=console, disable=args.no_progress, transient=False) as bars:
             pipe = _build(args, plan, _RichProgress(bars))
             pipe.check(req)
-            result = pipe(req)
+            with warnings.catch_warnings():
+                # one line, not Python's warning with a hint written for library callers
+                warnings.simplefilter("ignore", STGSkippedWarning)
+                result = pipe(req)
+            if result.report["stage1_guidance"]["stg_skipped"]:
+                print("note: stage 1 ran without STG: this DiT has no perturbed attention (as LTX-2.0's), so "
+                      "the STG pass would repeat the conditional one", file=sys.stderr, flush=True)
     except NonFiniteOutputError as exc:
         _write_report(plan.report, {**(exc.report or {}), "output": None})
         _error(f"{type(exc).__name__}: {exc} (the report is in {plan.report}; no video written)")

@@ -1,5 +1,6 @@
 """The pipeline's own errors: bad generation arguments (caught before any work starts), a
-machine too small for what was asked, and a stage whose output is not finite."""
+machine too small for what was asked, and a stage whose output is not finite; and its warning
+that stage 1 skipped an STG pass the DiT could not perturb."""
 
 from __future__ import annotations
 
@@ -35,3 +36,13 @@ class NonFiniteOutputError(ResidencyError, RuntimeError):
         super().__init__(message)
         self.stage = stage
         self.report: dict[str, Any] | None = None
+
+
+class STGSkippedWarning(UserWarning):
+    """Stage 1 was asked for spatio-temporal guidance (STG) on a DiT that cannot perturb.
+
+    A DiT built with ``perturbed_attn=False`` (LTX-2.0's configuration) ignores the STG blocks, so
+    the STG pass would only compute the conditional prediction again: the pipeline skips it (one
+    DiT call less per stage-1 step) and warns once. STG runs on a DiT built with
+    ``perturbed_attn=True`` (LTX-2.3's configuration).
+    """

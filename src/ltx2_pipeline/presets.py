@@ -10,6 +10,10 @@
 - a local diffusers-format folder (``--model-path``): ``LTX2Pipeline.save_pretrained`` output
   plus a ``latent_upsampler/`` subfolder (what :func:`save_components` writes), loaded from
   safetensors only, never from a hub.
+
+Both presets build the DiT as the LTX-2 checkpoints are configured: ``perturbed_attn=False``
+(:data:`LTX2_PERTURBED_ATTN`), so stage 1 skips its STG pass (see :mod:`.two_stage`); pass
+``perturbed_attn=True`` for a DiT that can perturb, as LTX-2.3's is built.
 """
 
 from __future__ import annotations
@@ -64,15 +68,32 @@ GEMMA3_12B_TEXT = dict(hidden_size=3840, intermediate_size=15360, num_attention_
 FULL_VAE_COMPRESSION = (32, 8)
 #: Gemma 3 12B's depth: the most text-encoder layers the full preset builds.
 GEMMA3_12B_LAYERS = 48
+#: The LTX-2 (2.0) checkpoints' DiT config leaves perturbed attention off (diffusers' LTX-2
+#: converter writes ``perturbed_attn=False`` for LTX-2.0, ``True`` for LTX-2.3): the presets do too.
+LTX2_PERTURBED_ATTN = False
 
 
-def tiny_preset(seed: int = 0, dtype: torch.dtype = torch.bfloat16) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """The tiny components and their synthetic distilled LoRA (PEFT/diffusers keys)."""
-    components = tiny_components(seed, dtype)
+def tiny_preset(seed: int = 0, dtype: torch.dtype = torch.bfloat16, perturbed_attn: bool = LTX2_PERTURBED_ATTN,
+                ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The tiny components and their synthetic distilled LoRA (PEFT/diffusers keys).
+    ``perturbed_attn=True``: the same DiT, weight for weight, built with perturbed attention."""
+    components = tiny_components(seed, dtype)  # its DiT: perturbed_attn off, as the LTX-2 checkpoints
+    if bool(components["transformer"].config.perturbed_attn) != perturbed_attn:
+        components["transformer"] = with_perturbed_attn(components["transformer"], perturbed_attn)
     dit = components["transformer"]
     lora = testing.synthetic_lora(dit, testing.linear_names(dit), rank=8, relative_norm=0.10, seed=seed + 100,
                                   dtype=dtype)
     return components, lora
+
+
+def with_perturbed_attn(dit: LTX2VideoTransformer3DModel, perturbed_attn: bool = True) -> LTX2VideoTransformer3DModel:
+    """A copy of ``dit`` (its config, its weights) built with ``perturbed_attn`` set. The flag only
+    picks the blocks' self-attention processor, which holds no weights: the state dict is the same."""
+    config = {k: v for k, v in dit.config.items() if not k.startswith("_")}
+    with torch.device("meta"), quiet_diffusers():
+        copy = LTX2VideoTransformer3DModel(**{**config, "perturbed_attn": perturbed_attn})
+    copy.load_state_dict({k: v.clone() for k, v in dit.state_dict().items()}, strict=True, assign=True)
+    return copy.train(dit.training)
 
 
 def _materialise(module: nn.Module, device: torch.device, dtype: torch.dtype, gen: torch.Generator,
@@ -93,8 +114,8 @@ def _materialise(module: nn.Module, device: torch.device, dtype: torch.dtype, ge
 
 
 def full_preset(device: str | torch.device = "cuda", dtype: torch.dtype = torch.bfloat16, seed: int = 0,
-                text_layers: int = 2, lora_rank: int = 384,
-                relative_norm: float = 0.10) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+                text_layers: int = 2, lora_rank: int = 384, relative_norm: float = 0.10,
+                perturbed_attn: bool = LTX2_PERTURBED_ATTN) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Every component at LTX-2's real shapes with random weights (see the module doc)."""
     device = torch.device(device)
     gen = torch.Generator(device="cpu" if device.type == "meta" else device).manual_seed(seed)
@@ -108,7 +129,8 @@ def full_preset(device: str | torch.device = "cuda", dtype: torch.dtype = torch.
     try:
         with torch.device("meta"):
             modules: dict[str, nn.Module] = dict(
-                transformer=LTX2VideoTransformer3DModel(),
+                # perturbed_attn as the LTX-2 checkpoints set it (LTX2_PERTURBED_ATTN: off) unless asked
+                transformer=LTX2VideoTransformer3DModel(perturbed_attn=perturbed_attn),
                 text_encoder=Gemma3ForConditionalGeneration(text_config),
                 connectors=LTX2TextConnectors(text_proj_in_factor=text_layers + 1),
                 vae=AutoencoderKLLTX2Video(spatial_compression_ratio=FULL_VAE_COMPRESSION[0],

@@ -8,6 +8,10 @@ normalises it) → stage 2 (``LTX2Pipeline`` on a scheduler that takes the disti
 given; ``noise_scale`` = 0.909375 is the ``lerp(upsampled, noise, 0.909375)``; guidance off;
 distilled LoRA at its stage-2 strength) → decode video and audio → mp4 with the audio track.
 
+Stage 1's STG pass runs only on a DiT built with perturbed attention (``perturbed_attn=True``,
+as LTX-2.3's is): on any other (LTX-2.0's) it would compute the conditional prediction again,
+so the pipeline skips it and warns once (:class:`~ltx2_pipeline.errors.STGSkippedWarning`).
+
 The pipeline never touches a weight: it asks the manager for the DiT each phase runs on
 (``req.enter(phase)``) and hands that module to diffusers' pipeline for the stage. The request
 is closed (LoRA restored, the shared DiT back to clean) before the VAE decode, so a failure
@@ -19,13 +23,11 @@ Stage names follow sglang's LTX-2 stages, so ``stages_ms`` reads like its perf b
 from __future__ import annotations
 
 import contextlib
-import io
-import math
 import os
 import statistics
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -33,13 +35,14 @@ import numpy as np
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, LTX2LatentUpsamplePipeline, LTX2Pipeline
 from diffusers.pipelines.ltx2.utils import STAGE_2_DISTILLED_SIGMA_VALUES
-from diffusers.utils import encode_video
 from torch import nn
 
-from ltx2_residency import LoRASpec, ManagerOptions, Phase, PhaseWork, Request, ResidencyManager
+from ltx2_residency import CompileSpec, LoRASpec, ManagerOptions, Phase, PhaseWork, Request, ResidencyManager
 
+from .compiling import check_compile, compile_counts, compile_report, cuda_graph_hooks
 from .components import PIPELINE_COMPONENTS
-from .errors import GenerationInputError, NonFiniteOutputError
+from .errors import GenerationInputError, NonFiniteOutputError, STGSkippedWarning
+from .generation import GenerationRequest, GenerationResult, Guidance, check_request
 from .loras import VARIANT_STRENGTHS, check_strength, load_lora, to_diffusers_format
 from .presets import DISTILLED_FILE, full_preset, load_components, tiny_preset
 
@@ -64,83 +67,13 @@ STAGE_OUTPUTS = {
 #: Stage 1's last steps a merge ahead is announced over: its check (the undo records) rides behind
 #: the first, its writes behind the last (one step: the whole merge behind the last).
 AHEAD_STEPS = 2
-
-
-@dataclass(frozen=True)
-class Guidance:
-    """Stage 1's guidance, as diffusers' ``LTX2Pipeline`` takes it (its defaults).
-
-    ``stg_blocks=None``: diffusers' default block 28, or the last block of a DiT with fewer.
-    """
-
-    guidance_scale: float = 3.0
-    stg_scale: float = 1.0
-    modality_scale: float = 3.0
-    guidance_rescale: float = 0.7
-    audio_guidance_scale: float = 7.0
-    audio_stg_scale: float = 1.0
-    audio_modality_scale: float = 3.0
-    audio_guidance_rescale: float = 0.7
-    stg_blocks: tuple[int, ...] | None = None
-
-    @classmethod
-    def off(cls) -> Guidance:
-        """No guidance term at all (stage 2). ``audio_*`` must be set too: diffusers falls back
-        to the video value only for ``None``."""
-        return cls(1.0, 0.0, 1.0, 0.0, 1.0, 0.0, 1.0, 0.0, ())
-
-    def kwargs(self, num_layers: int) -> dict[str, Any]:
-        blocks = list(self.stg_blocks) if self.stg_blocks is not None else [min(28, num_layers - 1)]
-        out = {k: v for k, v in asdict(self).items() if k != "stg_blocks"}
-        return {**out, "spatio_temporal_guidance_blocks": blocks}
-
-
-@dataclass(frozen=True)
-class GenerationRequest:
-    """One generation. ``height``/``width`` are the output size (stage 1 runs at half);
-    ``strengths`` overrides LoRA strengths per phase: ``{"stage2": {"distilled": 0.5}}``."""
-
-    prompt: str
-    negative_prompt: str = ""
-    height: int = 512
-    width: int = 768
-    num_frames: int = 121
-    frame_rate: float = 24.0
-    num_inference_steps: int = 30
-    seed: int = 0
-    guidance: Guidance = field(default_factory=Guidance)
-    strengths: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
-    max_sequence_length: int = 1024
-
-    @classmethod
-    def for_preset(cls, preset: str, **fields: Any) -> GenerationRequest:
-        """The request ``ltx2 generate --preset PRESET`` sends, with ``fields`` changed (the
-        preset's size, frames, steps and sequence length; the CLI's default prompts)."""
-        from .presets import DEFAULT_NEGATIVE_PROMPT, DEFAULT_PROMPT, PRESET_DEFAULTS
-
-        d = PRESET_DEFAULTS[preset]
-        base = dict(prompt=DEFAULT_PROMPT, negative_prompt=DEFAULT_NEGATIVE_PROMPT, height=d["height"],
-                    width=d["width"], num_frames=d["num_frames"], num_inference_steps=d["steps"],
-                    max_sequence_length=d["max_sequence_length"])
-        return cls(**{**base, **fields})
-
-
-@dataclass
-class GenerationResult:
-    video: np.ndarray  # [frames, height, width, 3], float in [0, 1]
-    audio: torch.Tensor  # [channels, samples], float in [-1, 1]
-    audio_sample_rate: int
-    frame_rate: float
-    report: dict[str, Any]
-
-    def save_mp4(self, path: str | os.PathLike[str]) -> Path:
-        """H.264 video with the AAC audio track, via diffusers' own ``encode_video``."""
-        out = Path(path)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with contextlib.redirect_stderr(io.StringIO()):  # encode_video's unconditional tqdm bar
-            encode_video(self.video, fps=round(self.frame_rate), output_path=str(out),
-                         audio=self.audio.float().cpu(), audio_sample_rate=self.audio_sample_rate)
-        return out
+#: The :class:`~ltx2_pipeline.errors.STGSkippedWarning` a request asking for STG gets (once per
+#: pipeline) when the DiT cannot perturb.
+STG_SKIPPED = ("stage 1 skips spatio-temporal guidance (STG): the DiT was built without perturbed attention "
+               "(perturbed_attn=False, as the LTX-2.0 checkpoints are), so it ignores the STG blocks and the STG "
+               "pass would only compute the conditional prediction again, one DiT call per step for nothing. For "
+               "STG, use a DiT built with perturbed_attn=True (as LTX-2.3's is); to skip STG without this "
+               "warning, pass Guidance(stg_scale=0.0, audio_stg_scale=0.0).")
 
 
 class _LTX2Scheduler(FlowMatchEulerDiscreteScheduler):
@@ -153,48 +86,6 @@ class _LTX2Scheduler(FlowMatchEulerDiscreteScheduler):
         if float(t[-1]) >= 1.0:
             return t
         return super().stretch_shift_to_terminal(t)
-
-
-def check_request(req: GenerationRequest, spatial: int, temporal: int, loras: Sequence[str]) -> None:
-    """:class:`GenerationInputError` (or :class:`~ltx2_residency.StrengthError`) for a request a
-    pipeline whose VAE compresses by ``spatial``/``temporal`` and that manages ``loras`` cannot
-    run; needs no pipeline, so a caller can check before building one."""
-    if not isinstance(req.prompt, str):
-        raise GenerationInputError(f"prompt must be a string, got {type(req.prompt).__name__}")
-    if not isinstance(req.negative_prompt, str):
-        raise GenerationInputError(f"negative_prompt must be a string, got {type(req.negative_prompt).__name__}")
-    # stage 1 runs at half size, which LTX2Pipeline takes in multiples of 32 (and of the VAE's cell)
-    step = 2 * max(32, spatial)
-    for name in ("height", "width"):
-        value = getattr(req, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0 or value % step:
-            lo = max(step, (value // step) * step) if isinstance(value, int) and value > 0 else step
-            raise GenerationInputError(
-                f"{name}={value!r}: must be a positive multiple of {step} (stage 1 runs at half size, "
-                f"which must be a multiple of {step // 2}); try {lo} or {lo + step}")
-    n = req.num_frames
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1 or (n - 1) % temporal:
-        near = max(1, ((n - 1) // temporal) * temporal + 1) if isinstance(n, int) and n > 1 else 1
-        raise GenerationInputError(f"num_frames={n!r}: must be {temporal}·k + 1 (the VAE compresses time by "
-                                   f"{temporal}); try {near} or {near + temporal}")
-    for name in ("num_inference_steps", "max_sequence_length"):
-        value = getattr(req, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise GenerationInputError(f"{name}={value!r}: must be an integer ≥ 1")
-    if isinstance(req.seed, bool) or not isinstance(req.seed, int) or not 0 <= req.seed < 2**63:
-        raise GenerationInputError(f"seed={req.seed!r}: must be an integer in [0, 2**63)")
-    rate = req.frame_rate
-    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not (math.isfinite(rate) and rate > 0):
-        raise GenerationInputError(f"frame_rate={rate!r}: must be a finite number > 0")
-    for phase, overrides in req.strengths.items():
-        if phase not in (Phase.STAGE1.value, Phase.STAGE2.value):
-            raise GenerationInputError(f"strengths: unknown phase {phase!r}; use 'stage1' or 'stage2'")
-        unknown = sorted(set(overrides) - set(loras))
-        if unknown:
-            raise GenerationInputError(f"strengths[{phase!r}]: unknown LoRA {unknown[0]!r}; managed LoRAs: "
-                                       f"{', '.join(map(repr, loras))}")
-        for name, value in overrides.items():
-            check_strength(value, f"strengths[{phase!r}][{name!r}]")
 
 
 def _check_finite(stage: str, outputs: Mapping[str, torch.Tensor | np.ndarray]) -> None:
@@ -234,6 +125,7 @@ class _Clock:
         self.stages_ms: dict[str, float] = {}
         self.steps_ms: dict[str, list[float]] = {}
         self._last = 0.0
+        self.compiled_at_start = compile_counts()  # Dynamo's, process-wide: the request's own is the difference
 
     def now(self) -> float:
         if self.cuda:
@@ -287,6 +179,8 @@ class LTX2TwoStagePipeline:
         mode, merge_policy, options: passed to :class:`ResidencyManager` (``options``: its
             :class:`ManagerOptions`; the deprecated 0.1 keywords in ``**manager_options`` too).
         progress: receives stage and step events (the CLI's rich bars).
+        compile: the DiT under ``torch.compile`` (:mod:`.compiling`): ``None`` (eager), ``True``, a
+            mode name or a :class:`~ltx2_residency.CompileSpec`, checked before anything is built.
     """
 
     variant = "normal"
@@ -294,7 +188,8 @@ class LTX2TwoStagePipeline:
     def __init__(self, components: Mapping[str, Any], distilled_lora: DistilledLoRA, *,
                  loras: Sequence[LoRASpec] = (), mode: str = "original", merge_policy: str = "sglang",
                  progress: Progress | None = None, options: ManagerOptions | None = None,
-                 **manager_options: Any) -> None:
+                 compile: CompileSpec | str | bool | None = None, **manager_options: Any) -> None:
+        compile_spec = check_compile(compile)  # a bad value raises before anything is built
         missing = [k for k in (*PIPELINE_COMPONENTS, "latent_upsampler") if k not in components]
         if missing:
             raise GenerationInputError(f"components lack {', '.join(missing)}; build them with "
@@ -314,6 +209,13 @@ class LTX2TwoStagePipeline:
                     check_strength(value, f"LoRA {spec.name!r} {getattr(phase, 'value', phase)}")
         self.manager = ResidencyManager(components["transformer"], mode=mode, loras=[distilled, *loras],
                                         merge_policy=merge_policy, options=options, **manager_options)
+        if compile_spec is not None:
+            try:
+                self.manager.compile(compile_spec)  # the DiT only: every DiT the manager runs (a stage-2 copy too)
+            except BaseException:
+                self.manager.close()  # the model is given back, free for another pipeline
+                raise
+        self._compile_spec = compile_spec
         self.progress: Progress = progress or _Silent()
         shared = {k: components[k] for k in PIPELINE_COMPONENTS}
         scheduler = components["scheduler"]
@@ -333,15 +235,19 @@ class LTX2TwoStagePipeline:
         # stage 2's merge starts behind stage 1's last step (Request.prepare); off: at the switch
         self.merge_ahead = True
         self.prepared = False  # whether the last request's stage-2 weights were started ahead
+        self._stg_warned = False  # STGSkippedWarning is given once per pipeline
 
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_preset(cls, preset: str, *, seed: int = 0, device: str | torch.device | None = None,
                     dtype: torch.dtype = torch.bfloat16, preset_options: Mapping[str, Any] | None = None,
                     **kwargs: Any) -> LTX2TwoStagePipeline:
-        """``"tiny"`` (CPU-sized, offline) or ``"full"`` (real shapes, random weights, on ``device``)."""
+        """``"tiny"`` (CPU-sized, offline) or ``"full"`` (real shapes, random weights, on ``device``);
+        ``preset_options`` go to :func:`~ltx2_pipeline.presets.tiny_preset` or
+        :func:`~ltx2_pipeline.presets.full_preset` (e.g. ``{"perturbed_attn": True}``)."""
+        kwargs["compile"] = check_compile(kwargs.get("compile"))  # checked before anything is built
         if preset == "tiny":
-            components, lora = tiny_preset(seed, dtype)
+            components, lora = tiny_preset(seed, dtype, **dict(preset_options or {}))
             if device is not None:
                 _move(components, device)
                 lora = {k: v.to(device) for k, v in lora.items()}
@@ -357,6 +263,7 @@ class LTX2TwoStagePipeline:
                         dtype: torch.dtype | None = torch.bfloat16, device: str | torch.device | None = None,
                         **kwargs: Any) -> LTX2TwoStagePipeline:
         """A local diffusers-format folder; the distilled LoRA defaults to its ``distilled_lora.safetensors``."""
+        kwargs["compile"] = check_compile(kwargs.get("compile"))  # checked before anything loads
         components = load_components(model_path, dtype)
         if distilled_lora is None:
             candidate = Path(model_path) / DISTILLED_FILE
@@ -371,15 +278,34 @@ class LTX2TwoStagePipeline:
     def close(self) -> None:
         self.manager.close()
 
+    @property
+    def compile_spec(self) -> CompileSpec | None:
+        """How the DiT is compiled (``compile=``), or ``None``: it runs eager."""
+        return self._compile_spec
+
     # ------------------------------------------------------------------ generation
     def check(self, req: GenerationRequest) -> None:
         """Raise :class:`GenerationInputError` for a request the flow cannot run (before any work)."""
         vae = self.components["vae"]
         check_request(req, vae.spatial_compression_ratio, vae.temporal_compression_ratio, list(self.manager.specs))
 
+    @property
+    def can_perturb(self) -> bool:
+        """Whether the DiT was built with perturbed attention (``perturbed_attn=True``), which STG needs."""
+        return bool(getattr(self.base.config, "perturbed_attn", False))
+
+    def stage1_guidance(self, req: GenerationRequest) -> Guidance:
+        """The guidance stage 1 runs: the request's, without STG where the DiT cannot perturb (there
+        the STG call would repeat the conditional one)."""
+        g = req.guidance
+        return g.without_stg() if g.stg and not self.can_perturb else g
+
     def __call__(self, request: GenerationRequest | None = None, /, **kwargs: Any) -> GenerationResult:
         req = request if request is not None else GenerationRequest(**kwargs)
         self.check(req)
+        if req.guidance.stg and not self.can_perturb and not self._stg_warned:
+            self._stg_warned = True
+            warnings.warn(STG_SKIPPED, STGSkippedWarning, stacklevel=2)
         clock = _Clock(self.device, self.progress)
         self.prepared = False
         if clock.cuda:
@@ -419,7 +345,7 @@ class LTX2TwoStagePipeline:
                         num_frames=req.num_frames, frame_rate=req.frame_rate,
                         num_inference_steps=req.num_inference_steps, generator=gen, output_type="latent",
                         callback_on_step_end=self._on_step(clock, "LTX2AVDenoisingStage", self._ahead(mreq, req)),
-                        max_sequence_length=req.max_sequence_length, **req.guidance.kwargs(layers))
+                        max_sequence_length=req.max_sequence_length, **self.stage1_guidance(req).kwargs(layers))
                 _check_finite("LTX2AVDenoisingStage", {"video latents": s1.frames, "audio latents": s1.audio})
                 with clock.stage("LTX2UpsampleStage"):
                     upsampled = self.upsample(
@@ -453,15 +379,16 @@ class LTX2TwoStagePipeline:
         """What a stage runs, for the manager's ``merge_policy="auto"``: its steps, its video tokens
         per DiT call and its calls per step. Stage 1's guidance runs the DiT once for CFG (the
         conditional and unconditional halves batched: twice the tokens) and once more for each of
-        STG and modality guidance; the tokens are averaged over those calls."""
+        STG (only on a DiT that can perturb: :meth:`stage1_guidance`) and modality guidance; the
+        tokens are averaged over those calls."""
         vae = self.components["vae"]
         frames = (req.num_frames - 1) // vae.temporal_compression_ratio + 1
         scale = vae.spatial_compression_ratio * (2 if stage == 1 else 1)
         tokens = frames * (req.height // scale) * (req.width // scale)
         if stage == 2:
             return PhaseWork(len(STAGE2_SIGMAS), tokens, 1)
-        g = req.guidance
-        batched = [2 if g.guidance_scale > 1 else 1] + [1] * ((g.stg_scale > 0) + (g.modality_scale > 1))
+        g = self.stage1_guidance(req)
+        batched = [2 if g.cfg else 1] + [1] * (g.stg + g.modality)
         return PhaseWork(req.num_inference_steps, max(1, tokens * sum(batched) // len(batched)), len(batched))
 
     def decode(self, latents: torch.Tensor, audio_latents: torch.Tensor) -> tuple[np.ndarray, torch.Tensor]:
@@ -484,9 +411,12 @@ class LTX2TwoStagePipeline:
     def _runs_on(self, pipe: LTX2Pipeline, dit: nn.Module) -> Iterator[None]:
         """Hand diffusers' pipeline the module the phase runs on; give the base back afterwards."""
         pipe.transformer = dit
+        hooks = cuda_graph_hooks(dit, self._compile_spec, self.device)
         try:
             yield
         finally:
+            for hook in hooks:
+                hook.remove()
             pipe.transformer = self.base
 
     def _ahead(self, mreq: Request, req: GenerationRequest) -> Callable[[int], None]:
@@ -515,6 +445,7 @@ class LTX2TwoStagePipeline:
         steps = [ms for stage in ("stage1", "stage2") for ms in clock.steps_ms.get(stage, [])]
         mgr = self.manager
         peak_device = int(torch.cuda.max_memory_allocated(self.device)) if clock.cuda else None
+        guidance = self.stage1_guidance(req)
         return {
             "pipeline": type(self).__name__,
             "variant": self.variant,
@@ -530,7 +461,12 @@ class LTX2TwoStagePipeline:
             "avg_denoise_ms": statistics.fmean(steps) if steps else 0.0,
             "median_denoise_ms": statistics.median(steps) if steps else 0.0,
             "stages_ms": {name: clock.stages_ms[name] for name in STAGES if name in clock.stages_ms},
+            # stage 1's DiT calls: stg_skipped when the request asked for STG and the DiT cannot perturb
+            "stage1_guidance": {"cfg": guidance.cfg, "stg": guidance.stg, "modality": guidance.modality,
+                                "stg_skipped": req.guidance.stg and not guidance.stg,
+                                "dit_calls_per_step": self.work(req, 1).passes},
             "denoise_step_ms": clock.steps_ms,
+            **compile_report(self._compile_spec, clock.compiled_at_start),  # compile, graphs_compiled, compile_ms
             "trace": [r.as_dict() for r in mgr.trace.for_request(request_id)],
             "dit_state_after": mgr.state.value,
             "memory": {"peak_device_bytes": peak_device, "peak_host_rss_bytes": _peak_rss_bytes(),

@@ -4,9 +4,11 @@ The public contract; everything else is an implementation detail.
 """
 
 from . import testing
+from .compiled import CompileSpec, compile_dit, compiled_graphs, is_compiled, no_recompiles
 from .costmodel import LTX2_BLOCK_LINEARS, LTX2_BLOCKS, PhaseWork
 from .domain import ApplyKind, MergePolicyName, Phase, ResidencyMode, WeightState, check_strength
 from .errors import (
+    CompiledModuleError,
     ConfigError,
     DirtyWeightsError,
     ForwardGuardError,
@@ -45,6 +47,8 @@ __all__ = [
     "REST_STATES",
     "TABLES",
     "ApplyKind",
+    "CompileSpec",
+    "CompiledModuleError",
     "ConfigError",
     "DirtyWeightsError",
     "FaultInjector",
@@ -81,9 +85,13 @@ __all__ = [
     "TransitionRecord",
     "WeightState",
     "check_strength",
+    "compile_dit",
+    "compiled_graphs",
+    "is_compiled",
     "mermaid",
+    "no_recompiles",
     "read_safetensors",
     "testing",
 ]
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"

@@ -77,9 +77,10 @@ class PhaseWork:
 
 
 #: The LTX-2 two-stage recipe at 768x512, 121 frames (latent 24x16x16 at stage 2, half of each
-#: side at stage 1): 30 guided steps (CFG + STG + modality, 3 DiT calls each), 3 unguided steps.
+#: side at stage 1): 30 guided steps of 2 DiT calls (the CFG batch of two, 3072 tokens, and the
+#: modality pass, 1536: LTX-2's DiT has no perturbed attention, so no STG pass), 3 unguided steps.
 RECIPE: Mapping[Phase, PhaseWork] = {
-    Phase.STAGE1: PhaseWork(steps=30, tokens=1536, passes=3),
+    Phase.STAGE1: PhaseWork(steps=30, tokens=2304, passes=2),
     Phase.STAGE2: PhaseWork(steps=3, tokens=6144, passes=1),
 }
 
@@ -213,13 +214,16 @@ class CostModel:
 
     def __init__(self, rates: DeviceRates, adapters: AdapterCost, *, headroom_bytes: int | None = None,
                  record_fraction: float = RECORD_FRACTION, device: torch.device | None = None,
-                 dynamic_forward: str = "peft", skip_cold: bool = False) -> None:
+                 dynamic_forward: str = "peft", skip_cold: bool = False, compiled: bool = False) -> None:
         if not 0.0 <= record_fraction <= 1.0:
             raise ConfigError(f"record_fraction must be in [0, 1], got {record_fraction!r}")
         if dynamic_forward not in ("peft", "fused"):
             raise ConfigError(f"dynamic_forward must be 'peft' or 'fused', got {dynamic_forward!r}")
         self.rates, self.adapters, self.record_fraction = rates, adapters, record_fraction
         self.dynamic_forward = dynamic_forward
+        # a compiled DiT: its graphs launch the adapters' kernels with the rest, so they add device
+        # time only, and every managed LoRA of a layer is computed (ops.forward's graph form)
+        self.compiled = compiled
         self.device = device  # where refresh_headroom() reads free memory
         self.headroom_bytes = headroom_bytes  # free device memory; None = unlimited (a server updates it)
         self._merge_seen: float | None = None  # measured times replace the estimates
@@ -230,14 +234,14 @@ class CostModel:
         self._cold = {"merge", "undo"} if skip_cold else set()
 
     @classmethod
-    def for_targets(cls, targets: Sequence[Any], dynamic_forward: str = "peft") -> CostModel:
+    def for_targets(cls, targets: Sequence[Any], dynamic_forward: str = "peft", compiled: bool = False) -> CostModel:
         """The model of a manager's adapted layers (``LayerTarget``s: name, weight, lora_A), on the
         rates measured on their device, for the dynamic forward the manager runs."""
         layers = [(t.weight.shape[0], t.weight.shape[1], t.lora_A.shape[0], ltx2_token_share(t.name))
                   for t in targets]
         device = targets[0].weight.device
         return cls(DeviceRates.measure(device), AdapterCost.of(layers), device=device,
-                   dynamic_forward=dynamic_forward, skip_cold=device.type == "cuda")
+                   dynamic_forward=dynamic_forward, skip_cold=device.type == "cuda", compiled=compiled)
 
     def refresh_headroom(self) -> None:
         """Take the device's free memory now as the headroom (CUDA; unlimited elsewhere)."""
@@ -299,7 +303,7 @@ class CostModel:
             return self._fused_overhead_ms(tokens)
         device_s = (2 * tokens * a.lora_macs_per_token / (r.matmul_tflops * 1e12)
                     + (tokens * a.activation_bytes_per_token + a.elem_bytes * a.lora_elems) / (r.hbm_gibps * 2**30))
-        host_s = HOST_LAUNCHES_PER_ADAPTER * a.layers * r.launch_us * 1e-6
+        host_s = 0.0 if self.compiled else HOST_LAUNCHES_PER_ADAPTER * a.layers * r.launch_us * 1e-6
         return max(device_s, host_s) * 1e3
 
     def _fused_overhead_ms(self, tokens: int) -> float:
@@ -314,7 +318,7 @@ class CostModel:
             factored = 2 * t * rank * (inp + out) * flop_s + t * (inp + 2 * rank + 2 * out) * a.elem_bytes * byte_s
             merged = 2 * rank * out * inp * flop_s + (2 * out * inp + rank * (inp + out)) * a.elem_bytes * byte_s
             device_s += min(factored, merged)
-        host_s = FUSED_HOST_LAUNCHES * a.layers * r.launch_us * 1e-6
+        host_s = 0.0 if self.compiled else FUSED_HOST_LAUNCHES * a.layers * r.launch_us * 1e-6
         return max(FUSED_OVERHEAD * device_s, host_s) * 1e3
 
     def dynamic_ms(self, work: PhaseWork) -> float:

@@ -113,6 +113,11 @@ class ModeNotAvailableError(ConfigError):
     """A residency mode whose weight mechanics are not available in this manager yet."""
 
 
+class CompiledModuleError(ConfigError):
+    """The wrapper ``torch.compile(module)`` returns, where the module itself is needed (compile it
+    in place instead), or a compiled DiT the manager cannot copy as it was compiled."""
+
+
 class ModelInUseError(ConfigError):
     """The model (or a module of it) already has a live manager: one model, one manager."""
 

@@ -26,16 +26,11 @@ from .errors import ForwardGuardError, ManagerClosedError, ModelInUseError
 from .executor import Executor
 from .gate import RequestGate
 from .modes import TRANSIENT_STATES
-from .ops.ahead import block_of
+from .ops.ahead import blocks_of
+from .ops.graph_hooks import eager_only, outside_graphs
 
 #: model -> its manager (weakly: a model and a manager nobody holds any more are freed together)
 _CLAIMS: weakref.WeakKeyDictionary[nn.Module, weakref.ref[Any]] = weakref.WeakKeyDictionary()
-
-
-def blocks_of(root: nn.Module) -> list[nn.Module]:
-    """The numbered blocks of ``root`` (``transformer_blocks.0``, ...): the blocks merging ahead
-    groups layers by (:func:`~ltx2_residency.ops.ahead.block_of` of a layer inside one)."""
-    return [m for name, m in root.named_modules() if name and block_of(f"{name}.x") == name]
 
 
 def claim(model: nn.Module, manager: object) -> None:
@@ -68,8 +63,8 @@ class ForwardGuard:
         try:
             for root in roots:
                 handles = self._handles.setdefault(id(root), [])
-                handles.append(root.register_forward_pre_hook(on_call))
-                check = on_block(root)
+                handles.append(root.register_forward_pre_hook(outside_graphs(on_call)))
+                check = eager_only(on_block(root))
                 handles += [block.register_forward_pre_hook(check) for block in blocks_of(root)]
         except BaseException:
             self.remove()

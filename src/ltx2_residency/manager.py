@@ -17,8 +17,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from .compiled import CompileSpec, compile_dit, is_compiled, refuse_wrapper, spec_of
 from .domain import MergePolicyName, Phase, ResidencyMode, WeightState
-from .errors import ConfigError, DirtyWeightsError
+from .errors import CompiledModuleError, ConfigError, DirtyWeightsError
 from .executor import build_executor
 from .faults import NO_FAULTS
 from .gate import RequestGate
@@ -49,6 +50,10 @@ class ResidencyManager:
         options: everything else (:class:`ManagerOptions`: timeouts, the exact-merge kernel, the
             side-stream undo, the dynamic forward, verification, the clean source ...).
 
+    The DiT may be compiled in place before or after (``transformer.compile()``,
+    ``compile_repeated_blocks()``, :func:`~ltx2_residency.compile_dit` or :meth:`compile`), not
+    wrapped by ``torch.compile(transformer)``; see :mod:`ltx2_residency.compiled`.
+
     The keywords of 0.1 (``restore=``, ``strict=``, ``request_timeout=`` ...) are still taken, with a
     ``DeprecationWarning``, as fields of ``options``.
     """
@@ -56,6 +61,7 @@ class ResidencyManager:
     def __init__(self, transformer: nn.Module, mode: ResidencyMode | str = "original",
                  loras: Sequence[LoRASpec] = (), merge_policy: MergePolicyName | str = "sglang", *,
                  options: ManagerOptions | None = None, **keywords: Any) -> None:
+        refuse_wrapper(transformer)
         if not isinstance(transformer, nn.Module):
             raise ConfigError(f"transformer must be a torch.nn.Module, got {type(transformer).__name__}")
         self.options = with_legacy_keywords(options, keywords)
@@ -90,6 +96,7 @@ class ResidencyManager:
         # the pre-merged stage-2 DiT is copied from the base before anything wraps or hooks it
         stage2 = {name: spec.strength(Phase.STAGE2) for name, spec in self.specs.items()}
         mode = MODES[self.mode](self.transformer, self.loras, stage2, faults, o.low_vram)
+        self._compile_copies(mode.dits)
         self._adapters = PeftAdapters(self.transformer, self.loras, faults, o.dynamic_forward)
         stack = MergeStack(EXACT_KERNELS[self.exact_kernel](), faults, o.check_layers)
         self._executor = build_executor(mode, self._adapters, stack, o.clean_source, o.overlap_restore, faults,
@@ -97,6 +104,22 @@ class ResidencyManager:
         self._switch = PhaseSwitch(self._executor, self.specs, policy, o)
         self._gate = RequestGate(self._executor, self._switch)
         self._guard = DiTGuard(self._executor, self._gate, o.strict)
+
+    def _compile_copies(self, dits: Sequence[Any]) -> None:
+        """A stage-2 copy of a compiled base DiT is compiled as the base was (a copy of a module
+        is not compiled: it would run eager beside the compiled base)."""
+        copies = [d.module for d in dits if d.module is not self.transformer]
+        if not copies or not is_compiled(self.transformer):
+            return
+        spec = spec_of(self.transformer)
+        if spec is None:
+            raise CompiledModuleError(
+                f"mode {self.mode.value!r} runs a copy of the DiT, and the DiT was compiled by other means "
+                "than ltx2_residency, so the copy cannot be compiled the same way; compile with "
+                "ltx2_residency.compile_dit(transformer, CompileSpec(...)) before building the manager, or "
+                "build it on the eager DiT and call manager.compile(...)")
+        for module in copies:
+            compile_dit(module, spec)
 
     # ------------------------------------------------------------------ requests
     def request(self, timeout: float | None = ...) -> RequestScope:  # type: ignore[assignment]
@@ -170,6 +193,23 @@ class ResidencyManager:
         policy = make_policy(merge_policy)  # an unknown name raises before anything changes
         self._gate.outside_requests("set_merge_policy()")
         self._switch.policy = policy
+
+    def compile(self, spec: CompileSpec | str | bool = True) -> None:
+        """Compile every DiT this manager runs (the base DiT, and the stage-2 copy of resident and
+        snapshot modes) in place, as ``spec`` says (``True``: :class:`CompileSpec`'s defaults; a
+        string: inductor's mode). Between requests; the auto policy then prices compiled calls."""
+        checked = CompileSpec.of(spec)
+        if checked is None:
+            raise ConfigError("compile() needs a CompileSpec, a mode name or True; a DiT is not un-compiled")
+        self._gate.outside_requests("compile()")
+        for dit in self._executor.mode.dits:
+            compile_dit(dit.module, checked)
+        self._switch.costs = None
+
+    @property
+    def compiled(self) -> bool:
+        """Whether the DiT is compiled (in place, by any means)."""
+        return is_compiled(self.transformer)
 
     @property
     def dynamic_forward(self) -> str:

@@ -113,11 +113,14 @@ def make_policy(name: MergePolicyName | str) -> MergePolicy:
     return POLICIES[parse_enum(MergePolicyName, name, "merge policy")]()
 
 
-def hides_merge(running: PhaseWork | None, device_type: str) -> bool:
+def hides_merge(running: PhaseWork | None, device_type: str, compiled: bool = False) -> bool:
     """Whether a merge launched behind the running phase's last DiT call can hide there: on a GPU
     only a host-bound call (at most ``HOST_BOUND_TOKENS`` video tokens a call, on average over the
     step's calls) leaves the device idle between launches; a device-bound call leaves no gaps to
-    fill (measured in docs/results/measured_constants.md#merge-behind-a-host-bound-call). On the CPU
-    the merge runs inline either way. Without a declared work, the LTX-2 recipe (1536
+    fill (measured in docs/results/measured_constants.md#merge-behind-a-host-bound-call), and a
+    compiled DiT's calls are device-bound at any size (its graphs launch ahead of the device). On
+    the CPU the merge runs inline either way. Without a declared work, the LTX-2 recipe (1536
     tokens a call at 768x512)."""
-    return device_type != "cuda" or running is None or running.tokens <= HOST_BOUND_TOKENS
+    if device_type != "cuda":
+        return True
+    return not compiled and (running is None or running.tokens <= HOST_BOUND_TOKENS)

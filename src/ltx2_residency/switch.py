@@ -10,6 +10,7 @@ from collections.abc import Mapping
 
 from torch import nn
 
+from .compiled import is_compiled
 from .costmodel import CostModel, PhaseWork
 from .domain import ApplyKind, MergePolicyName, Phase, WeightState
 from .errors import QuarantinedError
@@ -79,7 +80,8 @@ class PhaseSwitch:
         policy merges it into the shared DiT and nothing is applied now (see ``ops.ahead``)."""
         ex = self.executor
         strengths = resolve_strengths(self.specs, phase, overrides)
-        if not ex.machine.can("merge_ahead") or not hides_merge(req.work.get(Phase.STAGE1), self.mode.device.type):
+        if not ex.machine.can("merge_ahead") or not hides_merge(req.work.get(Phase.STAGE1), self.mode.device.type,
+                                                                 is_compiled(self.mode.base.module)):
             return False
         stage1 = req.strengths.get(Phase.STAGE1, {})
         if self._decide(phase, strengths, stage1, work, ahead=True) is not ApplyKind.MERGED:
@@ -125,7 +127,7 @@ class PhaseSwitch:
         if self.costs is None:
             ex = self.executor
             self.costs = CostModel.for_targets([t for n in self.specs for t in ex.adapters.targets(n)],
-                                               ex.adapters.forward.name)
+                                               ex.adapters.forward.name, compiled=is_compiled(self.mode.base.module))
         self.costs.refresh_headroom()
         return self.costs
 

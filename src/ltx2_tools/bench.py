@@ -16,6 +16,9 @@ Sections (``--sections``):
   ``auto``): sglang-style stage times (:func:`.perf.summarize`), the weight-management share,
   ``auto`` against the best fixed policy, and the request against a dedicated pre-merged DiT
   (the merged run without its switch and restore stages: the same steps, no weight management).
+  With ``--compile [MODE]`` the pipeline's DiT runs under ``torch.compile``: the untimed warm-ups
+  compile the graphs (their count and compile time are reported), and every timed request should
+  compile none (``graphs_compiled_per_request``, ``graphs_compiled_after_warmup``).
 
 Benchmarks report; the test suite checks that this runs and that its arithmetic is right, never a
 time.
@@ -34,7 +37,7 @@ from typing import Any
 
 import torch
 
-from ltx2_residency import Fingerprint
+from ltx2_residency import CompileSpec, Fingerprint
 
 #: Output size per preset and scenario: (height, width, frames).
 SIZES = {"full": {"normal": (512, 768, 121), "hq": (512, 768, 121), "small": (256, 384, 121)},
@@ -76,14 +79,15 @@ def weights_section(preset: str, device: str, requests: int) -> dict[str, Any]:
 
 
 def requests_section(preset: str, device: str, scenarios: Sequence[str], policies: Sequence[str],
-                     requests: int, steps: int) -> dict[str, Any]:
+                     requests: int, steps: int, compile_spec: CompileSpec | None = None) -> dict[str, Any]:
     from ltx2_pipeline.two_stage import LTX2TwoStagePipeline
 
     from .perf import cli_request, summarize
 
-    pipe = LTX2TwoStagePipeline.from_preset(preset, device=device, mode="original", merge_policy="merge")
+    pipe = LTX2TwoStagePipeline.from_preset(preset, device=device, mode="original", merge_policy="merge",
+                                            compile=compile_spec)
     out: dict[str, Any] = {"exact_kernel": pipe.manager.exact_kernel, "overlap_restore": pipe.manager.overlap_restore,
-                           "cases": {}}
+                           "compile": None, "warmup": [], "cases": {}}
     try:
         clean = Fingerprint.of(pipe.manager.managed_weights.items())
         warmed = False
@@ -97,7 +101,11 @@ def requests_section(preset: str, device: str, scenarios: Sequence[str], policie
             # request at each new scenario's shapes
             for policy in (policies if not warmed else policies[:1]):
                 _use(pipe, policy)
-                pipe(request)
+                report = pipe(request).report
+                out["compile"] = report["compile"]
+                out["warmup"].append({"case": f"{scenario}/{policy}", "e2e_ms": report["e2e_ms"],
+                                      "graphs_compiled": report["graphs_compiled"],
+                                      "compile_ms": report["compile_ms"]})
             warmed = True
             gc.collect()
             gc.freeze()  # what lives this long is not rescanned: collector pauses stay out of the timings
@@ -109,10 +117,16 @@ def requests_section(preset: str, device: str, scenarios: Sequence[str], policie
             for policy in policies:
                 case = summarize(reports[policy], pipe.manager)
                 case["decisions"] = [r["event"] for r in reports[policy][-1]["trace"]]
+                # after the warm-ups, a compiled DiT runs every timed request on graphs it has: 0 each
+                case["graphs_compiled_per_request"] = [r["graphs_compiled"] for r in reports[policy]]
                 out["cases"][f"{scenario}/{policy}"] = case
                 print(f"{scenario}/{policy}: e2e {case['e2e_ms']:.1f} ms (each: "
                       f"{', '.join(f'{x:.0f}' for x in case['e2e_ms_per_request'])}), weight management "
-                      f"{case['weight_management_ms']:.1f} ms", flush=True)
+                      f"{case['weight_management_ms']:.1f} ms"
+                      + (f", graphs compiled {case['graphs_compiled_per_request']}" if out["compile"] else ""),
+                      flush=True)
+        out["graphs_compiled_after_warmup"] = sum(sum(c["graphs_compiled_per_request"])
+                                                  for c in out["cases"].values())
         pipe.manager.verify_clean()
         out["drift_layers_after_all_requests"] = len(clean.differing(
             Fingerprint.of(pipe.manager.managed_weights.items())))
@@ -155,7 +169,7 @@ def derive(cases: dict[str, Any], scenarios: Sequence[str], policies: Sequence[s
 
 
 def run(preset: str, device: str, sections: Sequence[str], scenarios: Sequence[str], policies: Sequence[str],
-        requests: int, steps: int) -> dict[str, Any]:
+        requests: int, steps: int, compile_spec: CompileSpec | None = None) -> dict[str, Any]:
     res: dict[str, Any] = {
         "preset": preset,
         "device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu",
@@ -166,7 +180,7 @@ def run(preset: str, device: str, sections: Sequence[str], scenarios: Sequence[s
         res["weights"] = weights_section(preset, device, requests)
         _cleanup(device)
     if "requests" in sections:
-        res["requests"] = requests_section(preset, device, scenarios, policies, requests, steps)
+        res["requests"] = requests_section(preset, device, scenarios, policies, requests, steps, compile_spec)
         _cleanup(device)
     return res
 
@@ -238,6 +252,13 @@ def print_summary(res: dict[str, Any]) -> None:
                 same = ", ".join(d["auto_decides_as"]) or "no fixed policy"
                 console.print(f"{scenario}: auto {d['auto_vs_best_fixed']:+.2%} against the best fixed policy "
                               f"({d['best_fixed_policy']}); auto decided as {same}")
+        if r.get("compile"):
+            spec, warm = r["compile"], r["warmup"]
+            each = ", ".join(f"{w['case']} {w['graphs_compiled']}" for w in warm)
+            console.print(f"DiT compiled (mode {spec['mode']}, backend {spec['backend']}): the untimed warm-up "
+                          f"requests compiled {sum(w['graphs_compiled'] for w in warm)} graphs ({each}; the first "
+                          f"took {warm[0]['e2e_ms'] / 1e3:,.1f} s, {warm[0]['compile_ms'] / 1e3:,.1f} s of it "
+                          f"compiling); the timed requests compiled {r['graphs_compiled_after_warmup']}")
         console.print(f"drift after all requests: {r['drift_layers_after_all_requests']} layers")
 
 
@@ -247,6 +268,7 @@ REQUEST_FLAGS = {"scenarios": ["normal", "hq", "small"], "policies": [*FIXED_POL
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     from ltx2_pipeline.checks import device, positive_int  # light: torch and the pipeline's errors only
+    from ltx2_pipeline.compiling import add_compile_arguments  # light: torch, the core and those errors
 
     ap.add_argument("--preset", choices=("tiny", "full"), default="tiny")
     ap.add_argument("--device", type=device, default=None, help="default: cuda when there is one, else cpu")
@@ -260,6 +282,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--steps", type=positive_int, default=None,
                     help=f"requests section only: stage-1 denoising steps (default {REQUEST_FLAGS['steps']})")
     ap.add_argument("--json", default=None, help="write the results here (in an existing directory)")
+    add_compile_arguments(ap)  # requests section only: the weights section times kernels, not the DiT
 
 
 def check_arguments(args: argparse.Namespace) -> str:
@@ -268,6 +291,7 @@ def check_arguments(args: argparse.Namespace) -> str:
     from pathlib import Path
 
     from ltx2_pipeline.checks import GIB, check_device, check_fits, check_output_path
+    from ltx2_pipeline.compiling import compile_arguments
     from ltx2_pipeline.errors import GenerationInputError
 
     for name, default in REQUEST_FLAGS.items():
@@ -276,6 +300,10 @@ def check_arguments(args: argparse.Namespace) -> str:
         elif "requests" not in args.sections:
             raise GenerationInputError(f"--{name} applies to the requests section only, not to --sections "
                                        f"{' '.join(args.sections)}; drop it or add the requests section")
+    if args.compile is not None and "requests" not in args.sections:
+        raise GenerationInputError(f"--compile applies to the requests section only (the pipeline's DiT), not to "
+                                   f"--sections {' '.join(args.sections)}; drop it or add the requests section")
+    args.compile_spec = compile_arguments(args)
     device = args.device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     check_device(device)
     if args.json is not None:
@@ -305,7 +333,8 @@ DESCRIPTION = __doc__.split("\n\n")[0]
 
 def command(args: argparse.Namespace, console: object = None) -> int:
     device = check_arguments(args)
-    res = run(args.preset, device, args.sections, args.scenarios, args.policies, args.requests, args.steps)
+    res = run(args.preset, device, args.sections, args.scenarios, args.policies, args.requests, args.steps,
+              args.compile_spec)
     print_summary(res)
     if args.json:
         with open(args.json, "w") as fh:

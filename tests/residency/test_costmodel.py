@@ -222,7 +222,7 @@ def _ff_only(rank: int = 384) -> AdapterCost:
 # 384x256x121 -> 12x8x16 = 1536 at stage 2, 6x4x16 = 384 at stage 1.
 SCENARIOS = [
     ("normal stage 2 (3 steps at 6144 tokens)", None, RECIPE[Phase.STAGE2], False, ApplyKind.MERGED),
-    ("HQ stage 1 (30 steps x 3 calls at 1536)", None, RECIPE[Phase.STAGE1], False, ApplyKind.MERGED),
+    ("HQ stage 1 (30 steps x 2 calls, 2304 tokens on average)", None, RECIPE[Phase.STAGE1], False, ApplyKind.MERGED),
     ("HQ stage 1, 4 steps", None, PhaseWork(4, 1536, 3), False, ApplyKind.MERGED),
     ("HQ stage 2 after a merged stage 1", None, RECIPE[Phase.STAGE2], True, ApplyKind.MERGED),
     ("small resolution, stage 2", None, PhaseWork(3, 1536), False, ApplyKind.MERGED),
@@ -523,3 +523,23 @@ def test_a_managers_model_skips_the_first_merge_and_undo_it_sees() -> None:
     assert (model.merge_ms(), model.undo_ms()) == (123.0, 3.0)
     with pytest.raises(ConfigError):
         model.observe_merge(-1.0)  # still checked while cold
+
+
+@pytest.mark.parametrize("forward", ["peft", "fused"])
+def test_a_compiled_dit_prices_device_time_only(forward: str) -> None:
+    # compiled, the adapters' kernels launch with the graph's: no host time per layer; at a small
+    # call the eager estimate is the host's, the compiled one far below it
+    eager = CostModel(H100, cm.ltx2_adapter_cost(), dynamic_forward=forward)
+    compiled = CostModel(H100, cm.ltx2_adapter_cost(), dynamic_forward=forward, compiled=True)
+    host_ms = (FUSED_HOST_LAUNCHES if forward == "fused" else HOST_LAUNCHES_PER_ADAPTER) * 1344 * H100.launch_us / 1e3
+    assert eager.forward_overhead_ms(64) == pytest.approx(host_ms)
+    assert compiled.forward_overhead_ms(64) < host_ms / 10
+    assert compiled.forward_overhead_ms(6144) == pytest.approx(eager.forward_overhead_ms(6144))  # device-bound
+
+
+def test_merge_ahead_is_not_expected_to_hide_behind_a_compiled_call() -> None:
+    from ltx2_residency.policy import hides_merge
+    assert hides_merge(RECIPE[Phase.STAGE2], "cpu", compiled=True)  # the CPU merges inline either way
+    small = PhaseWork(30, 1536, 2)
+    assert hides_merge(small, "cuda") and not hides_merge(small, "cuda", compiled=True)
+    assert not hides_merge(PhaseWork(3, 6144), "cuda")

@@ -19,6 +19,7 @@ from ltx2_residency.ops.forward import (
     FusedForward,
     FusedLoRALinear,
     LoRADelta,
+    eager_forward,
     fusable,
     has_fused,
     merge_above_tokens,
@@ -115,7 +116,7 @@ def test_a_host_bound_small_call_rebuilds_every_weight(monkeypatch: pytest.Monke
     assert torch.equal(y, FusedLoRALinear(base, deltas, merge_above=0.0)(x))  # the transient-merge form
 
 
-def test_the_call_size_hook_lives_for_the_phase_and_only_steers_gpu_layers(
+def test_the_call_size_hook_is_registered_once_and_only_steers_gpu_layers(
         fresh_model: Callable[[], nn.Module], distilled_path: str, inputs: dict[str, Any]) -> None:
     model = fresh_model()
     mgr = _manager(model, distilled_path, "fused")
@@ -123,17 +124,22 @@ def test_the_call_size_hook_lives_for_the_phase_and_only_steers_gpu_layers(
     with torch.no_grad(), mgr.request() as req:
         req.enter("stage1")
         dit = req.enter("stage2")
-        assert len(model._forward_pre_hooks) == hooks + 1
+        assert len(model._forward_pre_hooks) == hooks
         layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
-        assert all(m.forward.call is None for m in layers)  # on the CPU the roofline alone decides
+        assert all(eager_forward(m).call is None for m in layers)  # on the CPU the roofline alone decides
         dit(**inputs)
+    # registered with the adapters and kept: a hook added or removed on a compiled DiT is a new graph
     assert len(model._forward_pre_hooks) == hooks
+    mgr.close()
+    assert len(model._forward_pre_hooks) == hooks - 2  # the guard's own hook goes too
     strategy = FusedForward(host_bound_tokens=10)
     strategy.begin(model)
     strategy.begin(model)  # idempotent: one hook
-    assert len(model._forward_pre_hooks) == hooks + 1
+    assert len(model._forward_pre_hooks) == hooks - 1
     strategy.end()
-    assert len(model._forward_pre_hooks) == hooks and not strategy.call.small
+    assert len(model._forward_pre_hooks) == hooks - 1 and not strategy.call.small
+    strategy.release()
+    assert len(model._forward_pre_hooks) == hooks - 2
 
 
 def test_crossover_at_ltx2_shapes_sits_between_the_two_stages() -> None:
@@ -272,8 +278,10 @@ def test_a_layers_forward_is_kept_across_phases_while_it_is_still_valid(model: n
 
     def attach(layer: LoraLayer, strength: float) -> FusedLoRALinear:
         assert strategy.attach(layer, {"distilled": strength}) is False  # ours, not PEFT's
-        fwd = vars(layer).pop("forward")
-        assert isinstance(fwd, FusedLoRALinear)
+        assert has_fused(layer)
+        fwd = eager_forward(layer)
+        FusedForward.detach(layer)
+        assert isinstance(fwd, FusedLoRALinear) and not has_fused(layer)
         return fwd
 
     kept = attach(first, 1.0)
@@ -286,4 +294,4 @@ def test_a_layers_forward_is_kept_across_phases_while_it_is_still_valid(model: n
     fresh = attach(second, 1.0)
     assert fresh is not again and fresh.factors[0][0].data_ptr() == lora_a.data_ptr()
     second.get_base_layer().register_forward_pre_hook(lambda *a: None)  # a hook now: PEFT's forward
-    assert strategy.attach(second, {"distilled": 1.0}) is True and "forward" not in vars(second)
+    assert strategy.attach(second, {"distilled": 1.0}) is True and not has_fused(second)

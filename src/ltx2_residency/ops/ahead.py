@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from ..errors import ForwardGuardError
+from .graph_hooks import eager_only, outside_graphs
 from .merge import MergeStack
 from .side_stream import SideStream
 from .undo import LayerTarget, MergeFrame
@@ -53,6 +54,12 @@ def block_of(name: str) -> str:
         if part.isdigit():
             return ".".join(parts[: i + 1])
     return OUTSIDE
+
+
+def blocks_of(root: nn.Module) -> list[nn.Module]:
+    """The numbered blocks of ``root`` (``transformer_blocks.0``, ...): the blocks merging ahead
+    groups layers by (:func:`block_of` of a layer inside one)."""
+    return [m for name, m in root.named_modules() if name and block_of(f"{name}.x") == name]
 
 
 def _block_order(block: str) -> tuple[bool, tuple[str | int, ...]]:
@@ -114,14 +121,16 @@ class MergeAhead:
         try:
             # one handle a statement: each is kept the moment it exists, so a failure (or Ctrl-C)
             # part way removes every hook registered so far
-            call_done = self._guarded(self._call_done)
-            self._hooks.append(root.register_forward_pre_hook(self._call_starts))
+            # on a compiled DiT the blocks' hooks are traced away (ops.graph_hooks): the whole
+            # merge is then launched when the last call is done
+            call_done = outside_graphs(self._guarded(self._call_done))
+            self._hooks.append(root.register_forward_pre_hook(outside_graphs(self._call_starts)))
             self._hooks.append(root.register_forward_hook(call_done))
-            self._hooks.append(root.register_forward_hook(self._call_ends, always_call=True))
+            self._hooks.append(root.register_forward_hook(outside_graphs(self._call_ends), always_call=True))
             for block in self.pending:
                 if block != OUTSIDE:
                     module = root.get_submodule(block)
-                    starts, done = self._block_starts(block), self._block_done(block)
+                    starts, done = eager_only(self._block_starts(block)), eager_only(self._block_done(block))
                     self._hooks.append(module.register_forward_pre_hook(starts))
                     self._hooks.append(module.register_forward_hook(done))
         except BaseException:

@@ -26,7 +26,7 @@ from torch import nn
 from ..errors import LoRAValidationError
 from ..faults import FaultInjector
 from ..lora import LoadedLoRA
-from .forward import DYNAMIC_FORWARDS, has_fused
+from .forward import DYNAMIC_FORWARDS, FusedForward, has_fused, install, uninstall
 from .undo import LayerTarget
 
 
@@ -70,8 +70,19 @@ class PeftAdapters:
             self.layers = {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer)}
             for p in model.parameters():
                 p.requires_grad_(False)
+            # every LoRA's strength in the phase under way, read by the dynamic forward in a graph
+            # (ops.forward): written in place, never re-allocated, so a captured graph sees it
+            weights = [layer.get_base_layer().weight for layer in self.layers.values()]
+            self.strengths = torch.zeros(len(self.names), dtype=torch.float32,
+                                         device=weights[0].device if weights else "cpu")
+            for layer in self.layers.values():
+                install(layer, [n for n in self.names if n in layer.lora_A], self.strengths, self.names)
+            self.forward.begin(model)  # its hooks, once: on a compiled DiT a hook added later is a new graph
             self.deactivate()
         except BaseException:
+            self.forward.release()
+            for layer in model.modules():
+                uninstall(layer)
             _unwrap(model, self.names)  # leave the model as it was given to us
             raise
 
@@ -129,24 +140,38 @@ class PeftAdapters:
             ))
         return out
 
+    def model_device(self) -> torch.device:
+        """Where the adapted weights are now (a residency move may have taken them elsewhere)."""
+        layer = next(iter(self.layers.values()), None)
+        return layer.get_base_layer().weight.device if layer is not None else self.strengths.device
+
     def base_weights(self) -> dict[str, torch.Tensor]:
         """Every Linear weight any managed LoRA targets, keyed by module path."""
         return {name: layer.get_base_layer().weight for name, layer in sorted(self.layers.items())}
 
     def use_forward(self, name: str) -> None:
         """Run later dynamic phases through the ``DYNAMIC_FORWARDS`` strategy ``name``."""
-        self.forward.end()  # a strategy left begun by a failed detach lets go of the model
+        self.forward.release()  # a strategy left begun by a failed detach lets go of the model
         self.forward = DYNAMIC_FORWARDS[name]()
+        self.forward.begin(self.model)
 
     def activate(self, strengths: Mapping[str, float]) -> int:
         """Attach the adapters with non-zero strength, scaled; returns how many layers run one."""
         live = {n: s for n, s in strengths.items() if s != 0.0}
         self.faults.hit("attach.before")
         self.forward.begin(self.model)
+        with torch.no_grad():
+            if self.strengths.device != self.model_device():
+                self.strengths.data = self.strengths.data.to(self.model_device())
+            self.strengths.copy_(torch.tensor([live.get(n, 0.0) for n in self.names], dtype=torch.float32))
         enabled = 0
         for layer in self.layers.values():
             names = [n for n in live if n in layer.lora_A]
             if not names:
+                if live:
+                    self._attached.append(layer)
+                    if not self.forward.idle(layer):
+                        self._attached.pop()
                 continue
             self.faults.hit("attach.layer")
             self._attached.append(layer)  # before attaching: a failure part way is still swept
@@ -164,7 +189,7 @@ class PeftAdapters:
         for layer in self._attached:
             if has_fused(layer):
                 self.faults.hit("detach.layer")
-                del layer.forward
+                FusedForward.detach(layer)
         self._attached = []
         self.forward.end()
         if self._touched:
@@ -183,6 +208,9 @@ class PeftAdapters:
     def remove(self) -> None:
         """Take every adapter off the model: PEFT's wrappers replaced by their base layers again."""
         self.deactivate()
+        self.forward.release()
+        for layer in self.layers.values():
+            uninstall(layer)
         _unwrap(self.model, self.names)
         self.layers = {}
         self._target_cache = {}

@@ -1,22 +1,26 @@
 """How a dynamic phase runs its adapters: PEFT's own forward, or ours over the same tensors.
 
 ``peft`` enables PEFT's adapters (``result + lora_B(lora_A(dropout(x))) * scaling``: five
-kernels and PEFT's Python per layer and LoRA). ``fused`` replaces the forward of each
-adapted PEFT layer, for the phase only, with :class:`FusedLoRALinear`, which reads the very
-same ``lora_A``/``lora_B`` tensors and picks per call the cheaper of two exact-in-intent forms:
+kernels and PEFT's Python per layer and LoRA). ``fused`` gives each adapted PEFT layer, once
+when the adapters are injected, a class whose forward is PEFT's until a dynamic phase sets the
+layer's flag; then it reads the very same ``lora_A``/``lora_B`` tensors and takes the cheaper of
+two exact-in-intent forms:
 
-* **factored**: ``y = x Wᵀ + b``, then ``y += s·(x Aᵀ) Bᵀ`` as one ``addmm_`` (scale and add
-  fused, one rounding): two launches per LoRA, cost ∝ tokens;
-* **transient merge**: ``W' = W + s·B A`` into a fresh buffer (one ``addmm``), then
-  ``y = x W'ᵀ + b``: cost ∝ the weight's size, independent of tokens, and the shared weight
-  is only read. At LTX-2's stage-2 token counts this is the cheaper form for the video
-  layers: their LoRA FLOPs per call exceed the ``rank·out·in`` of rebuilding the weight.
+* **factored**: ``y = x Wᵀ + b``, then ``y += s·(x Aᵀ) Bᵀ``: two matmuls per LoRA, cost ∝ tokens;
+* **transient merge**: ``W' = W + s·B A`` into a fresh buffer, then ``y = x W'ᵀ + b``: cost ∝ the
+  weight's size, independent of tokens, and the shared weight is only read. At LTX-2's stage-2
+  token counts this is the cheaper form for the video layers: their LoRA FLOPs per call exceed
+  the ``rank·out·in`` of rebuilding the weight.
 
 The choice is a crossover token count per layer, from a roofline where a byte of traffic costs
-:data:`FLOPS_PER_BYTE` FLOPs, except in DiT calls small enough to be host-bound on a GPU
-(:data:`HOST_BOUND_TOKENS`): there every layer rebuilds its weight, one aten call instead of
-two, and the device time that costs hides under the host's. Both forms leave every shared weight
-untouched; layers whose base is not a plain, hook-free ``nn.Linear`` keep PEFT's forward.
+:data:`FLOPS_PER_BYTE` FLOPs. Run eagerly (:class:`FusedLoRALinear`, made per strength and kept),
+the scale is a Python number fused into one ``addmm`` (one rounding), only the LoRAs the phase
+runs are computed, and in DiT calls small enough to be host-bound on a GPU
+(:data:`HOST_BOUND_TOKENS`) every layer rebuilds its weight, one aten call instead of two. Traced
+into a graph (:func:`_traced`), every managed LoRA of the layer is computed, each scaled by its
+strength read from one tensor shared by the model's layers: a new strength or mix is a write
+into that tensor, and the graph stays the same. Both forms leave every shared weight untouched;
+layers whose base is not a plain, hook-free ``nn.Linear`` keep PEFT's forward.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +36,7 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from ..errors import ConfigError
+from .graph_hooks import outside_graphs
 
 #: Roofline exchange rate of an H100-class card, in FLOPs per byte: its achieved bf16 matmul rate
 #: over its achieved memory bandwidth (docs/results/measured_constants.md#roofline-exchange-rate).
@@ -133,7 +139,7 @@ class FusedLoRALinear:
 
 def _unhooked(layer: LoraLayer) -> bool:
     """A plain Linear base without hooks or a patched forward (an offload hook would be skipped),
-    and no patch of somebody else's on the PEFT layer (ours is removed at every detach)."""
+    and no patch of somebody else's on the PEFT layer."""
     base = layer.get_base_layer()
     return (type(base) is nn.Linear and not base._forward_hooks and not base._forward_pre_hooks
             and "forward" not in vars(base) and "forward" not in vars(layer))
@@ -154,6 +160,119 @@ def fusable(layer: LoraLayer, names: Sequence[str]) -> bool:
     return True
 
 
+# ---------------------------------------------------------------------------- the compile-ready layer
+#: attributes :func:`install` puts on a layer (and :func:`uninstall` takes off)
+_DYNAMIC, _SLOTS, _FUSED, _MERGE_ABOVE, _PEFT_CLASS, _STRENGTHS = (
+    "_ltx2_dynamic", "_ltx2_slots", "_ltx2_fused", "_ltx2_merge_above", "_ltx2_peft_class", "_ltx2_strengths")
+_CLASSES: dict[type, type] = {}
+
+
+def _traced(layer: LoraLayer, x: torch.Tensor) -> torch.Tensor:
+    """The dynamic forward as a graph sees it: every managed LoRA of the layer, each scaled by its
+    strength read from the shared tensor (0 for one the phase does not run), so a new strength or
+    mix is a write into that tensor, not a new graph. The form is chosen by the input's shape,
+    which a graph is specialised on anyway."""
+    base = layer.base_layer
+    strengths = getattr(layer, _STRENGTHS)
+    slots = getattr(layer, _SLOTS)
+    if x.numel() > getattr(layer, _MERGE_ABOVE) * base.in_features:
+        w = base.weight
+        for k, name, ratio in slots:
+            b = (layer.lora_B[name].weight.float() * (strengths[k] * ratio)).to(w.dtype)
+            w = torch.addmm(w, b, layer.lora_A[name].weight)
+        return F.linear(x, w, base.bias)
+    y = F.linear(x, base.weight, base.bias)
+    for k, name, ratio in slots:
+        h = F.linear(x, layer.lora_A[name].weight)
+        y = y + F.linear((h.float() * (strengths[k] * ratio)).to(h.dtype), layer.lora_B[name].weight)
+    return y
+
+
+def _dynamic_class(peft_class: type) -> type:
+    """``peft_class`` with the forward every installed layer runs: PEFT's own unless the layer runs
+    dynamic; then ours, eager (:class:`FusedLoRALinear`, per strength) or traced (:func:`_traced`).
+    A class, not a per-layer attribute: a graph guards on a callable's identity, and one forward
+    shared by every block lets one graph serve them all."""
+    cls = _CLASSES.get(peft_class)
+    if cls is None:
+        def forward(self: LoraLayer, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            if not getattr(self, _DYNAMIC) or args or kwargs:
+                return peft_class.forward(self, x, *args, **kwargs)
+            if torch.compiler.is_compiling():
+                return _traced(self, x)
+            fused = getattr(self, _FUSED)
+            return fused(x) if fused is not None else peft_class.forward(self, x)
+        cls = _CLASSES[peft_class] = type(peft_class.__name__, (peft_class,), {
+            "forward": forward, "__module__": __name__,
+            "__doc__": f"{peft_class.__doc__ or ''}\n\nWith ltx2_residency's dynamic forward (ops.forward)."})
+    return cls
+
+
+def install(layer: LoraLayer, names: Sequence[str], strengths: torch.Tensor, order: Sequence[str]) -> bool:
+    """Make ``layer`` run our dynamic forward for its LoRAs ``names`` (``order``: every managed LoRA,
+    in the order of ``strengths``). Once, when the adapters are injected; returns False (and
+    changes nothing) where PEFT's forward has to stay (:func:`fusable`)."""
+    if not names or not fusable(layer, names):
+        return False
+    base = layer.get_base_layer()
+    ranks = [layer.lora_A[n].weight.shape[0] for n in names]
+    slots = tuple((order.index(n), n, float(layer.lora_alpha[n]) / float(layer.r[n])) for n in names)
+    object.__setattr__(layer, _SLOTS, slots)
+    object.__setattr__(layer, _DYNAMIC, False)
+    object.__setattr__(layer, _FUSED, None)
+    object.__setattr__(layer, _MERGE_ABOVE, merge_above_tokens(*base.weight.shape, ranks, base.weight.element_size()))
+    object.__setattr__(layer, _PEFT_CLASS, type(layer))
+    # one tensor object for every layer, a plain attribute, not a buffer: ``module.to()`` would
+    # give each layer a copy of a buffer, and a write would no longer reach them all
+    object.__setattr__(layer, _STRENGTHS, strengths)
+    layer.__class__ = _dynamic_class(type(layer))
+    return True
+
+
+def installed(layer: nn.Module) -> bool:
+    return _PEFT_CLASS in vars(layer)
+
+
+def uninstall(layer: nn.Module) -> None:
+    """Give ``layer`` PEFT's class and forward back (idempotent)."""
+    peft_class = vars(layer).get(_PEFT_CLASS)
+    if peft_class is None:
+        return
+    layer.__class__ = peft_class
+    for attr in (_DYNAMIC, _SLOTS, _FUSED, _MERGE_ABOVE, _PEFT_CLASS, _STRENGTHS):
+        vars(layer).pop(attr, None)
+
+
+class _Deferred:
+    """A layer's eager forward for a phase's strengths, made at its first eager call: a compiled
+    DiT never makes one, and a dynamic switch then costs a flag and a pointer per layer."""
+
+    __slots__ = ("layer", "strategy", "strengths")
+
+    def __init__(self, strategy: FusedForward, layer: LoraLayer, strengths: dict[str, float]) -> None:
+        self.strategy, self.layer, self.strengths = strategy, layer, strengths
+
+    def made(self) -> FusedLoRALinear:
+        fused = self.strategy.make(self.layer, self.strengths)
+        object.__setattr__(self.layer, _FUSED, fused)
+        return fused
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.made()(x)
+
+
+def eager_forward(layer: nn.Module) -> FusedLoRALinear | None:
+    """The eager forward :class:`FusedForward` gave ``layer`` for its last dynamic phase (made now
+    if the layer has not run eagerly since)."""
+    fused = vars(layer).get(_FUSED)
+    return fused.made() if isinstance(fused, _Deferred) else fused
+
+
+def has_fused(layer: nn.Module) -> bool:
+    """Our forward runs ``layer`` dynamic now."""
+    return bool(vars(layer).get(_DYNAMIC, False))
+
+
 class PeftForward:
     """Dynamic phases run PEFT's adapters: enabled and scaled here; :class:`PeftAdapters`' sweep
     disables them again. Returns whether PEFT's adapters were touched (the sweep is then due)."""
@@ -161,10 +280,18 @@ class PeftForward:
     name = "peft"
 
     def begin(self, model: nn.Module) -> None:
-        """A dynamic phase starts on ``model`` (before any layer is attached)."""
+        """Bind to ``model``: when the adapters are injected, and again as each dynamic phase
+        starts (idempotent)."""
 
     def end(self) -> None:
         """Every layer has been detached."""
+
+    def release(self) -> None:
+        """The strategy is replaced or the adapters removed: let go of the model."""
+
+    def idle(self, layer: LoraLayer) -> bool:
+        """``layer`` runs none of the phase's LoRAs; returns whether it was touched all the same."""
+        return False
 
     def attach(self, layer: LoraLayer, strengths: dict[str, float]) -> bool:
         for n, s in strengths.items():
@@ -174,51 +301,65 @@ class PeftForward:
         return True
 
 
-def has_fused(layer: LoraLayer) -> bool:
-    """Our forward stands in for PEFT's on ``layer`` (deleting the instance attribute detaches it)."""
-    return isinstance(vars(layer).get("forward"), FusedLoRALinear)
-
-
 class FusedForward(PeftForward):
-    """Dynamic phases run :class:`FusedLoRALinear` in place of PEFT's forward; PEFT's adapters stay
-    disabled, so removing our forward (an instance attribute) is the whole detach."""
+    """Dynamic phases run our forward on every installed layer (:func:`install`); PEFT's adapters stay
+    disabled, so clearing the layer's flag is the whole detach."""
 
     name = "fused"
 
     def __init__(self, host_bound_tokens: int = HOST_BOUND_TOKENS) -> None:
         self.call = CallSize(host_bound_tokens)
         self._hook: torch.utils.hooks.RemovableHandle | None = None
-        # each layer's last forward and the strengths it was made for: a dynamic switch walks
+        # each layer's last eager forward and the strengths it was made for: a dynamic switch walks
         # 1344 layers, and building each anew through PEFT's module dicts is slow
         # (docs/results/measured_constants.md#kept-fused-forwards)
         self._kept: dict[int, tuple[tuple[tuple[str, float], ...], FusedLoRALinear]] = {}
 
     def begin(self, model: nn.Module) -> None:
+        # registered once and kept: a hook added or removed on a compiled DiT is a new graph
         if self._hook is None:
-            self._hook = model.register_forward_pre_hook(self.call.note, with_kwargs=True)
+            self._hook = model.register_forward_pre_hook(outside_graphs(self.call.note), with_kwargs=True)
 
     def end(self) -> None:
+        self.call.small = False
+
+    def release(self) -> None:
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
-        self.call.small = False
+        self.end()
+
+    def idle(self, layer: LoraLayer) -> bool:
+        # every installed layer runs dynamic in a dynamic phase, those of no live LoRA at strength 0
+        # in a graph: which layers run which LoRA is then no part of a graph's guards
+        if not installed(layer):
+            return False
+        object.__setattr__(layer, _FUSED, None)
+        object.__setattr__(layer, _DYNAMIC, True)
+        return True
 
     def attach(self, layer: LoraLayer, strengths: dict[str, float]) -> bool:
-        key = tuple(strengths.items())
-        kept = self._kept.get(id(layer))
-        if kept is not None and kept[0] == key and kept[1].current() and _unhooked(layer):
-            layer.forward = kept[1]  # type: ignore[method-assign]
-            return False
-        if not fusable(layer, list(strengths)):
+        if not installed(layer) or not _unhooked(layer) or not fusable(layer, list(strengths)):
             return super().attach(layer, strengths)
+        kept = self._kept.get(id(layer))
+        fresh = kept is not None and kept[0] == tuple(strengths.items()) and kept[1].current()
+        object.__setattr__(layer, _FUSED, kept[1] if fresh else _Deferred(self, layer, strengths))
+        object.__setattr__(layer, _DYNAMIC, True)
+        return False
+
+    def make(self, layer: LoraLayer, strengths: dict[str, float]) -> FusedLoRALinear:
+        """``layer``'s eager forward at ``strengths``, kept for the next phase that asks the same."""
         deltas = [LoRADelta(layer.lora_A[n].weight, layer.lora_B[n].weight,
                             s * float(layer.lora_alpha[n]) / float(layer.r[n])) for n, s in strengths.items()]
         base = layer.get_base_layer()
         # host-bound small calls are a GPU matter: on the CPU the launches are the compute
-        forward = FusedLoRALinear(base, deltas, call=self.call if base.weight.is_cuda else None)
-        self._kept[id(layer)] = (key, forward)
-        layer.forward = forward  # type: ignore[method-assign]
-        return False
+        fused = FusedLoRALinear(base, deltas, call=self.call if base.weight.is_cuda else None)
+        self._kept[id(layer)] = (tuple(strengths.items()), fused)
+        return fused
+
+    @staticmethod
+    def detach(layer: LoraLayer) -> None:
+        object.__setattr__(layer, _DYNAMIC, False)
 
 
 DYNAMIC_FORWARDS: dict[str, type[PeftForward]] = {"peft": PeftForward, "fused": FusedForward}
