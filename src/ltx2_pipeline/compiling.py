@@ -13,12 +13,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ltx2_residency import CompileSpec, OptionError, compiled_graphs
+from ltx2_residency import COMPILE_MODES, CompileSpec, OptionError, compiled_graphs
 
 from .errors import GenerationInputError
-
-#: The modes :class:`~ltx2_residency.CompileSpec` takes (inductor's; the last two capture CUDA graphs).
-COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "reduce-overhead", "max-autotune")
 
 
 def check_compile(value: object) -> CompileSpec | None:
@@ -26,10 +23,8 @@ def check_compile(value: object) -> CompileSpec | None:
     eager), or :class:`~ltx2_residency.OptionError` for a value no spec stands for or a backend this
     torch does not have (``torch.compile`` would refuse it only once the DiT is built)."""
     spec = CompileSpec.of(value)
-    if spec is not None and spec.backend not in torch.compiler.list_backends(exclude_tags=()):
-        raise OptionError(f"compile backend {spec.backend!r} is not one this torch has; use one of "
-                          f"{', '.join(torch.compiler.list_backends())} (or a debugging backend such as "
-                          "aot_eager or eager; torch.compiler.list_backends(exclude_tags=()) lists them all)")
+    if spec is not None:
+        spec.require_backend()
     return spec
 
 

@@ -4,7 +4,7 @@ The public contract; everything else is an implementation detail.
 """
 
 from . import testing
-from .compiled import CompileSpec, compile_dit, compiled_graphs, is_compiled, no_recompiles
+from .compiled import COMPILE_MODES, CompileSpec, compile_dit, compiled_graphs, is_compiled, no_recompiles
 from .costmodel import LTX2_BLOCK_LINEARS, LTX2_BLOCKS, PhaseWork
 from .domain import ApplyKind, MergePolicyName, Phase, ResidencyMode, WeightState, check_strength
 from .errors import (
@@ -41,6 +41,7 @@ from .request import Request, RequestScope
 from .trace import TransitionRecord
 
 __all__ = [
+    "COMPILE_MODES",
     "FAULT_POINTS",
     "LTX2_BLOCKS",
     "LTX2_BLOCK_LINEARS",

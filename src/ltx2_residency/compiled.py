@@ -26,7 +26,7 @@ from .errors import CompiledModuleError, OptionError
 from .ops.ahead import blocks_of
 
 #: inductor's modes; the last two capture CUDA graphs (on a GPU)
-MODES = ("default", "max-autotune-no-cudagraphs", "reduce-overhead", "max-autotune")
+MODES = COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "reduce-overhead", "max-autotune")
 CUDA_GRAPH_MODES = frozenset({"reduce-overhead", "max-autotune"})
 
 
@@ -68,6 +68,15 @@ class CompileSpec:
         raise OptionError(f"compile must be None, a bool, a mode name ({', '.join(MODES)}) or a CompileSpec, "
                           f"got {value!r}")
 
+    def require_backend(self) -> None:
+        """:class:`OptionError` unless this torch has the backend (``torch.compile`` itself would
+        refuse it only when the first module is compiled)."""
+        known = torch.compiler.list_backends(exclude_tags=())
+        if self.backend not in known:
+            raise OptionError(f"compile backend {self.backend!r} is not one this torch has; use one of "
+                              f"{', '.join(torch.compiler.list_backends())} (or a debugging backend such as "
+                              "aot_eager or eager; torch.compiler.list_backends(exclude_tags=()) lists them all)")
+
     @property
     def cuda_graphs(self) -> bool:
         """Whether this mode captures CUDA graphs (on a GPU)."""
@@ -87,6 +96,7 @@ def compile_dit(module: nn.Module, spec: CompileSpec | None = None) -> nn.Module
     compiled the same way."""
     spec = spec if spec is not None else CompileSpec()
     refuse_wrapper(module)
+    spec.require_backend()
     targets = blocks_of(module) if spec.regional else [module]
     if not targets:
         raise OptionError(f"regional compilation needs numbered blocks (e.g. transformer_blocks.0) and "

@@ -201,6 +201,7 @@ class ResidencyManager:
         checked = CompileSpec.of(spec)
         if checked is None:
             raise ConfigError("compile() needs a CompileSpec, a mode name or True; a DiT is not un-compiled")
+        checked.require_backend()
         self._gate.outside_requests("compile()")
         for dit in self._executor.mode.dits:
             compile_dit(dit.module, checked)

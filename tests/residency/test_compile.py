@@ -256,6 +256,8 @@ def test_compile_spec_is_checked() -> None:
     with pytest.raises(OptionError, match="CompileSpec"):
         CompileSpec.of(3)
     model = nn.Linear(2, 2)
+    with pytest.raises(OptionError, match="not one this torch has"):
+        compile_dit(model, CompileSpec(backend="nosuch"))
     with pytest.raises(OptionError, match="numbered blocks"):
         compile_dit(model, CompileSpec(backend="aot_eager"))
     assert not is_compiled(model)

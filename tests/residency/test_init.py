@@ -16,7 +16,8 @@ PINNED = {
     # one frozen dataclass of the manager's options
     "ManagerOptions",
     # the DiT under torch.compile: how to compile it, and how to see it does not recompile
-    "CompileSpec", "CompiledModuleError", "compile_dit", "compiled_graphs", "is_compiled", "no_recompiles",
+    "COMPILE_MODES", "CompileSpec", "CompiledModuleError", "compile_dit", "compiled_graphs", "is_compiled",
+    "no_recompiles",
 }
 
 
