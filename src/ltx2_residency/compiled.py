@@ -80,7 +80,7 @@ class CompileSpec:
     @property
     def cuda_graphs(self) -> bool:
         """Whether this mode captures CUDA graphs (on a GPU)."""
-        return self.backend == "inductor" and self.mode in CUDA_GRAPH_MODES
+        return self.backend == "cudagraphs" or (self.backend == "inductor" and self.mode in CUDA_GRAPH_MODES)
 
     def kwargs(self) -> dict[str, object]:
         """``torch.compile``'s keyword arguments."""

@@ -75,6 +75,7 @@ class ResidencyManager:
         self.exact_kernel = choose_exact_kernel(self.options.exact_kernel,
                                                 [transformer.get_submodule(n).weight for n in targets])
         self.mode, self.mode_reason = self._resolve(asked)
+        self._check_compiled()  # before the stage-2 copy is made
         claim(transformer, self)  # one model, one manager: refused before anything changes
         self._grad = {n: p.requires_grad for n, p in transformer.named_parameters()}
         self._guard: DiTGuard | None = None
@@ -88,6 +89,9 @@ class ResidencyManager:
     def _resolve(self, asked: ResidencyMode | str) -> tuple[ResidencyMode, str]:
         if isinstance(asked, ResidencyMode):
             return asked, f"mode={asked.value!r} was asked for"
+        if self._copies_uncompilable():
+            return ResidencyMode.ORIGINAL, ("the DiT was compiled by other means than ltx2_residency, and a copy of "
+                                            "it could not be compiled alike: one shared DiT")
         lora_bytes = sum(lo.nbytes for lo in self.loras)
         return choose_auto(self.transformer, lora_bytes, int(self.options.activation_reserve_gib * 2**30))
 
@@ -105,21 +109,24 @@ class ResidencyManager:
         self._gate = RequestGate(self._executor, self._switch)
         self._guard = DiTGuard(self._executor, self._gate, o.strict)
 
-    def _compile_copies(self, dits: Sequence[Any]) -> None:
-        """A stage-2 copy of a compiled base DiT is compiled as the base was (a copy of a module
-        is not compiled: it would run eager beside the compiled base)."""
-        copies = [d.module for d in dits if d.module is not self.transformer]
-        if not copies or not is_compiled(self.transformer):
-            return
-        spec = spec_of(self.transformer)
-        if spec is None:
+    def _copies_uncompilable(self) -> bool:
+        return is_compiled(self.transformer) and spec_of(self.transformer) is None
+
+    def _check_compiled(self) -> None:
+        if self.mode in (ResidencyMode.RESIDENT, ResidencyMode.SNAPSHOT) and self._copies_uncompilable():
             raise CompiledModuleError(
                 f"mode {self.mode.value!r} runs a copy of the DiT, and the DiT was compiled by other means "
                 "than ltx2_residency, so the copy cannot be compiled the same way; compile with "
                 "ltx2_residency.compile_dit(transformer, CompileSpec(...)) before building the manager, or "
                 "build it on the eager DiT and call manager.compile(...)")
-        for module in copies:
-            compile_dit(module, spec)
+
+    def _compile_copies(self, dits: Sequence[Any]) -> None:
+        """A stage-2 copy of a compiled base DiT is compiled as the base was (a copy of a module
+        is not compiled: it would run eager beside the compiled base)."""
+        spec = spec_of(self.transformer)
+        for module in [d.module for d in dits if d.module is not self.transformer]:
+            if spec is not None:
+                compile_dit(module, spec)
 
     # ------------------------------------------------------------------ requests
     def request(self, timeout: float | None = ...) -> RequestScope:  # type: ignore[assignment]
@@ -194,18 +201,20 @@ class ResidencyManager:
         self._gate.outside_requests("set_merge_policy()")
         self._switch.policy = policy
 
-    def compile(self, spec: CompileSpec | str | bool = True) -> None:
+    def compile(self, spec: CompileSpec | str | bool = True, timeout: float | None = ...) -> None:  # type: ignore[assignment]
         """Compile every DiT this manager runs (the base DiT, and the stage-2 copy of resident and
         snapshot modes) in place, as ``spec`` says (``True``: :class:`CompileSpec`'s defaults; a
-        string: inductor's mode). Between requests; the auto policy then prices compiled calls."""
+        string: inductor's mode). Between requests; the auto policy then prices compiled calls.
+        The model stays compiled after ``close()``."""
         checked = CompileSpec.of(spec)
         if checked is None:
             raise ConfigError("compile() needs a CompileSpec, a mode name or True; a DiT is not un-compiled")
         checked.require_backend()
         self._gate.outside_requests("compile()")
-        for dit in self._executor.mode.dits:
-            compile_dit(dit.module, checked)
-        self._switch.costs = None
+        with self._gate.hold(lambda: self._wait(timeout, "compile"), "compile()"):
+            for dit in self._executor.mode.dits:
+                compile_dit(dit.module, checked)
+            self._switch.costs = None
 
     @property
     def compiled(self) -> bool:

@@ -18,6 +18,7 @@ from ltx2_residency import (
     CompileSpec,
     ConfigError,
     LoRASpec,
+    ManagerClosedError,
     ManagerOptions,
     OptionError,
     ResidencyManager,
@@ -27,7 +28,7 @@ from ltx2_residency import (
     is_compiled,
     no_recompiles,
 )
-from ltx2_residency.testing import weight_bits
+from ltx2_residency.testing import save_lora, synthetic_lora, weight_bits
 from untouched import assert_same_bits
 
 # Eager and compiled runs of the dynamic path round in different places (the eager forward fuses
@@ -175,6 +176,28 @@ def test_a_new_mix_is_a_write_not_a_graph(fresh_model: Callable[[], nn.Module], 
     mgr.close()
 
 
+def test_blocks_share_a_graph_when_a_loras_alpha_differs_between_them(
+        fresh_model: Callable[[], nn.Module], block_linears: list[str], tmp_path: Any) -> None:
+    # alpha/rank is read from a tensor in the graph: per-block values are no part of its guards
+    model = fresh_model()
+    tensors = {}
+    for block in (0, 1):
+        names = [n for n in block_linears if n.startswith(f"transformer_blocks.{block}.")]
+        tensors.update(synthetic_lora(model, names, rank=4, seed=block, alpha=4.0 + 4 * block))
+    spec = LoRASpec("mixed", path=save_lora(tmp_path / "mixed.safetensors", tensors),
+                    strengths={"stage1": 0.0, "stage2": 1.0})
+    mgr = ResidencyManager(model, "original", [spec], "dynamic")
+    mgr.compile(CompileSpec(backend="aot_eager"))
+    x1, x2 = _inputs(model)
+    start = compiled_graphs()
+    _request(mgr, x1, x2, {"mixed": 1.0})
+    assert compiled_graphs() - start == 2  # base at stage 1's shape, dynamic at stage 2's: both blocks
+    with no_recompiles():
+        out = _request(mgr, x1, x2, {"mixed": 0.5})[1]
+    torch.testing.assert_close(out, _eager(mgr, x1, x2, {"mixed": 0.5})[1], atol=ATOL, rtol=0)
+    mgr.close()
+
+
 def test_merge_ahead_under_compile(fresh_model: Callable[[], nn.Module], distilled_path: str,
                                    user_lora_path: str) -> None:
     # the merge ahead's hooks run outside the graphs: on a compiled DiT the whole merge is
@@ -273,6 +296,10 @@ def test_compile_is_between_requests(fresh_model: Callable[[], nn.Module], disti
     with mgr.request(), pytest.raises(RequestStateError, match="between requests"):
         mgr.compile(CompileSpec(backend="aot_eager"))
     assert not mgr.compiled
+    mgr.close()
+    with pytest.raises(ManagerClosedError):
+        mgr.compile(CompileSpec(backend="aot_eager"))
+    assert not is_compiled(model)
 
 
 # ---------------------------------------------------------------------------- on a GPU, with inductor

@@ -164,6 +164,9 @@ def fusable(layer: LoraLayer, names: Sequence[str]) -> bool:
 #: attributes :func:`install` puts on a layer (and :func:`uninstall` takes off)
 _DYNAMIC, _SLOTS, _FUSED, _MERGE_ABOVE, _PEFT_CLASS, _STRENGTHS = (
     "_ltx2_dynamic", "_ltx2_slots", "_ltx2_fused", "_ltx2_merge_above", "_ltx2_peft_class", "_ltx2_strengths")
+#: the layer's buffer of alpha/rank per slot: a tensor, not Python floats a graph would be
+#: specialised on (a LoRA whose alpha differs per block would compile a graph per block)
+RATIOS = "ltx2_lora_ratios"
 _CLASSES: dict[type, type] = {}
 
 
@@ -174,17 +177,18 @@ def _traced(layer: LoraLayer, x: torch.Tensor) -> torch.Tensor:
     which a graph is specialised on anyway."""
     base = layer.base_layer
     strengths = getattr(layer, _STRENGTHS)
+    ratios = getattr(layer, RATIOS)
     slots = getattr(layer, _SLOTS)
     if x.numel() > getattr(layer, _MERGE_ABOVE) * base.in_features:
         w = base.weight
-        for k, name, ratio in slots:
-            b = (layer.lora_B[name].weight.float() * (strengths[k] * ratio)).to(w.dtype)
+        for i, (k, name) in enumerate(slots):
+            b = (layer.lora_B[name].weight.float() * (strengths[k] * ratios[i])).to(w.dtype)
             w = torch.addmm(w, b, layer.lora_A[name].weight)
         return F.linear(x, w, base.bias)
     y = F.linear(x, base.weight, base.bias)
-    for k, name, ratio in slots:
+    for i, (k, name) in enumerate(slots):
         h = F.linear(x, layer.lora_A[name].weight)
-        y = y + F.linear((h.float() * (strengths[k] * ratio)).to(h.dtype), layer.lora_B[name].weight)
+        y = y + F.linear((h.float() * (strengths[k] * ratios[i])).to(h.dtype), layer.lora_B[name].weight)
     return y
 
 
@@ -202,9 +206,9 @@ def _dynamic_class(peft_class: type) -> type:
                 return _traced(self, x)
             fused = getattr(self, _FUSED)
             return fused(x) if fused is not None else peft_class.forward(self, x)
-        cls = _CLASSES[peft_class] = type(peft_class.__name__, (peft_class,), {
+        cls = _CLASSES.setdefault(peft_class, type(peft_class.__name__, (peft_class,), {
             "forward": forward, "__module__": __name__,
-            "__doc__": f"{peft_class.__doc__ or ''}\n\nWith ltx2_residency's dynamic forward (ops.forward)."})
+            "__doc__": f"{peft_class.__doc__ or ''}\n\nWith ltx2_residency's dynamic forward (ops.forward)."}))
     return cls
 
 
@@ -216,12 +220,15 @@ def install(layer: LoraLayer, names: Sequence[str], strengths: torch.Tensor, ord
         return False
     base = layer.get_base_layer()
     ranks = [layer.lora_A[n].weight.shape[0] for n in names]
-    slots = tuple((order.index(n), n, float(layer.lora_alpha[n]) / float(layer.r[n])) for n in names)
-    object.__setattr__(layer, _SLOTS, slots)
+    # the class first: uninstall() keys on it, so an interrupt part way is still undone
+    object.__setattr__(layer, _PEFT_CLASS, type(layer))
+    object.__setattr__(layer, _SLOTS, tuple((order.index(n), n) for n in names))
     object.__setattr__(layer, _DYNAMIC, False)
     object.__setattr__(layer, _FUSED, None)
     object.__setattr__(layer, _MERGE_ABOVE, merge_above_tokens(*base.weight.shape, ranks, base.weight.element_size()))
-    object.__setattr__(layer, _PEFT_CLASS, type(layer))
+    ratios = [float(layer.lora_alpha[n]) / float(layer.r[n]) for n in names]
+    layer.register_buffer(RATIOS, torch.tensor(ratios, dtype=torch.float32, device=base.weight.device),
+                          persistent=False)
     # one tensor object for every layer, a plain attribute, not a buffer: ``module.to()`` would
     # give each layer a copy of a buffer, and a write would no longer reach them all
     object.__setattr__(layer, _STRENGTHS, strengths)
@@ -239,6 +246,7 @@ def uninstall(layer: nn.Module) -> None:
     if peft_class is None:
         return
     layer.__class__ = peft_class
+    layer._buffers.pop(RATIOS, None)
     for attr in (_DYNAMIC, _SLOTS, _FUSED, _MERGE_ABOVE, _PEFT_CLASS, _STRENGTHS):
         vars(layer).pop(attr, None)
 
@@ -332,7 +340,7 @@ class FusedForward(PeftForward):
     def idle(self, layer: LoraLayer) -> bool:
         # every installed layer runs dynamic in a dynamic phase, those of no live LoRA at strength 0
         # in a graph: which layers run which LoRA is then no part of a graph's guards
-        if not installed(layer):
+        if not installed(layer) or not _unhooked(layer):  # a hooked base runs PEFT's forward, eager or compiled
             return False
         object.__setattr__(layer, _FUSED, None)
         object.__setattr__(layer, _DYNAMIC, True)
