@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ltx2_pipeline.tiny import tiny_inputs, tiny_transformer
-from ltx2_residency import LoRASpec, ManagerOptions, ResidencyError, ResidencyManager, testing
+from ltx2_residency import CompileSpec, LoRASpec, ManagerOptions, ResidencyError, ResidencyManager, testing
 
 
 class _Marker:
@@ -277,6 +277,13 @@ CASES: list[Case] = [
     Case("loras as a generator", lambda e: ResidencyManager(e.model, loras=(s for s in [e.spec()]))),  # type: ignore[arg-type]
     Case("merge_policy that is not a str", lambda e: e.manager(merge_policy=1)),
     Case("request(timeout=nan)", _request_timeout_nan),
+    # a compiled DiT: the wrapper torch.compile returns, what torch cannot compile with
+    Case("torch.compile(transformer)'s wrapper", lambda e: ResidencyManager(
+        torch.compile(e.model, backend="aot_eager"), loras=[e.spec()])),
+    Case("compile backend this torch lacks", lambda e: e.manager().compile(CompileSpec(backend="nosuch"))),
+    Case("compile mode that does not exist", lambda e: e.manager().compile("fastest")),
+    Case("resident copy of a DiT compiled by other means", lambda e: (
+        e.model.compile(backend="aot_eager"), e.manager(mode="resident"))),
 ]
 
 
