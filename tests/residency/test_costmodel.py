@@ -285,7 +285,7 @@ def test_a_measured_slow_merge_changes_the_decision() -> None:
     assert m.choose(RECIPE[Phase.STAGE2], True).kind is ApplyKind.DYNAMIC
     m.observe_undo(5.0)
     assert m.undo_ms() == 5.0 and m.merge_ms() == 695.0
-    assert m.choose(RECIPE[Phase.STAGE1], True).kind is ApplyKind.MERGED  # 90 calls still pay for it
+    assert m.choose(RECIPE[Phase.STAGE1], True).kind is ApplyKind.MERGED  # 60 calls still pay for it
 
 
 @pytest.mark.parametrize("bad", [0, -1.0, float("nan"), float("inf"), True, "90"])
@@ -401,7 +401,7 @@ def test_auto_without_work_or_costs_uses_the_recipe_on_the_reference_model() -> 
     assert policy.decide(_ctx(Phase.STAGE2, {"distilled": 1.0}, {"distilled": 0.0})) is ApplyKind.MERGED
     assert policy.last is not None and "6144 tokens" in policy.last.reason
     assert policy.decide(_ctx(Phase.STAGE1, {"distilled": 0.25})) is ApplyKind.MERGED
-    assert "90 calls at 1536 tokens" in policy.last.reason
+    assert "60 calls at 2304 tokens" in policy.last.reason
 
 
 def test_auto_uses_the_work_and_costs_it_is_given() -> None:
