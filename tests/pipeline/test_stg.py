@@ -25,6 +25,7 @@ from ltx2_residency import PhaseWork
 from ltx2_residency.testing import save_lora, weight_bits
 from offline import assert_offline, no_network  # noqa: F401 - autouse fixtures
 from untouched import assert_same_bits
+from watch import StageWatch
 
 STEPS = 2
 KW: dict[str, Any] = dict(prompt="a robot dancing in the rain", negative_prompt="blurry", height=64, width=64,
@@ -32,28 +33,15 @@ KW: dict[str, Any] = dict(prompt="a robot dancing in the rain", negative_prompt=
 NO_STG = Guidance(stg_scale=0.0, audio_stg_scale=0.0)
 
 
-class _Watch:
-    """A progress display that remembers which stage runs."""
-
-    def __init__(self) -> None:
-        self.stage = ""
-
-    def stage_started(self, stage: str, steps: int) -> None:
-        self.stage = stage
-
-    def step(self, stage: str) -> None: ...
-    def stage_finished(self, stage: str, ms: float) -> None: ...
-
-
 def build(perturbed_attn: bool) -> LTX2TwoStagePipeline:
-    return LTX2TwoStagePipeline.from_preset("tiny", progress=_Watch(),
+    return LTX2TwoStagePipeline.from_preset("tiny", progress=StageWatch(),
                                             preset_options={"perturbed_attn": perturbed_attn})
 
 
 def run(pipe: LTX2TwoStagePipeline, **kw: Any) -> tuple[GenerationResult, int]:
     """The result and the DiT calls per stage-1 step, counted by a forward pre-hook on the DiT."""
     watch = pipe.progress
-    assert isinstance(watch, _Watch)
+    assert isinstance(watch, StageWatch)
     calls: Counter[str] = Counter()
     hook = pipe.base.register_forward_pre_hook(lambda *_: calls.update([watch.stage]))
     try:
@@ -174,7 +162,7 @@ def test_a_model_folder_with_perturbed_attention_keeps_stg(tmp_path: Path) -> No
     components, lora = tiny_preset(seed=0, perturbed_attn=True)
     root = save_components(components, tmp_path / "ltx23-like")
     save_lora(root / DISTILLED_FILE, lora)
-    pipe = LTX2TwoStagePipeline.from_pretrained(root, progress=_Watch())
+    pipe = LTX2TwoStagePipeline.from_pretrained(root, progress=StageWatch())
     assert pipe.base.config.perturbed_attn is True and pipe.can_perturb
     with no_stg_warning():
         result, calls = run(pipe)

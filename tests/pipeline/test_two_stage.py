@@ -26,6 +26,7 @@ from ltx2_residency import FaultInjector, ResidencyError, StrengthError, WeightS
 from ltx2_residency.testing import linear_names, save_lora, synthetic_lora, weight_bits
 from offline import assert_offline, no_network  # noqa: F401 - autouse fixtures
 from untouched import assert_same_bits
+from watch import StageWatch
 
 KW: dict[str, Any] = dict(prompt="a robot dancing in the rain", negative_prompt="blurry", height=64, width=64,
                           num_frames=9, num_inference_steps=2, max_sequence_length=32)
@@ -339,20 +340,7 @@ def test_one_stage1_step_gives_a_finite_video_from_the_ltx2_schedule() -> None:
         assert torch.equal(pipe.stage1.scheduler.sigmas, reference.sigmas)
 
 
-class _StageWatch:
-    """A progress display that remembers which stage runs."""
-
-    def __init__(self) -> None:
-        self.stage = ""
-
-    def stage_started(self, stage: str, steps: int) -> None:
-        self.stage = stage
-
-    def step(self, stage: str) -> None: ...
-    def stage_finished(self, stage: str, ms: float) -> None: ...
-
-
-def _poison(pipe: LTX2TwoStagePipeline, watch: _StageWatch, stage: str) -> Any:
+def _poison(pipe: LTX2TwoStagePipeline, watch: StageWatch, stage: str) -> Any:
     """A forward hook that turns the output of the module ``stage`` runs into NaN, only there."""
     def nan(_module: Any, _args: Any, output: Any) -> Any:
         if watch.stage != stage:
@@ -371,7 +359,7 @@ def _poison(pipe: LTX2TwoStagePipeline, watch: _StageWatch, stage: str) -> Any:
     ("LTX2RefinementStage", "dynamic"), ("LTX2AVDecodingStage", "sglang"),
 ])
 def test_non_finite_output_fails_at_the_stage_that_made_it(stage, policy) -> None:
-    watch = _StageWatch()
+    watch = StageWatch()
     pipe = LTX2TwoStageHQPipeline.from_preset("tiny", merge_policy=policy, progress=watch)
     clean = weight_bits(pipe.manager.managed_weights)
     hook = _poison(pipe, watch, stage)

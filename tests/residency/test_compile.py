@@ -97,6 +97,14 @@ def _inputs(model: nn.Module) -> tuple[dict[str, Any], dict[str, Any]]:
     return tiny_inputs(model, seed=0), tiny_inputs(model, seed=1, height=8)
 
 
+def _compiled(model: nn.Module, specs: list[LoRASpec], policy: str
+              ) -> tuple[ResidencyManager, dict[str, Any], dict[str, Any]]:
+    """A manager in original mode on ``model``, compiled with aot_eager, and the two stages' inputs."""
+    mgr = ResidencyManager(model, "original", specs, policy)
+    mgr.compile(CompileSpec(backend="aot_eager"))
+    return (mgr, *_inputs(model))
+
+
 def _compile(model: nn.Module, mgr: ResidencyManager | None, how: str) -> None:
     """Compile ``model`` as a caller would: through the manager or compile_dit (``spec``), with
     diffusers' regional compilation, or the module's own ``compile()`` (Dynamo's default,
@@ -160,9 +168,7 @@ def test_a_new_mix_is_a_write_not_a_graph(fresh_model: Callable[[], nn.Module], 
                                           user_lora_path: str) -> None:
     # the dynamic graph reads every LoRA's strength from one tensor: the output still follows it
     model = fresh_model()
-    mgr = ResidencyManager(model, "original", _specs(distilled_path, user_lora_path), "dynamic")
-    mgr.compile(CompileSpec(backend="aot_eager"))
-    x1, x2 = _inputs(model)
+    mgr, x1, x2 = _compiled(model, _specs(distilled_path, user_lora_path), "dynamic")
     _warm_up(mgr, x1, x2)
     mgr.set_merge_policy("dynamic")
     with no_recompiles():
@@ -186,9 +192,7 @@ def test_blocks_share_a_graph_when_a_loras_alpha_differs_between_them(
         tensors.update(synthetic_lora(model, names, rank=4, seed=block, alpha=4.0 + 4 * block))
     spec = LoRASpec("mixed", path=save_lora(tmp_path / "mixed.safetensors", tensors),
                     strengths={"stage1": 0.0, "stage2": 1.0})
-    mgr = ResidencyManager(model, "original", [spec], "dynamic")
-    mgr.compile(CompileSpec(backend="aot_eager"))
-    x1, x2 = _inputs(model)
+    mgr, x1, x2 = _compiled(model, [spec], "dynamic")
     start = compiled_graphs()
     _request(mgr, x1, x2, {"mixed": 1.0})
     assert compiled_graphs() - start == 2  # base at stage 1's shape, dynamic at stage 2's: both blocks
@@ -203,9 +207,7 @@ def test_merge_ahead_under_compile(fresh_model: Callable[[], nn.Module], distill
     # the merge ahead's hooks run outside the graphs: on a compiled DiT the whole merge is
     # launched when the last announced call is done
     model = fresh_model()
-    mgr = ResidencyManager(model, "original", _specs(distilled_path, user_lora_path), "merge")
-    mgr.compile(CompileSpec(backend="aot_eager"))
-    x1, x2 = _inputs(model)
+    mgr, x1, x2 = _compiled(model, _specs(distilled_path, user_lora_path), "merge")
     clean = weight_bits(mgr.managed_weights)
 
     def ahead(strengths: dict[str, float]) -> torch.Tensor:
