@@ -69,3 +69,14 @@ unlimited_timeouts = st.one_of(
     st.floats(min_value=threading.TIMEOUT_MAX, allow_nan=False, allow_infinity=True),
     st.integers(min_value=int(threading.TIMEOUT_MAX) + 1),
 )
+
+# LoRAs chosen per request (test_registry_stateful)
+#: What ``request(loras={name: ...})`` takes for one LoRA: one strength for every phase, or the
+#: strengths of some phases (by name or by ``Phase``; the phases not given: 0).
+lora_request_strengths = st.one_of(strengths, st.dictionaries(phase_values, strengths, max_size=2))
+
+#: A ``LoRASpec``'s strengths: ``None`` (the spec's default, 0 in stage 1 and 1.0 in stage 2) or both phases'.
+lora_spec_strengths = st.none() | st.fixed_dictionaries({"stage1": st.just(0.0) | strengths, "stage2": strengths})
+
+#: How many phases a request enters: stage 1 then stage 2, stage 1 only, or none.
+phase_counts = st.sampled_from([2, 1, 2, 0])

@@ -77,7 +77,11 @@ class Guidance:
 @dataclass(frozen=True)
 class GenerationRequest:
     """One generation. ``height``/``width`` are the output size (stage 1 runs at half);
-    ``strengths`` overrides LoRA strengths per phase: ``{"stage2": {"distilled": 0.5}}``."""
+    ``loras`` chooses this generation's LoRAs among those registered with the pipeline's manager
+    (``{"style": 0.8}``: every phase; ``{"style": {"stage1": 0.5}}``: the phases named), run with the
+    distilled LoRA at its variant's strengths unless it is named too; ``None``: every registered
+    LoRA at its own strengths. ``strengths`` overrides the strengths per phase:
+    ``{"stage2": {"distilled": 0.5}}``."""
 
     prompt: str
     negative_prompt: str = ""
@@ -90,6 +94,7 @@ class GenerationRequest:
     guidance: Guidance = field(default_factory=Guidance)
     strengths: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
     max_sequence_length: int = 1024
+    loras: Mapping[str, float | Mapping[str, float]] | None = None
 
     @classmethod
     def for_preset(cls, preset: str, **fields: Any) -> GenerationRequest:
@@ -153,6 +158,15 @@ def check_request(req: GenerationRequest, spatial: int, temporal: int, loras: Se
     rate = req.frame_rate
     if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not (math.isfinite(rate) and rate > 0):
         raise GenerationInputError(f"frame_rate={rate!r}: must be a finite number > 0")
+    if req.loras is not None:
+        if not isinstance(req.loras, Mapping):
+            raise GenerationInputError(f"loras must be a mapping of LoRA name to strength, e.g. {{'style': 0.8}}, "
+                                       f"got {type(req.loras).__name__}")
+        unknown = sorted(str(n) for n in req.loras if n not in loras)
+        if unknown:
+            raise GenerationInputError(f"loras: unknown LoRA {unknown[0]!r}; registered LoRAs: "
+                                       f"{', '.join(map(repr, loras))} (add one with pipe.manager.add_lora)")
+        loras = ["distilled", *req.loras]
     for phase, overrides in req.strengths.items():
         if phase not in (Phase.STAGE1.value, Phase.STAGE2.value):
             raise GenerationInputError(f"strengths: unknown phase {phase!r}; use 'stage1' or 'stage2'")

@@ -313,8 +313,11 @@ class LTX2TwoStagePipeline:
         gen = torch.Generator("cpu").manual_seed(req.seed)  # same noise on every device
         start = clock.now()
         opened: list[int] = []  # the manager request's id, once it opens (before any checked stage)
+        # the LoRAs chosen and their strengths are checked now, before any work; they start loading
+        # when the DiT request is entered
+        scope = self.manager.request(loras=self.lora_mix(req))
         try:
-            video, audio = self._stages(req, clock, gen, opened)
+            video, audio = self._stages(req, clock, gen, opened, scope)
         except NonFiniteOutputError as exc:
             self.manager.synchronize()  # the failed request's undo, so the report shows the DiT as it is left
             exc.report = self._report(req, clock, (clock.now() - start) * 1e3, opened[0])
@@ -325,8 +328,17 @@ class LTX2TwoStagePipeline:
         return GenerationResult(video=video[0], audio=audio[0], frame_rate=req.frame_rate, report=report,
                                 audio_sample_rate=int(self.components["vocoder"].config.output_sampling_rate))
 
+    def lora_mix(self, req: GenerationRequest) -> dict[str, Any] | None:
+        """The manager request's ``loras=``: the request's LoRAs, on the distilled LoRA at its variant's
+        strengths unless the request names it (``None``: every registered LoRA at its own strengths)."""
+        if req.loras is None:
+            return None
+        distilled = self.manager.loras.get("distilled")
+        base = {"distilled": {p.value: s for p, s in distilled.spec.strengths.items()}} if distilled else {}
+        return {**base, **req.loras}
+
     def _stages(self, req: GenerationRequest, clock: _Clock, gen: torch.Generator,
-                opened: list[int]) -> tuple[np.ndarray, torch.Tensor]:
+                opened: list[int], scope: Any) -> tuple[np.ndarray, torch.Tensor]:
         """Every stage in order, each output checked for non-finite values before the next runs."""
         layers = self.base.config.num_layers
         with torch.no_grad():
@@ -334,7 +346,7 @@ class LTX2TwoStagePipeline:
                 embeds, mask, neg, neg_mask = self.stage1.encode_prompt(
                     req.prompt, req.negative_prompt, do_classifier_free_guidance=True,
                     max_sequence_length=req.max_sequence_length, device=self.device)
-            with self.manager.request() as mreq:
+            with scope as mreq:
                 opened.append(mreq.id)
                 with clock.stage("LTX2LoRASwitchStage_stage1"):
                     dit = mreq.enter(Phase.STAGE1, strengths=req.strengths.get("stage1"), work=self.work(req, 1))
@@ -456,7 +468,8 @@ class LTX2TwoStagePipeline:
             "request": {"prompt": req.prompt, "height": req.height, "width": req.width,
                         "num_frames": req.num_frames, "frame_rate": req.frame_rate,
                         "num_inference_steps": req.num_inference_steps, "seed": req.seed,
-                        "strengths": {p: dict(s) for p, s in req.strengths.items()}},
+                        "strengths": {p: dict(s) for p, s in req.strengths.items()},
+                        "loras": self.lora_mix(req)},
             "e2e_ms": e2e_ms,
             "avg_denoise_ms": statistics.fmean(steps) if steps else 0.0,
             "median_denoise_ms": statistics.median(steps) if steps else 0.0,

@@ -13,8 +13,12 @@ from .errors import (
     DirtyWeightsError,
     ForwardGuardError,
     IllegalTransitionError,
+    LoRACacheError,
+    LoRAChangedError,
+    LoRAFitError,
     LoRAFormatError,
     LoRAKeyError,
+    LoRANameClashError,
     LoRAShapeError,
     LoRAValidationError,
     LoRAValueError,
@@ -29,6 +33,7 @@ from .errors import (
     RequestTimeoutError,
     ResidencyError,
     StrengthError,
+    UnknownLoRAError,
 )
 from .faults import POINTS as FAULT_POINTS
 from .faults import FaultInjector
@@ -37,6 +42,7 @@ from .manager import ResidencyManager
 from .modes import REST_STATES, TABLES, ModeTable, mermaid
 from .ops.fingerprint import Fingerprint, FingerprintPlan
 from .options import ManagerOptions
+from .registry import RegisteredLoRA
 from .request import Request, RequestScope
 from .trace import TransitionRecord
 
@@ -57,8 +63,12 @@ __all__ = [
     "FingerprintPlan",
     "ForwardGuardError",
     "IllegalTransitionError",
+    "LoRACacheError",
+    "LoRAChangedError",
+    "LoRAFitError",
     "LoRAFormatError",
     "LoRAKeyError",
+    "LoRANameClashError",
     "LoRAShapeError",
     "LoRASpec",
     "LoRAValidationError",
@@ -74,6 +84,7 @@ __all__ = [
     "PhaseOrderError",
     "PhaseWork",
     "QuarantinedError",
+    "RegisteredLoRA",
     "RepairError",
     "Request",
     "RequestScope",
@@ -84,6 +95,7 @@ __all__ = [
     "ResidencyMode",
     "StrengthError",
     "TransitionRecord",
+    "UnknownLoRAError",
     "WeightState",
     "check_strength",
     "compile_dit",

@@ -124,3 +124,24 @@ class ModelInUseError(ConfigError):
 
 class ManagerClosedError(RequestStateError):
     """The manager was closed: it gave the model back and refuses every further use."""
+
+
+class LoRANameClashError(ConfigError):
+    """``add_lora()`` with the name of a LoRA already registered (remove it first)."""
+
+
+class UnknownLoRAError(ConfigError):
+    """A request or ``remove_lora()`` names a LoRA that is not registered."""
+
+
+class LoRAChangedError(LoRAValidationError):
+    """A LoRA file's content differs from what was registered (its hash was taken at ``add_lora()``)."""
+
+
+class LoRAFitError(LoRAValidationError):
+    """A LoRA the manager cannot hold: it targets layers the manager does not manage, its rank is
+    above the LoRA slots' rank, or it is larger than the host LoRA cache."""
+
+
+class LoRACacheError(ConfigError):
+    """A request needs more added LoRAs on the device at once than the device LoRA cache has slots for."""

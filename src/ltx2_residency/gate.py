@@ -14,7 +14,9 @@ from collections.abc import Callable
 from .domain import WeightState
 from .errors import ManagerClosedError, QuarantinedError, RequestStateError
 from .executor import Executor
+from .lora_cache import Admission, LoRACache
 from .ownership import Holding, Ownership
+from .registry import ChosenLoRAs
 from .request import Request
 from .switch import PhaseSwitch
 
@@ -22,9 +24,10 @@ from .switch import PhaseSwitch
 class RequestGate:
     """The DiT's one door: ownership, the open request, and whether the manager is closed."""
 
-    def __init__(self, executor: Executor, switch: PhaseSwitch) -> None:
+    def __init__(self, executor: Executor, switch: PhaseSwitch, cache: LoRACache) -> None:
         self.executor = executor
         self.switch = switch
+        self.cache = cache
         self.ownership = Ownership()
         self.request: Request | None = None
         self.closed = False
@@ -34,14 +37,21 @@ class RequestGate:
             raise ManagerClosedError(f"{what}: this manager was closed (it gave the model back); build a new "
                                      "ResidencyManager on the model to manage it again")
 
-    def open_request(self, timeout: float | None) -> Request:
+    def admit(self, chosen: ChosenLoRAs) -> Admission:
+        """Before the wait for the DiT: the request's added LoRAs held in the host cache, and read
+        from disk meanwhile where they are not."""
+        self.refuse_if_closed("request()")
+        return self.cache.admit(chosen)
+
+    def open_request(self, timeout: float | None, admission: Admission) -> Request:
         """The request scope's entry: its ``ExitStack`` already holds the release and the close."""
         self.refuse_if_closed("request()")
         self.ownership.acquire(timeout, "request()")
         self.executor.settle()
-        req = self.request = Request(self.switch)
+        req = self.request = Request(self.switch, admission.chosen)
         if self.executor.state is WeightState.QUARANTINED:
             raise QuarantinedError(self.executor.quarantine_message())
+        req.adapters = self.cache.bind(admission)  # the DiT is held: LoRA slots may be written
         return req
 
     def close_request(self, interrupted: BaseException | None) -> None:

@@ -438,7 +438,7 @@ def _structure(what: str, shapes: Mapping[str, torch.Tensor], model: nn.Module) 
 
 
 def _owned_factor(where: str, label: str, source: torch.Tensor, owned: bool, weight: torch.Tensor,
-                  shape: torch.Size) -> torch.Tensor:
+                  shape: torch.Size, place: torch.device | None = None) -> torch.Tensor:
     """The factor as the adapter and the merge will hold it: in the weight's dtype, on its device,
     in memory nobody else holds, its values checked in that dtype (a value finite in float32 may be
     Inf in float16)."""
@@ -464,26 +464,28 @@ def _owned_factor(where: str, label: str, source: torch.Tensor, owned: bool, wei
             "rescale the factors (divide lora_A and multiply lora_B by the same number, or the reverse) "
             "or load the model in a wider dtype"
         )
-    return copy.to(weight.device)
+    return copy.to(weight.device if place is None else place)
 
 
-def validate_lora(spec: LoRASpec, model: nn.Module) -> LoadedLoRA:
+def validate_lora(spec: LoRASpec, model: nn.Module, place: torch.device | None = None) -> LoadedLoRA:
     """Check ``spec``'s tensors against ``model`` and return the manager's own copies; mutate nothing.
 
     The copies are what gets applied (the PEFT adapters and the merge use them): a file rewritten
     or caller tensors changed afterwards make no difference. From a file, the header is checked
-    against the model before any tensor data is read."""
+    against the model before any tensor data is read. ``place``: where the copies live (default:
+    each on its target weight's device; the LoRA cache keeps added LoRAs on the host)."""
     source = spec.source if len(spec.source) <= 200 else f"{spec.source[:97]}...{spec.source[-100:]}"
     what = f"LoRA {spec.name!r} ({source})"
     if spec.path is not None:
         with open_safetensors(spec.path, what) as f:
-            return _loaded(spec, what, f.placeholders(), lambda key: (f.read(key), True), model)
+            return _loaded(spec, what, f.placeholders(), lambda key: (f.read(key), True), model, place)
     tensors = dict(spec.tensors or {})  # the mapping as it is now
-    return _loaded(spec, what, tensors, lambda key: (tensors[key], False), model)
+    return _loaded(spec, what, tensors, lambda key: (tensors[key], False), model, place)
 
 
 def _loaded(spec: LoRASpec, what: str, shapes: Mapping[str, torch.Tensor],
-            fetch: Callable[[str], tuple[torch.Tensor, bool]], model: nn.Module) -> LoadedLoRA:
+            fetch: Callable[[str], tuple[torch.Tensor, bool]], model: nn.Module,
+            place: torch.device | None) -> LoadedLoRA:
     plans = _structure(what, shapes, model)
     targets: dict[str, TargetLoRA] = {}
     for plan in plans:
@@ -499,7 +501,7 @@ def _loaded(spec: LoRASpec, what: str, shapes: Mapping[str, torch.Tensor],
         factors = {}
         for label in ("lora_A", "lora_B"):
             key = plan.keys[label]
-            factors[label] = _owned_factor(where, label, *fetch(key), plan.weight, shapes[key].shape)
+            factors[label] = _owned_factor(where, label, *fetch(key), plan.weight, shapes[key].shape, place)
         targets[plan.module] = TargetLoRA(plan.module, factors["lora_A"], factors["lora_B"], alpha)
     return LoadedLoRA(spec, targets)
 
@@ -510,20 +512,3 @@ def validate_all(specs: list[LoRASpec], model: nn.Module) -> list[LoadedLoRA]:
     if dupes:
         raise ConfigError(f"LoRA names must be unique; repeated: {', '.join(dupes)}")
     return [validate_lora(s, model) for s in specs]
-
-
-def resolve_strengths(specs: Mapping[str, LoRASpec], phase: Phase,
-                      overrides: Mapping[str, float] | None) -> dict[str, float]:
-    """Every managed LoRA's strength in ``phase``: its spec's, or a request's checked override."""
-    strengths = {name: spec.strength(phase) for name, spec in specs.items()}
-    if overrides is None:
-        return strengths
-    if not isinstance(overrides, Mapping):
-        raise StrengthError(f"strengths must be a mapping of LoRA name to strength, got "
-                            f"{type(overrides).__name__}")
-    for name, value in overrides.items():
-        if name not in strengths:
-            known = ", ".join(map(repr, strengths)) or "none"
-            raise StrengthError(f"strength override for unknown LoRA {name!r}; managed LoRAs: {known}")
-        strengths[name] = check_strength(value, f"override for LoRA {name!r} in {phase.value}")
-    return strengths

@@ -25,14 +25,17 @@ from .faults import NO_FAULTS
 from .gate import RequestGate
 from .guard import DiTGuard, claim, unclaim
 from .lora import LoadedLoRA, LoRASpec, validate_all
+from .lora_cache import LoRACache, managed_layers, slot_names
 from .machine import WeightMachine
 from .modes import MODES, REST_STATES, choose_auto
 from .ops.dynamic import PeftAdapters
 from .ops.exact import EXACT_KERNELS, choose_exact_kernel
 from .ops.forward import forward_named
 from .ops.merge import MergeStack
+from .ops.slots import LoRASlots
 from .options import ManagerOptions, checked_arguments, checked_timeout, with_legacy_keywords
 from .policy import MergePolicy, make_policy
+from .registry import RegisteredLoRA
 from .request import RequestScope
 from .switch import PhaseSwitch
 from .trace import Trace
@@ -67,13 +70,13 @@ class ResidencyManager:
         self.options = with_legacy_keywords(options, keywords)
         asked, specs, policy = checked_arguments(mode, loras, merge_policy)
         self.transformer = transformer
-        self.specs = {s.name: s for s in specs}
+        self._specs = {s.name: s for s in specs}  # the LoRAs the manager was built with
         self.trace = Trace(self.options.trace_maxlen)
         # everything is validated before the first mutation (PEFT injection wraps modules)
-        self.loras: list[LoadedLoRA] = validate_all(list(specs), transformer)
-        targets = sorted({m for lo in self.loras for m in lo.targets})
+        self._loaded: list[LoadedLoRA] = validate_all(list(specs), transformer)
+        self._managed = managed_layers(transformer, self._loaded)
         self.exact_kernel = choose_exact_kernel(self.options.exact_kernel,
-                                                [transformer.get_submodule(n).weight for n in targets])
+                                                [transformer.get_submodule(n).weight for n in self._managed])
         self.mode, self.mode_reason = self._resolve(asked)
         self._check_compiled()  # before the stage-2 copy is made
         claim(transformer, self)  # one model, one manager: refused before anything changes
@@ -92,21 +95,30 @@ class ResidencyManager:
         if self._copies_uncompilable():
             return ResidencyMode.ORIGINAL, ("the DiT was compiled by other means than ltx2_residency, and a copy of "
                                             "it could not be compiled alike: one shared DiT")
-        lora_bytes = sum(lo.nbytes for lo in self.loras)
+        lora_bytes = sum(lo.nbytes for lo in self._loaded)
         return choose_auto(self.transformer, lora_bytes, int(self.options.activation_reserve_gib * 2**30))
 
     def _build(self, policy: MergePolicy) -> None:
         o, faults = self.options, self.options.faults or NO_FAULTS
         # the pre-merged stage-2 DiT is copied from the base before anything wraps or hooks it
-        stage2 = {name: spec.strength(Phase.STAGE2) for name, spec in self.specs.items()}
-        mode = MODES[self.mode](self.transformer, self.loras, stage2, faults, o.low_vram)
+        stage2 = {name: spec.strength(Phase.STAGE2) for name, spec in self._specs.items()}
+        mode = MODES[self.mode](self.transformer, self._loaded, stage2, faults, o.low_vram)
         self._compile_copies(mode.dits)
-        self._adapters = PeftAdapters(self.transformer, self.loras, faults, o.dynamic_forward)
+        slots = slot_names(self.transformer, self._managed, o.lora_slot_rank, o.device_lora_cache_bytes,
+                           self._specs)
+        # slots at start-up when sized in the options (a compiled DiT then never changes) or when the
+        # manager has no LoRA of its own; else at the first request that runs an added LoRA
+        now = slots if o.device_lora_cache_bytes is not None or not self._loaded else []
+        self._adapters = PeftAdapters(self.transformer, self._loaded, faults, o.dynamic_forward, now,
+                                      o.lora_slot_rank, self._managed)
         stack = MergeStack(EXACT_KERNELS[self.exact_kernel](), faults, o.check_layers)
         self._executor = build_executor(mode, self._adapters, stack, o.clean_source, o.overlap_restore, faults,
                                         self.trace)
-        self._switch = PhaseSwitch(self._executor, self.specs, policy, o)
-        self._gate = RequestGate(self._executor, self._switch)
+        self._cache = LoRACache(self.transformer, self._loaded,
+                                LoRASlots(self._adapters, o.lora_slot_rank, slots, self._managed),
+                                o.host_lora_cache_bytes)
+        self._switch = PhaseSwitch(self._executor, policy, o)
+        self._gate = RequestGate(self._executor, self._switch, self._cache)
         self._guard = DiTGuard(self._executor, self._gate, o.strict)
 
     def _copies_uncompilable(self) -> bool:
@@ -128,12 +140,51 @@ class ResidencyManager:
             if spec is not None:
                 compile_dit(module, spec)
 
+    # ------------------------------------------------------------------ LoRAs
+    def add_lora(self, spec: LoRASpec) -> RegisteredLoRA:
+        """Register ``spec`` while requests run: it is validated against the model and its file
+        hashed without waiting for the DiT, then published at once for the next requests. A typed
+        error (a name already registered, a file that does not fit the model or the LoRA slots)
+        registers nothing and moves nothing. Requests choose it with ``request(loras={name: ...})``."""
+        self._gate.refuse_if_closed("add_lora()")
+        if not isinstance(spec, LoRASpec):
+            raise ConfigError(f"add_lora() takes a LoRASpec, got {type(spec).__name__}; build one with "
+                              "LoRASpec(name=..., path=...)")
+        return self._cache.register(spec)
+
+    def remove_lora(self, name: str) -> None:
+        """Unregister ``name`` (requests already admitted with it keep it until they end)."""
+        self._gate.refuse_if_closed("remove_lora()")
+        self._cache.remove(name)
+
+    @property
+    def loras(self) -> Mapping[str, RegisteredLoRA]:
+        """The registered LoRAs, by name (a snapshot)."""
+        return self._cache.registry.entries
+
+    @property
+    def specs(self) -> dict[str, LoRASpec]:
+        """The registered LoRAs' specs, by name."""
+        return {name: entry.spec for name, entry in self.loras.items()}
+
+    def lora_cache_stats(self) -> dict[str, Mapping[str, Any]]:
+        """Bytes, hits and misses of the added LoRAs' tiers: ``host`` cache, ``device`` slots, ``disk`` reads."""
+        return self._cache.stats()
+
     # ------------------------------------------------------------------ requests
-    def request(self, timeout: float | None = ...) -> RequestScope:  # type: ignore[assignment]
+    def request(self, timeout: float | None = ..., *,  # type: ignore[assignment]
+                loras: Mapping[str, float | Mapping[str, float]] | None = None) -> RequestScope:
         """Own the DiT for one request: ``with manager.request() as req:``; leaving the block by any
         path (return, exception, Ctrl-C, even a second Ctrl-C during the cleanup) restores CLEAN
-        or quarantines, and frees the DiT for the next request."""
-        return RequestScope(self._gate, self._wait(timeout, "request"))
+        or quarantines, and frees the DiT for the next request.
+
+        ``loras`` chooses the request's LoRAs and strengths: ``{"style": 0.8}`` (every phase) or
+        ``{"distilled": {"stage2": 1.0}}`` (the phases not named: 0). ``None``: every registered LoRA
+        at its spec's strengths. Unknown names and bad strengths raise here, before anything moves;
+        the added LoRAs chosen start loading (on a loader thread) as the request waits for the DiT."""
+        chosen = self._cache.registry.choose(loras)
+        self._cache.check(chosen)
+        return RequestScope(self._gate, self._wait(timeout, "request"), chosen)
 
     def verify_clean(self, timeout: float | None = ...) -> None:  # type: ignore[assignment]
         """Raise :class:`DirtyWeightsError` unless every managed weight is bit-identical to clean.
@@ -173,6 +224,7 @@ class ResidencyManager:
                 self._executor.fire("load_base")
                 self._executor.fire("loaded")
             self._give_back()
+            self._cache.close()
             self._gate.closed = True  # after: a close() cut short gives the model back on the next call
 
     def _wait(self, timeout: object, what: str) -> float | None:

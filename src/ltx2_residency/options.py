@@ -63,6 +63,12 @@ class ManagerOptions:
             ``fused`` kernel on a CUDA device); the DiT stays ``undo_pending`` until its next user.
         dynamic_forward: dynamic phases run ``"fused"`` (our forward over PEFT's adapter tensors) or
             ``"peft"`` (PEFT's own forward).
+        lora_slot_rank: the largest rank of a LoRA added with ``add_lora()``: the rank of the LoRA
+            slots that hold added LoRAs on the device.
+        device_lora_cache_bytes: device bytes for LoRA slots (``None``: two slots); a request runs at
+            most this many added LoRAs at once.
+        host_lora_cache_bytes: host bytes for added LoRAs' copies (pinned where there is a GPU);
+            beyond it the least recently used are read from disk again when needed.
     """
 
     native_ltx23: bool = False
@@ -78,6 +84,9 @@ class ManagerOptions:
     activation_reserve_gib: float = 16.0
     overlap_restore: bool | None = None
     dynamic_forward: str = "fused"
+    lora_slot_rank: int = 128
+    device_lora_cache_bytes: int | None = None
+    host_lora_cache_bytes: int = 8 * _GIB
 
     def __post_init__(self) -> None:
         checked = {
@@ -95,6 +104,10 @@ class ManagerOptions:
             "activation_reserve_gib": _gib(self.activation_reserve_gib, "activation_reserve_gib"),
             "overlap_restore": _flag(self.overlap_restore, "overlap_restore", none_ok=True),
             "dynamic_forward": _dynamic_forward(self.dynamic_forward),
+            "lora_slot_rank": _count(self.lora_slot_rank, "lora_slot_rank"),
+            "device_lora_cache_bytes": None if self.device_lora_cache_bytes is None else _bytes(
+                self.device_lora_cache_bytes, "device_lora_cache_bytes"),
+            "host_lora_cache_bytes": _bytes(self.host_lora_cache_bytes, "host_lora_cache_bytes"),
         }
         for name, value in checked.items():
             object.__setattr__(self, name, value)
@@ -237,6 +250,13 @@ def _count(value: object, argument: str) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 1 <= value <= sys.maxsize:
         raise OptionError(f"{argument} must be a whole number from 1 to {sys.maxsize}, got {shown(value)} "
                           f"(type {_kind(value)})", argument)
+    return int(value)
+
+
+def _bytes(value: object, argument: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 0 <= value <= sys.maxsize:
+        raise OptionError(f"{argument} must be a whole number of bytes from 0 to {sys.maxsize} (None for the "
+                          f"default where allowed), got {shown(value)} (type {_kind(value)})", argument)
     return int(value)
 
 

@@ -8,7 +8,7 @@ import sys
 import threading
 from collections.abc import Mapping
 from types import TracebackType
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from torch import nn
 
@@ -16,6 +16,10 @@ from .costmodel import PhaseWork
 from .domain import Phase, parse_enum
 from .errors import ConfigError, PhaseOrderError, RequestStateError
 from .ownership import HeldInterrupts, Ownership
+from .registry import ChosenLoRAs
+
+if TYPE_CHECKING:
+    from .lora_cache import Admission
 
 
 class PhaseHost(Protocol):
@@ -28,12 +32,13 @@ class PhaseHost(Protocol):
 
 
 class RequestHost(Protocol):
-    """What a :class:`RequestScope` needs of the manager: the ownership of the DiT, and the
-    request's entry and exit."""
+    """What a :class:`RequestScope` needs of the manager: the ownership of the DiT, the request's
+    LoRAs held for it, and the request's entry and exit."""
 
     @property
     def ownership(self) -> Ownership: ...
-    def open_request(self, timeout: float | None) -> Request: ...
+    def admit(self, chosen: ChosenLoRAs) -> Admission: ...
+    def open_request(self, timeout: float | None, admission: Admission) -> Request: ...
     def close_request(self, interrupted: BaseException | None) -> None: ...
 
 _ids = itertools.count(1)
@@ -49,9 +54,11 @@ NEXT_PHASES: Mapping[Phase | None, tuple[Phase, ...]] = {
 class Request:
     """Returned by ``with manager.request() as req``; valid until the ``with`` block ends."""
 
-    def __init__(self, host: PhaseHost) -> None:
+    def __init__(self, host: PhaseHost, loras: ChosenLoRAs) -> None:
         self.id = next(_ids)
         self._host = host
+        self.loras = loras  # the LoRAs this request chose, and their strengths
+        self.adapters: dict[str, str] = {}  # LoRA name -> the adapter that holds it (set once the DiT is held)
         self._thread = threading.get_ident()
         self.phase: Phase | None = None
         self.entered: list[Phase] = []
@@ -68,8 +75,8 @@ class Request:
               work: PhaseWork | None = None) -> nn.Module:
         """Switch the DiT's weights to ``phase`` and return the module to run for it.
 
-        ``strengths`` overrides the LoRAs' configured strengths for this phase of this
-        request only, e.g. ``{"distilled": 0.5}``. ``work`` says what the phase will run (steps,
+        ``strengths`` overrides the strengths of the LoRAs this request chose, for this phase
+        only, e.g. ``{"distilled": 0.5}``. ``work`` says what the phase will run (steps,
         video tokens, DiT calls per step): ``merge_policy="auto"`` weighs merging against
         dynamic adapters with it (the LTX-2 recipe is assumed without it).
         """
@@ -143,17 +150,22 @@ class RequestScope(contextlib.ExitStack):
     run is held until they are done, so it cannot fall between two of them either. The steps
     belong to the ``with`` block: ``pop_all()`` and ``close()`` are refused."""
 
-    def __init__(self, host: RequestHost, timeout: float | None) -> None:
+    def __init__(self, host: RequestHost, timeout: float | None, loras: ChosenLoRAs) -> None:
         super().__init__()
         self._host = host
         self._timeout = timeout
+        self._loras = loras
+        self._admission: Admission | None = None
         self._interrupts = HeldInterrupts()
 
     def __enter__(self) -> Request:  # type: ignore[override]
         ownership = self._host.ownership
         ownership.refuse_nested("request()")  # before any step is registered: the outer request's
         try:
-            # run last to first: hold Ctrl-C, close twice, deliver a held Ctrl-C, release twice
+            # run last to first: hold Ctrl-C, close twice, deliver a held Ctrl-C, release twice,
+            # let go of the request's LoRAs
+            self.callback(self._let_go)
+            self._admission = self._host.admit(self._loras)  # before the wait: its LoRAs load meanwhile
             self.callback(ownership.release_mine)
             self.callback(ownership.release_mine)
             self.callback(self._interrupts.deliver)
@@ -161,10 +173,14 @@ class RequestScope(contextlib.ExitStack):
             self.push(self._close)
             self.push(self._close)
             self.callback(self._interrupts.hold)
-            return self._host.open_request(self._timeout)
+            return self._host.open_request(self._timeout, self._admission)
         except BaseException:
             super().__exit__(*sys.exc_info())
             raise
+
+    def _let_go(self) -> None:
+        if self._admission is not None:
+            self._admission.release()
 
     def pop_all(self) -> contextlib.ExitStack:
         raise RequestStateError("a request's cleanup belongs to its `with` block; it cannot be taken out")

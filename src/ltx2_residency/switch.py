@@ -13,9 +13,8 @@ from torch import nn
 from .compiled import is_compiled
 from .costmodel import CostModel, PhaseWork
 from .domain import ApplyKind, MergePolicyName, Phase, WeightState
-from .errors import QuarantinedError
+from .errors import QuarantinedError, StrengthError
 from .executor import Executor
-from .lora import LoRASpec, resolve_strengths
 from .modes import PHASE_TARGET, REST_STATES, Fire, PhaseDecision, Undo
 from .options import ManagerOptions
 from .policy import MergePolicy, PhaseContext, hides_merge
@@ -27,11 +26,9 @@ S = WeightState
 class PhaseSwitch:
     """Switches the DiT between a request's phases (the ``PhaseHost`` a :class:`Request` calls)."""
 
-    def __init__(self, executor: Executor, specs: Mapping[str, LoRASpec], policy: MergePolicy,
-                 options: ManagerOptions) -> None:
+    def __init__(self, executor: Executor, policy: MergePolicy, options: ManagerOptions) -> None:
         self.executor = executor
         self.mode = executor.mode
-        self.specs = specs
         self.policy = policy
         self.options = options
         self.costs: CostModel | None = None  # merge_policy="auto" only: built at first use
@@ -41,13 +38,13 @@ class PhaseSwitch:
         ex = self.executor
         if ex.state is S.QUARANTINED:
             raise QuarantinedError(ex.quarantine_message())
-        strengths = resolve_strengths(self.specs, phase, overrides)
+        strengths, keyed = _strengths(req, phase, overrides)
         stage1 = req.strengths.get(Phase.STAGE1, strengths if phase is Phase.STAGE1 else {})
         # a merge started ahead (req.prepare) is completed when the phase and strengths are the ones
         # prepared; anything else undoes it and switches as usual
         ahead = ex.state is S.MERGING_AHEAD and req.prepared == (phase, strengths)
         kind = ApplyKind.MERGED if ahead else self._decide(phase, strengths, stage1, work)
-        decision = PhaseDecision(self.mode.decide(phase, kind, strengths), strengths, ahead)
+        decision = PhaseDecision(self.mode.decide(phase, kind, keyed), keyed, ahead)
         ex.context = (req.id, phase.value)
         req.phase = None  # no phase may run until this switch has completed
         try:
@@ -79,7 +76,7 @@ class PhaseSwitch:
         """Start ``phase``'s merge behind the current phase's last ``calls`` DiT calls, when the
         policy merges it into the shared DiT and nothing is applied now (see ``ops.ahead``)."""
         ex = self.executor
-        strengths = resolve_strengths(self.specs, phase, overrides)
+        strengths, keyed = _strengths(req, phase, overrides)
         if not ex.machine.can("merge_ahead") or not hides_merge(req.work.get(Phase.STAGE1), self.mode.device.type,
                                                                  is_compiled(self.mode.base.module)):
             return False
@@ -89,7 +86,7 @@ class PhaseSwitch:
         req.prepared = (phase, strengths)
         req.mutated = True
         try:
-            ex.start_ahead(PhaseDecision(ApplyKind.MERGED, strengths).merge_plan, calls)
+            ex.start_ahead(PhaseDecision(ApplyKind.MERGED, keyed).merge_plan, calls)
         except BaseException as exc:
             req.failed = exc
             ex.undo_or_quarantine(final=False)
@@ -126,7 +123,8 @@ class PhaseSwitch:
         """The auto policy's cost model (built at first use: it probes the device), free memory now."""
         if self.costs is None:
             ex = self.executor
-            self.costs = CostModel.for_targets([t for n in self.specs for t in ex.adapters.targets(n)],
+            own = [n for n in ex.adapters.names if n not in ex.adapters.slots]
+            self.costs = CostModel.for_targets([t for n in own for t in ex.adapters.targets(n)],
                                                ex.adapters.forward.name, compiled=is_compiled(self.mode.base.module))
         self.costs.refresh_headroom()
         return self.costs
@@ -138,3 +136,15 @@ class PhaseSwitch:
             self.costs.observe_merge(max(self.executor.trace[-1].duration_ms, 1e-3))
         self.costs.observe_records(self.executor.stack.last_exception_fraction)
 
+
+
+def _strengths(req: Request, phase: Phase, overrides: Mapping[str, float] | None
+               ) -> tuple[dict[str, float], dict[str, float]]:
+    """The request's strengths in ``phase`` by LoRA name, and by the adapter that holds each LoRA
+    (the manager's own adapter, or the LoRA slot it was loaded into)."""
+    strengths = req.loras.phase(phase, overrides)
+    unheld = [n for n, s in strengths.items() if s != 0.0 and n not in req.adapters]
+    if unheld:
+        raise StrengthError(f"LoRA {unheld[0]!r} was not loaded for this request (loras=None loads the added "
+                            f"LoRAs whose strengths are not all 0); name it in request(loras={{...}})")
+    return strengths, {req.adapters[n]: s for n, s in strengths.items() if n in req.adapters}

@@ -160,6 +160,10 @@ class Env:
             args.pop("tensors")
         return LoRASpec(**args)  # type: ignore[arg-type]
 
+    def only(self, key_part: str) -> dict[str, torch.Tensor]:
+        """The good LoRA on the modules whose keys contain ``key_part`` only."""
+        return {k: v for k, v in self.good.items() if key_part in k}
+
     def edited(self, key_part: str, fn: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, torch.Tensor]:
         out = dict(self.good)
         key = next(k for k in out if key_part in k)
@@ -284,6 +288,17 @@ CASES: list[Case] = [
     Case("compile mode that does not exist", lambda e: e.manager().compile("fastest")),
     Case("resident copy of a DiT compiled by other means", lambda e: (
         e.model.compile(backend="aot_eager"), e.manager(mode="resident"))),
+    # LoRAs added and chosen per request
+    Case("add_lora(a dict)", lambda e: e.manager().add_lora({"name": "style"})),  # type: ignore[arg-type]
+    Case("add_lora under a registered name", lambda e: e.manager().add_lora(e.spec())),
+    Case("add_lora above the slots' rank", lambda e: e.manager(lora_slot_rank=2).add_lora(e.spec(name="style"))),
+    Case("add_lora on layers not managed", lambda e: e.manager(e.spec(tensors=e.only("attn1"))).add_lora(
+        e.spec(name="style"))),
+    Case("request(loras=) naming no registered LoRA", lambda e: e.manager().request(loras={"style": 1.0})),
+    Case("request(loras=) with a negative strength", lambda e: e.manager().request(loras={"distilled": -1.0})),
+    Case("request(loras=) with an unknown phase", lambda e: e.manager().request(
+        loras={"distilled": {"stage3": 1.0}})),
+    Case("remove_lora of no registered LoRA", lambda e: e.manager().remove_lora("style")),
 ]
 
 

@@ -18,6 +18,8 @@ PINNED = {
     # the DiT under torch.compile: how to compile it, and how to see it does not recompile
     "COMPILE_MODES", "CompileSpec", "CompiledModuleError", "compile_dit", "compiled_graphs", "is_compiled",
     "no_recompiles",
+    # LoRAs chosen per request: the registry's entries and refusals
+    "RegisteredLoRA", "LoRANameClashError", "UnknownLoRAError", "LoRAChangedError", "LoRAFitError", "LoRACacheError",
 }
 
 

@@ -76,6 +76,9 @@ BAD_OPTIONS = [
     ("activation_reserve_gib", 10**400),
     ("overlap_restore", 1), ("overlap_restore", "auto"),
     ("dynamic_forward", None), ("dynamic_forward", "triton"),
+    ("lora_slot_rank", 0), ("lora_slot_rank", True), ("lora_slot_rank", 8.0),
+    ("device_lora_cache_bytes", -1), ("device_lora_cache_bytes", 1.5), ("device_lora_cache_bytes", "1GB"),
+    ("host_lora_cache_bytes", None), ("host_lora_cache_bytes", -1), ("host_lora_cache_bytes", 2**64),
 ]
 #: the deprecated keyword path: every bad option, and the 0.1 name of ``exact_kernel``
 BAD_LEGACY_KEYWORDS = [*BAD_OPTIONS, ("restore", 1), ("restore", "undo")]
@@ -85,6 +88,7 @@ LEGACY_VALUES: dict[str, Any] = {
     "native_ltx23": True, "exact_kernel": " Recompute ", "check_layers": True, "strict": False,
     "verify": "ALWAYS", "clean_source": None, "request_timeout": 5, "trace_maxlen": 7, "faults": FaultInjector(),
     "low_vram": True, "activation_reserve_gib": 2, "overlap_restore": False, "dynamic_forward": " PEFT ",
+    "lora_slot_rank": 16, "device_lora_cache_bytes": 0, "host_lora_cache_bytes": 2**20,
 }
 
 

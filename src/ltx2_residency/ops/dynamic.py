@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 import warnings
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
@@ -35,29 +35,41 @@ def _config(lora: LoadedLoRA) -> LoraConfig:
     rank = ranks.most_common(1)[0][0]
     alphas = {m: (t.alpha if t.alpha is not None else float(t.rank)) for m, t in lora.targets.items()}
     alpha = Counter(alphas.values()).most_common(1)[0][0]
+    return _lora_config(sorted(lora.targets), rank, alpha,
+                        {m: t.rank for m, t in lora.targets.items() if t.rank != rank},
+                        {m: a for m, a in alphas.items() if a != alpha})
+
+
+def _lora_config(modules: list[str], rank: int, alpha: float, ranks: Mapping[str, int],
+                 alphas: Mapping[str, float]) -> LoraConfig:
     # PEFT matches pattern keys as regexes against the module path: escape the dots.
     return LoraConfig(
         r=rank,
         lora_alpha=alpha,
         # a string is matched with re.fullmatch against each module path; a list would also
         # match by suffix and wrap modules that validation never saw ("a.lin" in "b.a.lin")
-        target_modules="|".join(re.escape(m) for m in sorted(lora.targets)),
-        rank_pattern={re.escape(m): t.rank for m, t in lora.targets.items() if t.rank != rank},
-        alpha_pattern={re.escape(m): a for m, a in alphas.items() if a != alpha},
+        target_modules="|".join(re.escape(m) for m in modules),
+        rank_pattern={re.escape(m): r for m, r in ranks.items()},
+        alpha_pattern={re.escape(m): a for m, a in alphas.items()},
         lora_dropout=0.0,
         init_lora_weights=False,
     )
 
 
 class PeftAdapters:
-    """The PEFT adapters of every managed LoRA on one model."""
+    """The PEFT adapters of every managed LoRA on one model, and ``slots``: adapters of rank
+    ``slot_rank`` on every ``managed`` layer that take added LoRAs (:mod:`.slots`)."""
 
     def __init__(self, model: nn.Module, loras: list[LoadedLoRA], faults: FaultInjector,
-                 forward: str = "fused") -> None:
+                 forward: str = "fused", slots: Sequence[str] = (), slot_rank: int = 0,
+                 managed: Sequence[str] = ()) -> None:
         self.model = model
         self.faults = faults
         self.forward = DYNAMIC_FORWARDS[forward]()
-        self.names = [lo.name for lo in loras]
+        self.names = [lo.name for lo in loras] + list(slots)
+        self.slots = list(slots)
+        #: the layers each adapter runs on: its LoRA's targets (a slot: those of the LoRA it holds now)
+        self.covers: dict[str, frozenset[str]] = {}
         self._targets: dict[str, list[str]] = {}
         self._target_cache: dict[str, list[LayerTarget]] = {}
         self.layers: dict[str, LoraLayer] = {}
@@ -66,17 +78,10 @@ class PeftAdapters:
         self._touched = True  # PEFT injects enabled adapters: the first sweep disables them
         try:
             for lora in loras:
-                self._inject(model, lora)
-            self.layers = {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer)}
-            for p in model.parameters():
-                p.requires_grad_(False)
-            # every LoRA's strength in the phase under way, read by the dynamic forward in a graph
-            # (ops.forward): written in place, never re-allocated, so a captured graph sees it
-            weights = [layer.get_base_layer().weight for layer in self.layers.values()]
-            self.strengths = torch.zeros(len(self.names), dtype=torch.float32,
-                                         device=weights[0].device if weights else "cpu")
-            for layer in self.layers.values():
-                install(layer, [n for n in self.names if n in layer.lora_A], self.strengths, self.names)
+                self._inject(model, lora.name, _config(lora),
+                             {m: (t.lora_A, t.lora_B) for m, t in lora.targets.items()})
+            self._inject_slots(slots, slot_rank, managed)
+            self._install()
             self.forward.begin(model)  # its hooks, once: on a compiled DiT a hook added later is a new graph
             self.deactivate()
         except BaseException:
@@ -86,34 +91,65 @@ class PeftAdapters:
             _unwrap(model, self.names)  # leave the model as it was given to us
             raise
 
-    def _inject(self, model: nn.Module, lora: LoadedLoRA) -> None:
+    def add_slots(self, slots: Sequence[str], rank: int, managed: Sequence[str]) -> None:
+        """Between requests: inject LoRA slots after the start (the first time a request runs an added
+        LoRA). On a compiled DiT this is the one change of its modules after the start: compile it
+        again, or size the slots up front (``ManagerOptions(device_lora_cache_bytes=...)``)."""
+        self.names += slots  # before the injection: remove() takes them off whatever happens next
+        self.slots += slots
+        self._inject_slots(slots, rank, managed)
+        self._install()
+        self._touched = True  # PEFT injects enabled adapters: the sweep disables them
+        self.deactivate()
+        self.forward.forget()
+
+    def _inject_slots(self, slots: Sequence[str], rank: int, managed: Sequence[str]) -> None:
+        for slot in slots:  # zero adapters of one rank on every managed layer, filled later
+            self._inject(self.model, slot, _lora_config(list(managed), rank, float(rank), {}, {}),
+                         {m: _zero_factors(self.model.get_submodule(m), rank) for m in managed})
+            self.covers[slot] = frozenset()
+
+    def _install(self) -> None:
+        """Our dynamic forward on every adapted layer (:func:`~.forward.install`), over all adapters."""
+        self.layers = {name: m for name, m in self.model.named_modules() if isinstance(m, LoraLayer)}
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        # every LoRA's strength in the phase under way, read by the dynamic forward in a graph
+        # (ops.forward): written in place, never re-allocated, so a captured graph sees it
+        weights = [layer.get_base_layer().weight for layer in self.layers.values()]
+        strengths = torch.zeros(len(self.names), dtype=torch.float32, device=weights[0].device if weights else "cpu")
+        for layer in self.layers.values():
+            uninstall(layer)
+            install(layer, [n for n in self.names if n in layer.lora_A], strengths, self.names)
+        self.strengths = strengths
+
+    def _inject(self, model: nn.Module, name: str, config: LoraConfig,
+                factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
         with warnings.catch_warnings():
             # several named adapters on one model is the point here, not an accident
             warnings.filterwarnings("ignore", message="Already found a `peft_config`")
             # low_cpu_mem_usage: adapters start on the meta device and take our tensors as
             # they are, instead of PEFT initialising rank-384 Linears on the CPU first.
-            inject_adapter_in_model(_config(lora), model, adapter_name=lora.name,
-                                    low_cpu_mem_usage=True)
+            inject_adapter_in_model(config, model, adapter_name=name, low_cpu_mem_usage=True)
         state = {}
-        for module, t in lora.targets.items():
+        for module, (a, b) in factors.items():
             # PEFT's own path casts adapters to the base layer's device and dtype: do the same
-            w = model.get_submodule(module).get_base_layer().weight
-            state[f"{module}.lora_A.weight"] = t.lora_A.to(device=w.device, dtype=w.dtype)
-            state[f"{module}.lora_B.weight"] = t.lora_B.to(device=w.device, dtype=w.dtype)
-        result = set_peft_model_state_dict(model, state, adapter_name=lora.name,
-                                           low_cpu_mem_usage=True)
+            w = _base_weight(model.get_submodule(module))
+            state[f"{module}.lora_A.weight"] = a.to(device=w.device, dtype=w.dtype)
+            state[f"{module}.lora_B.weight"] = b.to(device=w.device, dtype=w.dtype)
+        result = set_peft_model_state_dict(model, state, adapter_name=name, low_cpu_mem_usage=True)
         unexpected = list(getattr(result, "unexpected_keys", []) or [])
-        wrapped = sorted(n for n, m in model.named_modules()
-                         if isinstance(m, LoraLayer) and lora.name in m.lora_A)
-        left_on_meta = [n for n, p in model.named_parameters() if p.is_meta and f".{lora.name}." in n]
-        if unexpected or left_on_meta or wrapped != sorted(lora.targets):
+        wrapped = sorted(n for n, m in model.named_modules() if isinstance(m, LoraLayer) and name in m.lora_A)
+        left_on_meta = [n for n, p in model.named_parameters() if p.is_meta and f".{name}." in n]
+        if unexpected or left_on_meta or wrapped != sorted(factors):
             raise LoRAValidationError(
-                f"LoRA {lora.name!r}: PEFT placed the adapter differently from what was validated "
+                f"LoRA {name!r}: PEFT placed the adapter differently from what was validated "
                 f"({len(unexpected)} unexpected keys, {len(left_on_meta)} tensors left unloaded, "
-                f"{len(wrapped)} modules wrapped for {len(lora.targets)} targets); the model was "
+                f"{len(wrapped)} modules wrapped for {len(factors)} targets); the model was "
                 "left unchanged"
             )
-        self._targets[lora.name] = sorted(lora.targets)
+        self._targets[name] = sorted(factors)
+        self.covers[name] = frozenset(factors)
 
     def targets(self, lora: str) -> list[LayerTarget]:
         """The merge path's view of ``lora``: base weights plus the adapter's own A/B tensors.
@@ -130,6 +166,8 @@ class PeftAdapters:
     def _build_targets(self, lora: str) -> list[LayerTarget]:
         out = []
         for module in self._targets[lora]:
+            if module not in self.covers[lora]:  # a slot's layers its LoRA does not target
+                continue
             layer = self.layers[module]
             out.append(LayerTarget(
                 name=module,
@@ -139,6 +177,12 @@ class PeftAdapters:
                 scale=float(layer.lora_alpha[lora]) / float(layer.r[lora]),
             ))
         return out
+
+    def forget(self, adapter: str) -> None:
+        """``adapter``'s tensors are about to be rewritten (a LoRA slot takes another LoRA): drop
+        what was derived from them (merge targets, kept eager forwards)."""
+        self._target_cache.pop(adapter, None)
+        self.forward.forget()
 
     def model_device(self) -> torch.device:
         """Where the adapted weights are now (a residency move may have taken them elsewhere)."""
@@ -165,8 +209,8 @@ class PeftAdapters:
                 self.strengths.data = self.strengths.data.to(self.model_device())
             self.strengths.copy_(torch.tensor([live.get(n, 0.0) for n in self.names], dtype=torch.float32))
         enabled = 0
-        for layer in self.layers.values():
-            names = [n for n in live if n in layer.lora_A]
+        for module, layer in self.layers.items():
+            names = [n for n in live if module in self.covers[n]]
             if not names:
                 if live:
                     self._attached.append(layer)
@@ -224,6 +268,18 @@ class PeftAdapters:
                     for p in (layer.lora_A[n].weight, layer.lora_B[n].weight):
                         total += p.numel() * p.element_size()
         return total
+
+
+def _base_weight(module: nn.Module) -> torch.Tensor:
+    base = module.get_base_layer() if isinstance(module, LoraLayer) else module
+    return base.weight
+
+
+def _zero_factors(module: nn.Module, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    w = _base_weight(module)
+    out_features, in_features = w.shape
+    return (torch.zeros(rank, in_features, dtype=w.dtype, device=w.device),
+            torch.zeros(out_features, rank, dtype=w.dtype, device=w.device))
 
 
 def _unwrap(model: nn.Module, names: list[str]) -> None:

@@ -56,6 +56,9 @@ class LoRADelta:
     lora_A: torch.Tensor  # (rank, in)
     lora_B: torch.Tensor  # (out, rank)
     scale: float  # strength · alpha / rank
+    #: the adapter's parameters the factors view (a LoRA slot's leading rows): a move rebinds their
+    #: ``.data``, which a view does not follow
+    sources: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def rank(self) -> int:
@@ -119,8 +122,9 @@ class FusedLoRALinear:
         """Still valid for its layer: the weight on the device it was made for, the transposed
         views on the factors' present storage (a move rebinds ``.data``, which views do not follow)."""
         return self.weight.device == self.device and all(
-            a_t.data_ptr() == d.lora_A.data_ptr() and b_t.data_ptr() == d.lora_B.data_ptr()
-            for (a_t, b_t, _), d in zip(self.factors, self.deltas, strict=True))
+            a_t.data_ptr() == src_a.data_ptr() and b_t.data_ptr() == src_b.data_ptr()
+            for (a_t, b_t, _), (src_a, src_b) in zip(
+                self.factors, [d.sources or (d.lora_A, d.lora_B) for d in self.deltas], strict=True))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if x.numel() > self.merge_above * self.in_features or (self.call is not None and self.call.small):
@@ -240,6 +244,14 @@ def installed(layer: nn.Module) -> bool:
     return _PEFT_CLASS in vars(layer)
 
 
+def set_ratio(layer: nn.Module, name: str, ratio: float) -> None:
+    """Write LoRA ``name``'s alpha/rank into an installed layer's ratios, in place (a LoRA slot took
+    another LoRA; a graph reads the same tensor)."""
+    if installed(layer):
+        index = [n for _, n in vars(layer)[_SLOTS]].index(name)
+        getattr(layer, RATIOS)[index] = ratio
+
+
 def uninstall(layer: nn.Module) -> None:
     """Give ``layer`` PEFT's class and forward back (idempotent)."""
     peft_class = vars(layer).get(_PEFT_CLASS)
@@ -297,6 +309,9 @@ class PeftForward:
     def release(self) -> None:
         """The strategy is replaced or the adapters removed: let go of the model."""
 
+    def forget(self) -> None:
+        """Adapter tensors or scales were rewritten: nothing made from the old ones may run again."""
+
     def idle(self, layer: LoraLayer) -> bool:
         """``layer`` runs none of the phase's LoRAs; returns whether it was touched all the same."""
         return False
@@ -337,6 +352,9 @@ class FusedForward(PeftForward):
             self._hook = None
         self.end()
 
+    def forget(self) -> None:
+        self._kept.clear()
+
     def idle(self, layer: LoraLayer) -> bool:
         # every installed layer runs dynamic in a dynamic phase, those of no live LoRA at strength 0
         # in a graph: which layers run which LoRA is then no part of a graph's guards
@@ -357,8 +375,14 @@ class FusedForward(PeftForward):
 
     def make(self, layer: LoraLayer, strengths: dict[str, float]) -> FusedLoRALinear:
         """``layer``'s eager forward at ``strengths``, kept for the next phase that asks the same."""
-        deltas = [LoRADelta(layer.lora_A[n].weight, layer.lora_B[n].weight,
-                            s * float(layer.lora_alpha[n]) / float(layer.r[n])) for n, s in strengths.items()]
+        deltas = []
+        for n, s in strengths.items():
+            a, b, r = layer.lora_A[n].weight, layer.lora_B[n].weight, int(layer.r[n])
+            scale = s * float(layer.lora_alpha[n]) / r
+            if r < a.shape[0]:  # a LoRA slot holds a LoRA of a smaller rank in its leading rows: only those run
+                deltas.append(LoRADelta(a[:r], b[:, :r], scale, (a, b)))
+            else:
+                deltas.append(LoRADelta(a, b, scale))
         base = layer.get_base_layer()
         # host-bound small calls are a GPU matter: on the CPU the launches are the compute
         fused = FusedLoRALinear(base, deltas, call=self.call if base.weight.is_cuda else None)
