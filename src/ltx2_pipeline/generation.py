@@ -166,7 +166,13 @@ def check_request(req: GenerationRequest, spatial: int, temporal: int, loras: Se
         if unknown:
             raise GenerationInputError(f"loras: unknown LoRA {unknown[0]!r}; registered LoRAs: "
                                        f"{', '.join(map(repr, loras))} (add one with pipe.manager.add_lora)")
-        loras = ["distilled", *req.loras]
+        for name, value in req.loras.items():
+            per_phase = value if isinstance(value, Mapping) else {Phase.STAGE1.value: value, Phase.STAGE2.value: value}
+            for phase, strength in per_phase.items():
+                if phase not in (Phase.STAGE1.value, Phase.STAGE2.value):
+                    raise GenerationInputError(f"loras[{name!r}]: unknown phase {phase!r}; use 'stage1' or 'stage2'")
+                check_strength(strength, f"loras[{name!r}][{phase!r}]")
+        loras = [*(n for n in ("distilled",) if n in loras), *req.loras]
     for phase, overrides in req.strengths.items():
         if phase not in (Phase.STAGE1.value, Phase.STAGE2.value):
             raise GenerationInputError(f"strengths: unknown phase {phase!r}; use 'stage1' or 'stage2'")

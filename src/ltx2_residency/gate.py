@@ -16,7 +16,6 @@ from .errors import ManagerClosedError, QuarantinedError, RequestStateError
 from .executor import Executor
 from .lora_cache import Admission, LoRACache
 from .ownership import Holding, Ownership
-from .registry import ChosenLoRAs
 from .request import Request
 from .switch import PhaseSwitch
 
@@ -37,16 +36,17 @@ class RequestGate:
             raise ManagerClosedError(f"{what}: this manager was closed (it gave the model back); build a new "
                                      "ResidencyManager on the model to manage it again")
 
-    def admit(self, chosen: ChosenLoRAs) -> Admission:
+    def admit(self, admission: Admission) -> None:
         """Before the wait for the DiT: the request's added LoRAs held in the host cache, and read
         from disk meanwhile where they are not."""
         self.refuse_if_closed("request()")
-        return self.cache.admit(chosen)
+        self.cache.admit(admission)
 
     def open_request(self, timeout: float | None, admission: Admission) -> Request:
         """The request scope's entry: its ``ExitStack`` already holds the release and the close."""
         self.refuse_if_closed("request()")
         self.ownership.acquire(timeout, "request()")
+        self.refuse_if_closed("request()")  # closed while this request waited: the model was given back
         self.executor.settle()
         req = self.request = Request(self.switch, admission.chosen)
         if self.executor.state is WeightState.QUARANTINED:

@@ -11,9 +11,10 @@ where there is a GPU; a LoRA given as in-memory tensors has no file to come back
 
 from __future__ import annotations
 
+import itertools
 import threading
-from collections import Counter, OrderedDict
-from collections.abc import Callable, Mapping
+from collections import OrderedDict
+from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import LoRACacheError, LoRAChangedError, LoRAFitError
+from .errors import LoRACacheError, LoRAChangedError, LoRAFitError, LoRAFormatError
 from .lora import LoadedLoRA, LoRASpec, TargetLoRA, validate_lora
 from .ops.ahead import OUTSIDE, block_of
 from .ops.slots import LoRASlots
@@ -37,10 +38,10 @@ class HostCache:
     def __init__(self, budget: int, pin: bool) -> None:
         self.budget = budget
         self.pin = pin
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._held: OrderedDict[int, LoadedLoRA] = OrderedDict()
         self._kept: set[int] = set()  # no file: never evicted
-        self._users: Counter[int] = Counter()
+        self._users: dict[int, set[int]] = {}  # LoRA -> the admissions holding it
         self._gone: set[int] = set()  # removed from the registry: freed once unused
         self.hits = 0
         self.misses = 0
@@ -48,12 +49,14 @@ class HostCache:
 
     @property
     def nbytes(self) -> int:
-        return sum(lo.nbytes for lo in self._held.values())
+        with self._lock:
+            return sum(lo.nbytes for lo in self._held.values())
 
     @property
     def kept_nbytes(self) -> int:
         """Bytes of the LoRAs given as tensors: never evicted."""
-        return sum(self._held[uid].nbytes for uid in self._kept if uid in self._held)
+        with self._lock:
+            return sum(self._held[uid].nbytes for uid in self._kept if uid in self._held)
 
     def __contains__(self, uid: int) -> bool:
         return uid in self._held
@@ -72,31 +75,36 @@ class HostCache:
         if self.pin:
             lora = _pinned(lora)
         with self._lock:
-            if entry.uid in self._gone and not self._users[entry.uid]:
+            if entry.uid in self._gone and not self._users.get(entry.uid):
                 return
             self._held[entry.uid] = lora
             if entry.digest is None:
                 self._kept.add(entry.uid)
             self._evict()
 
-    def use(self, uid: int) -> None:
+    def use(self, uid: int, holder: int) -> None:
+        """``holder`` (an admission) holds ``uid``: not evicted until every holder lets go."""
         with self._lock:
-            self._users[uid] += 1
+            self._users.setdefault(uid, set()).add(holder)
 
-    def release(self, uid: int) -> None:
+    def release(self, holder: int) -> None:
+        """``holder`` lets go of every LoRA it holds (idempotent: a release cut short is finished by
+        the next call, and never lets go for another holder)."""
         with self._lock:
-            self._users[uid] -= 1
-            if self._users[uid] <= 0:
-                del self._users[uid]
-                if uid in self._gone:
-                    self._drop(uid)
+            for uid in [u for u, holders in self._users.items() if holder in holders]:
+                holders = self._users[uid]
+                holders.discard(holder)
+                if not holders:
+                    del self._users[uid]
+                    if uid in self._gone:
+                        self._drop(uid)
             self._evict()
 
     def forget(self, uid: int) -> None:
         """The LoRA was removed from the registry: free it now, or when its last request ends."""
         with self._lock:
             self._gone.add(uid)
-            if not self._users[uid]:
+            if not self._users.get(uid):
                 self._drop(uid)
 
     def _drop(self, uid: int) -> None:
@@ -109,7 +117,7 @@ class HostCache:
         for uid in list(self._held):
             if total <= self.budget:
                 return
-            if uid in self._kept or self._users[uid]:
+            if uid in self._kept or self._users.get(uid):
                 continue
             total -= self._held.pop(uid).nbytes
             self.evictions += 1
@@ -121,18 +129,22 @@ def _pinned(lora: LoadedLoRA) -> LoadedLoRA:
                                   for m, t in lora.targets.items()})
 
 
+_holders = itertools.count(1)
+
+
 @dataclass
 class Admission:
     """A request's added LoRAs, held in the host cache for it, some still being read."""
 
     chosen: ChosenLoRAs
     pending: dict[int, Future[LoadedLoRA]] = field(default_factory=dict)
-    released: Callable[[], None] | None = None
+    holder: int = field(default_factory=lambda: next(_holders))
+    host: HostCache | None = None  # set once it holds LoRAs there
 
     def release(self) -> None:
-        done, self.released = self.released, None
-        if done is not None:
-            done()
+        """Let go of the LoRAs (idempotent)."""
+        if self.host is not None:
+            self.host.release(self.holder)
 
 
 class LoRACache:
@@ -179,7 +191,15 @@ class LoRACache:
         (and equal to ``expected``, the registered hash, when given)."""
         if spec.path is None:
             return validate_lora(spec, self.model, place=CPU), None
-        before = file_digest(spec.path)
+        try:
+            before = file_digest(spec.path)
+        except OSError as exc:
+            if expected is not None:
+                raise LoRAChangedError(f"LoRA {spec.name!r}: {spec.source} can no longer be read "
+                                       f"({exc.strerror or exc}); it was moved or removed since it was registered: "
+                                       "remove_lora() it, or put the file back") from None
+            validate_lora(spec, self.model, place=CPU)  # its typed error names what is wrong with the path
+            raise LoRAFormatError(f"LoRA {spec.name!r}: cannot read {spec.source} ({exc.strerror or exc})") from None
         if expected is not None and before != expected:
             raise LoRAChangedError(f"LoRA {spec.name!r}: {spec.source} changed since it was registered "
                                    f"(SHA-256 {before[:12]}..., registered {expected[:12]}...); register the new "
@@ -223,23 +243,15 @@ class LoRACache:
                 f"LoRA cache has {len(self.slots)} slots; choose fewer with request(loras=...), or raise "
                 "ManagerOptions(device_lora_cache_bytes=...)")
 
-    def admit(self, chosen: ChosenLoRAs) -> Admission:
+    def admit(self, admission: Admission) -> None:
         """Hold the request's added LoRAs in the host cache and start reading those not there."""
-        added = chosen.added()
-        admission = Admission(chosen)
-        used: list[int] = []
-
-        def release() -> None:
-            while used:
-                self.host.release(used.pop())
-        admission.released = release  # before the first use: an interrupt part way still lets go
+        admission.host = self.host  # before the first hold: a release, even cut short, lets go of all
+        added = admission.chosen.added()
         for entry in added:
-            self.host.use(entry.uid)
-            used.append(entry.uid)
+            self.host.use(entry.uid, admission.holder)
         for entry in added:
             if entry.uid not in self.host and self.slots.slot_of(entry.uid) is None:
                 admission.pending[entry.uid] = self._fetch(entry)
-        return admission
 
     def bind(self, admission: Admission) -> dict[str, str]:
         """Under the DiT: each chosen LoRA's adapter (its own, or the slot it is loaded into)."""

@@ -108,7 +108,8 @@ class ResidencyManager:
                            self._specs)
         # slots at start-up when sized in the options (a compiled DiT then never changes) or when the
         # manager has no LoRA of its own; else at the first request that runs an added LoRA
-        now = slots if o.device_lora_cache_bytes is not None or not self._loaded else []
+        # (low-VRAM snapshot mode: at start-up too, while the base is on the device, like the adapters)
+        now = slots if o.device_lora_cache_bytes is not None or not self._loaded or mode.low_vram else []
         self._adapters = PeftAdapters(self.transformer, self._loaded, faults, o.dynamic_forward, now,
                                       o.lora_slot_rank, self._managed)
         stack = MergeStack(EXACT_KERNELS[self.exact_kernel](), faults, o.check_layers)
@@ -216,6 +217,8 @@ class ResidencyManager:
         if self._gate.closed:
             return
         with self._gate.hold(lambda: self._wait(timeout, "close"), "close()"):
+            if self._gate.closed:  # another thread closed it while this call waited
+                return
             with contextlib.suppress(DirtyWeightsError):
                 self._executor.settle(host=True)  # a dirty deferred verify quarantines: repaired below
             if self.state is WeightState.QUARANTINED:

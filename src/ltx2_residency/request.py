@@ -8,18 +8,16 @@ import sys
 import threading
 from collections.abc import Mapping
 from types import TracebackType
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 from torch import nn
 
 from .costmodel import PhaseWork
 from .domain import Phase, parse_enum
 from .errors import ConfigError, PhaseOrderError, RequestStateError
+from .lora_cache import Admission
 from .ownership import HeldInterrupts, Ownership
 from .registry import ChosenLoRAs
-
-if TYPE_CHECKING:
-    from .lora_cache import Admission
 
 
 class PhaseHost(Protocol):
@@ -37,7 +35,7 @@ class RequestHost(Protocol):
 
     @property
     def ownership(self) -> Ownership: ...
-    def admit(self, chosen: ChosenLoRAs) -> Admission: ...
+    def admit(self, admission: Admission) -> None: ...
     def open_request(self, timeout: float | None, admission: Admission) -> Request: ...
     def close_request(self, interrupted: BaseException | None) -> None: ...
 
@@ -154,33 +152,29 @@ class RequestScope(contextlib.ExitStack):
         super().__init__()
         self._host = host
         self._timeout = timeout
-        self._loras = loras
-        self._admission: Admission | None = None
+        self._admission = Admission(loras)
         self._interrupts = HeldInterrupts()
 
     def __enter__(self) -> Request:  # type: ignore[override]
         ownership = self._host.ownership
         ownership.refuse_nested("request()")  # before any step is registered: the outer request's
         try:
-            # run last to first: hold Ctrl-C, close twice, deliver a held Ctrl-C, release twice,
-            # let go of the request's LoRAs
-            self.callback(self._let_go)
-            self._admission = self._host.admit(self._loras)  # before the wait: its LoRAs load meanwhile
+            # run last to first: hold Ctrl-C, close twice, let go of the request's LoRAs twice,
+            # deliver a held Ctrl-C, release twice
             self.callback(ownership.release_mine)
             self.callback(ownership.release_mine)
             self.callback(self._interrupts.deliver)
             self.callback(self._interrupts.deliver)
+            self.callback(self._admission.release)
+            self.callback(self._admission.release)
             self.push(self._close)
             self.push(self._close)
             self.callback(self._interrupts.hold)
+            self._host.admit(self._admission)  # before the wait: its LoRAs load meanwhile
             return self._host.open_request(self._timeout, self._admission)
         except BaseException:
             super().__exit__(*sys.exc_info())
             raise
-
-    def _let_go(self) -> None:
-        if self._admission is not None:
-            self._admission.release()
 
     def pop_all(self) -> contextlib.ExitStack:
         raise RequestStateError("a request's cleanup belongs to its `with` block; it cannot be taken out")

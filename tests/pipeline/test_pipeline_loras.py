@@ -13,7 +13,7 @@ from ltx2_pipeline.errors import GenerationInputError
 from ltx2_pipeline.loras import load_lora
 from ltx2_pipeline.tiny import tiny_transformer
 from ltx2_pipeline.two_stage import LTX2TwoStagePipeline
-from ltx2_residency import LoRASpec, WeightState
+from ltx2_residency import LoRASpec, StrengthError, WeightState
 from ltx2_residency.testing import linear_names, save_lora, synthetic_lora
 from offline import assert_offline, no_network  # noqa: F401 - autouse fixtures
 
@@ -51,6 +51,10 @@ def test_unknown_loras_are_refused_before_any_work(style_path: str) -> None:
     pipe.manager.add_lora(LoRASpec("style", path=style_path))
     with pytest.raises(GenerationInputError, match="strengths\\['stage2'\\]: unknown LoRA 'style'"):
         pipe(**KW, loras={}, strengths={"stage2": {"style": 1.0}})
+    with pytest.raises(StrengthError, match="must be >= 0"):  # checked like strengths=, before any work
+        pipe(**KW, loras={"style": -1.0})
+    with pytest.raises(GenerationInputError, match="unknown phase 'stage3'"):
+        pipe(**KW, loras={"style": {"stage3": 1.0}})
     assert pipe.manager.state is WeightState.CLEAN and not pipe.manager.trace
 
 

@@ -275,3 +275,51 @@ def test_added_loras_in_the_modes_with_a_stage2_copy(
         ref.close()
         assert_same_bits(clean, weight_bits(mgr.managed_weights))
     mgr.close()
+
+
+def test_files_that_cannot_be_read_are_typed_errors(
+        fresh_model: Callable[[], nn.Module], distilled_path: str, user_files: dict[str, str],
+        inputs: dict[str, Any], tmp_path: Path) -> None:
+    import shutil
+
+    from ltx2_residency import LoRAValidationError
+
+    size = os.path.getsize(user_files["style"])
+    mgr = ResidencyManager(fresh_model(), "original", [LoRASpec("distilled", path=distilled_path)], "merge",
+                           options=ManagerOptions(host_lora_cache_bytes=size))
+    with pytest.raises(LoRAValidationError):
+        mgr.add_lora(LoRASpec("ghost", path=tmp_path / "missing.safetensors"))
+    moved = shutil.copy(user_files["style"], tmp_path / "moved.safetensors")
+    mgr.add_lora(LoRASpec("moved", path=moved))
+    mgr.add_lora(LoRASpec("ink", path=user_files["ink"]))  # evicts "moved" from the host cache
+    os.remove(moved)
+    clean = weight_bits(mgr.managed_weights)
+    with pytest.raises(LoRAChangedError, match="can no longer be read"), mgr.request(loras={"moved": 1.0}):
+        pass
+    assert_same_bits(clean, weight_bits(mgr.managed_weights))
+    mgr.close()
+
+
+def test_an_interrupted_admission_holds_nothing(
+        fresh_model: Callable[[], nn.Module], distilled_path: str, user_files: dict[str, str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from ltx2_residency import lora_cache
+
+    size = os.path.getsize(user_files["style"])
+    mgr = ResidencyManager(fresh_model(), "original", [LoRASpec("distilled", path=distilled_path)], "merge",
+                           options=ManagerOptions(host_lora_cache_bytes=size))
+    mgr.add_lora(LoRASpec("style", path=user_files["style"]))
+    mgr.add_lora(LoRASpec("ink", path=user_files["ink"]))  # evicts "style": its admission reads it
+
+    def interrupted(self: Any, entry: Any) -> Any:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(lora_cache.LoRACache, "_fetch", interrupted)
+    with pytest.raises(KeyboardInterrupt), mgr.request(loras={"style": 1.0, "ink": 1.0}):
+        pass
+    host = mgr._cache.host
+    assert not host._users  # every hold let go
+    monkeypatch.undo()
+    mgr.remove_lora("ink")
+    assert "ink" not in [e.name for e in mgr.loras.values()] and mgr.lora_cache_stats()["host"]["loras"] == 0
+    mgr.close()

@@ -97,11 +97,22 @@ class PeftAdapters:
         again, or size the slots up front (``ManagerOptions(device_lora_cache_bytes=...)``)."""
         self.names += slots  # before the injection: remove() takes them off whatever happens next
         self.slots += slots
-        self._inject_slots(slots, rank, managed)
-        self._install()
-        self._touched = True  # PEFT injects enabled adapters: the sweep disables them
-        self.deactivate()
-        self.forward.forget()
+        try:
+            self._inject_slots(slots, rank, managed)
+            self._install()
+        except BaseException:  # (out of memory, say) the adapters as they were, the slots gone again
+            _unwrap(self.model, list(slots))
+            self.names = [n for n in self.names if n not in slots]
+            self.slots = [n for n in self.slots if n not in slots]
+            for slot in slots:
+                self.covers.pop(slot, None)
+                self._targets.pop(slot, None)
+            self._install()
+            raise
+        finally:
+            self._touched = True  # PEFT injects enabled adapters: the sweep disables them
+            self.deactivate()
+            self.forward.forget()
 
     def _inject_slots(self, slots: Sequence[str], rank: int, managed: Sequence[str]) -> None:
         for slot in slots:  # zero adapters of one rank on every managed layer, filled later

@@ -106,8 +106,8 @@ class FusedExactMerge:
         # same objects at the same version on the weight's device; per (LoRA, strength): the launch
         # tables, valid while every address is the same (per-layer Python was most of a merge)
         self._factor_cache: dict[str, tuple[Any, ...]] = {}
-        # per frame layout: the addresses it was planned for, its plan, and its parts' plans
-        self._plans: dict[tuple[str, float, int], tuple[tuple[int, ...], kernels.Plan, dict[Any, kernels.Plan]]] = {}
+        # per frame layout: the addresses and scales it was planned for, its plan, and its parts' plans
+        self._plans: dict[tuple[str, float, int], tuple[tuple[float, ...], kernels.Plan, dict[Any, kernels.Plan]]] = {}
         # per frame layout: record regions as the device reads them, kept while the sizes are the same
         # (a host list to a device tensor waits for the stream: at a merge ahead, for stage 1's work)
         self._regions: dict[tuple[str, float, int], tuple[list[int], torch.Tensor, torch.Tensor]] = {}
@@ -132,11 +132,13 @@ class FusedExactMerge:
         """The launch tables of a frame's layers, and a cache for its parts' (see :meth:`flush`),
         kept while every address is the same."""
         weights = [t.weight.detach() for t in targets]
-        addresses = tuple(t.data_ptr() for w, (b, a) in zip(weights, factors, strict=True) for t in (w, b, a))
+        # the scales too: a LoRA slot takes another LoRA (another alpha/rank) in the same tensors
+        scales = [frame.strength * t.scale for t in targets]
+        addresses = (*(t.data_ptr() for w, (b, a) in zip(weights, factors, strict=True) for t in (w, b, a)), *scales)
         hit = self._plans.get(key)
         if hit is not None and hit[0] == addresses:
             return hit[1], hit[2]
-        p = kernels.plan(weights, factors, [frame.strength * t.scale for t in targets])
+        p = kernels.plan(weights, factors, scales)
         self._plans[key] = (addresses, p, {})
         return p, self._plans[key][2]
 

@@ -81,12 +81,10 @@ class LoRASlots:
         slot = self.slot_of(uid)
         if slot is not None:
             self.held[slot] = None
-            self._order.remove(slot)
-            self._order.insert(0, slot)
+            self._order = [slot, *(s for s in self._order if s != slot)]  # one assignment: no slot lost
 
     def _touch(self, slot: str) -> None:
-        self._order.remove(slot)
-        self._order.append(slot)
+        self._order = [*(s for s in self._order if s != slot), slot]
 
     def write(self, slot: str, uid: int, lora: LoadedLoRA) -> None:
         """Copy ``lora`` into ``slot`` in place: every managed layer, zero where it has no target."""
