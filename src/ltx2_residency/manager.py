@@ -108,8 +108,7 @@ class ResidencyManager:
                            self._specs)
         # slots at start-up when sized in the options (a compiled DiT then never changes) or when the
         # manager has no LoRA of its own; else at the first request that runs an added LoRA
-        # (low-VRAM snapshot mode: at start-up too, while the base is on the device, like the adapters)
-        now = slots if o.device_lora_cache_bytes is not None or not self._loaded or mode.low_vram else []
+        now = slots if o.device_lora_cache_bytes is not None or not self._loaded else []
         self._adapters = PeftAdapters(self.transformer, self._loaded, faults, o.dynamic_forward, now,
                                       o.lora_slot_rank, self._managed)
         stack = MergeStack(EXACT_KERNELS[self.exact_kernel](), faults, o.check_layers)

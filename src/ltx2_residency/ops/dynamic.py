@@ -117,7 +117,7 @@ class PeftAdapters:
     def _inject_slots(self, slots: Sequence[str], rank: int, managed: Sequence[str]) -> None:
         for slot in slots:  # zero adapters of one rank on every managed layer, filled later
             self._inject(self.model, slot, _lora_config(list(managed), rank, float(rank), {}, {}),
-                         {m: _zero_factors(self.model.get_submodule(m), rank) for m in managed})
+                         {m: _zero_factors(self.model.get_submodule(m), rank) for m in managed}, keep_device=True)
             self.covers[slot] = frozenset()
 
     def _install(self) -> None:
@@ -127,15 +127,15 @@ class PeftAdapters:
             p.requires_grad_(False)
         # every LoRA's strength in the phase under way, read by the dynamic forward in a graph
         # (ops.forward): written in place, never re-allocated, so a captured graph sees it
-        weights = [layer.get_base_layer().weight for layer in self.layers.values()]
-        strengths = torch.zeros(len(self.names), dtype=torch.float32, device=weights[0].device if weights else "cpu")
+        adapters = [p for layer in self.layers.values() for p in layer.lora_A.parameters()]
+        strengths = torch.zeros(len(self.names), dtype=torch.float32, device=adapters[0].device if adapters else "cpu")
         for layer in self.layers.values():
             uninstall(layer)
             install(layer, [n for n in self.names if n in layer.lora_A], strengths, self.names)
         self.strengths = strengths
 
     def _inject(self, model: nn.Module, name: str, config: LoraConfig,
-                factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+                factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]], keep_device: bool = False) -> None:
         with warnings.catch_warnings():
             # several named adapters on one model is the point here, not an accident
             warnings.filterwarnings("ignore", message="Already found a `peft_config`")
@@ -145,9 +145,12 @@ class PeftAdapters:
         state = {}
         for module, (a, b) in factors.items():
             # PEFT's own path casts adapters to the base layer's device and dtype: do the same
+            # (``keep_device``: the factors were made where the layer's adapters live, which in
+            # low-VRAM snapshot mode is the device while the base rests on the host)
             w = _base_weight(model.get_submodule(module))
-            state[f"{module}.lora_A.weight"] = a.to(device=w.device, dtype=w.dtype)
-            state[f"{module}.lora_B.weight"] = b.to(device=w.device, dtype=w.dtype)
+            device = a.device if keep_device else w.device
+            state[f"{module}.lora_A.weight"] = a.to(device=device, dtype=w.dtype)
+            state[f"{module}.lora_B.weight"] = b.to(device=device, dtype=w.dtype)
         result = set_peft_model_state_dict(model, state, adapter_name=name, low_cpu_mem_usage=True)
         unexpected = list(getattr(result, "unexpected_keys", []) or [])
         wrapped = sorted(n for n, m in model.named_modules() if isinstance(m, LoraLayer) and name in m.lora_A)
@@ -287,10 +290,13 @@ def _base_weight(module: nn.Module) -> torch.Tensor:
 
 
 def _zero_factors(module: nn.Module, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A slot's zero factors for ``module``, where its adapters already are (else its weight's device)."""
     w = _base_weight(module)
+    owned = [m.weight for m in module.lora_A.values()] if isinstance(module, LoraLayer) else []
+    device = owned[0].device if owned else w.device
     out_features, in_features = w.shape
-    return (torch.zeros(rank, in_features, dtype=w.dtype, device=w.device),
-            torch.zeros(out_features, rank, dtype=w.dtype, device=w.device))
+    return (torch.zeros(rank, in_features, dtype=w.dtype, device=device),
+            torch.zeros(out_features, rank, dtype=w.dtype, device=device))
 
 
 def _unwrap(model: nn.Module, names: list[str]) -> None:

@@ -231,8 +231,9 @@ def install(layer: LoraLayer, names: Sequence[str], strengths: torch.Tensor, ord
     object.__setattr__(layer, _FUSED, None)
     object.__setattr__(layer, _MERGE_ABOVE, merge_above_tokens(*base.weight.shape, ranks, base.weight.element_size()))
     ratios = [float(layer.lora_alpha[n]) / float(layer.r[n]) for n in names]
-    layer.register_buffer(RATIOS, torch.tensor(ratios, dtype=torch.float32, device=base.weight.device),
-                          persistent=False)
+    # beside the adapters (the base may rest on the host in low-VRAM snapshot mode; adapters do not)
+    device = layer.lora_A[names[0]].weight.device
+    layer.register_buffer(RATIOS, torch.tensor(ratios, dtype=torch.float32, device=device), persistent=False)
     # one tensor object for every layer, a plain attribute, not a buffer: ``module.to()`` would
     # give each layer a copy of a buffer, and a write would no longer reach them all
     object.__setattr__(layer, _STRENGTHS, strengths)
