@@ -319,8 +319,8 @@ def managed_layers(model: nn.Module, loras: list[LoadedLoRA]) -> list[str]:
 def slot_names(model: nn.Module, managed: list[str], rank: int, budget: int | None,
                taken: Mapping[str, object]) -> list[str]:
     """Names for the LoRA slots the device budget holds (``None``: two), unlike any LoRA's."""
-    per_slot = rank * sum(sum(model.get_submodule(m).weight.shape) * model.get_submodule(m).weight.element_size()
-                          for m in managed)
+    weights = [model.get_submodule(m).weight for m in managed]
+    per_slot = rank * sum(sum(w.shape) * w.element_size() for w in weights)
     count = 0 if not managed else 2 if budget is None else budget // max(per_slot, 1)
     names: list[str] = []
     i = 0

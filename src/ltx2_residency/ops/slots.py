@@ -21,7 +21,6 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from ..errors import LoRACacheError
 from ..lora import LoadedLoRA
 from ..registry import RegisteredLoRA
 from .dynamic import PeftAdapters
@@ -52,10 +51,7 @@ class LoRASlots:
         """A slot for each of ``entries`` (a request's added LoRAs): those already held are hits, the
         others are loaded (``load`` gives the host copy) into the least recently used slots the
         request does not need. Returns LoRA name -> slot."""
-        if len(entries) > len(self.held):
-            raise LoRACacheError(
-                f"the request runs {len(entries)} added LoRAs ({', '.join(e.name for e in entries)}) but the "
-                f"device LoRA cache has {len(self.held)} slots; raise ManagerOptions(device_lora_cache_bytes=...)")
+        assert len(entries) <= len(self.held), "LoRACache.check refuses such a request at request()"
         wanted = {e.uid for e in entries}
         bound: dict[str, str] = {}
         missing = [s for s in self.held if s not in self.adapters.slots]
