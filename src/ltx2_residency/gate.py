@@ -52,6 +52,7 @@ class RequestGate:
         if self.executor.state is WeightState.QUARANTINED:
             raise QuarantinedError(self.executor.quarantine_message())
         req.adapters = self.cache.bind(admission)  # the DiT is held: LoRA slots may be written
+        req.lora_sources = dict(admission.sources)
         return req
 
     def close_request(self, interrupted: BaseException | None) -> None:

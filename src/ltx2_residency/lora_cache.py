@@ -4,8 +4,9 @@
 hashes its file, outside the DiT's lock (requests keep running), then publishes it. A request is
 *admitted* before it waits for the DiT: the added LoRAs it chose are held in the host cache for it
 (not evicted while it runs), and those not there are read from disk on a loader thread while it
-waits, their hash checked against the registered one. Once the request holds the DiT, ``bind``
-puts them into LoRA slots (:mod:`.ops.slots`). The host cache is an LRU within a byte budget, pinned
+waits, their hash checked against the registered one; once a host copy is there, one of them is
+copied to the device on a side stream (:mod:`.ops.staging`). Once the request holds the DiT,
+``bind`` puts them into LoRA slots (:mod:`.ops.slots`). The host cache is an LRU within a byte budget, pinned
 where there is a GPU; a LoRA given as in-memory tensors has no file to come back from and stays.
 """
 
@@ -26,6 +27,7 @@ from .errors import LoRACacheError, LoRAChangedError, LoRAFitError, LoRAFormatEr
 from .lora import LoadedLoRA, LoRASpec, TargetLoRA, validate_lora
 from .ops.ahead import OUTSIDE, block_of
 from .ops.slots import LoRASlots
+from .ops.staging import Staging
 from .registry import ChosenLoRAs, LoRARegistry, RegisteredLoRA, file_digest
 
 CPU = torch.device("cpu")
@@ -60,6 +62,11 @@ class HostCache:
 
     def __contains__(self, uid: int) -> bool:
         return uid in self._held
+
+    def peek(self, uid: int) -> LoadedLoRA | None:
+        """The host copy, if held, counted as neither hit nor miss and not made recent."""
+        with self._lock:
+            return self._held.get(uid)
 
     def get(self, uid: int) -> LoadedLoRA | None:
         with self._lock:
@@ -140,9 +147,13 @@ class Admission:
     pending: dict[int, Future[LoadedLoRA]] = field(default_factory=dict)
     holder: int = field(default_factory=lambda: next(_holders))
     host: HostCache | None = None  # set once it holds LoRAs there
+    staging: Staging | None = None  # set once it may have a LoRA staged
+    sources: dict[str, str] = field(default_factory=dict)  # added LoRA -> tier bind found it in
 
     def release(self) -> None:
         """Let go of the LoRAs (idempotent)."""
+        if self.staging is not None:
+            self.staging.drop(self.holder)
         if self.host is not None:
             self.host.release(self.holder)
 
@@ -158,8 +169,9 @@ class LoRACache:
         self.model = model
         self.slots = slots
         self.managed = frozenset(slots.managed)
-        pin = torch.cuda.is_available() and any(p.is_cuda for p in model.parameters())
-        self.host = HostCache(host_budget, pin)
+        device = next((p.device for p in model.parameters() if p.is_cuda), CPU)
+        self.host = HostCache(host_budget, pin=device.type == "cuda")
+        self.staging = Staging(device)
         self._loader: ThreadPoolExecutor | None = None
         self._loader_lock = threading.Lock()
         self.disk_loads = 0
@@ -246,29 +258,46 @@ class LoRACache:
     def admit(self, admission: Admission) -> None:
         """Hold the request's added LoRAs in the host cache and start reading those not there."""
         admission.host = self.host  # before the first hold: a release, even cut short, lets go of all
+        admission.staging = self.staging
         added = admission.chosen.added()
         for entry in added:
             self.host.use(entry.uid, admission.holder)
         for entry in added:
-            if entry.uid not in self.host and self.slots.slot_of(entry.uid) is None:
-                admission.pending[entry.uid] = self._fetch(entry)
+            if self.slots.slot_of(entry.uid) is not None:
+                continue
+            held = self.host.peek(entry.uid)
+            if held is not None:
+                self.staging.offer(entry.uid, admission.holder, held)
+                continue
+            future = admission.pending[entry.uid] = self._fetch(entry)
+            future.add_done_callback(lambda f, uid=entry.uid: self._stage(f, uid, admission.holder))
+
+    def _stage(self, future: Future[LoadedLoRA], uid: int, holder: int) -> None:
+        """A read finished (on the loader thread): start its copy to the device."""
+        if not future.cancelled() and future.exception() is None:
+            self.staging.offer(uid, holder, future.result())
 
     def bind(self, admission: Admission) -> dict[str, str]:
         """Under the DiT: each chosen LoRA's adapter (its own, or the slot it is loaded into)."""
         chosen = admission.chosen
         keys = {n: e.adapter for n, e in chosen.entries.items() if e.adapter is not None}
+        sources = admission.sources
 
         def load(entry: RegisteredLoRA) -> LoadedLoRA:
             pending = admission.pending.pop(entry.uid, None)
-            if pending is not None:
-                return pending.result()
-            lora = self.host.get(entry.uid)
-            return lora if lora is not None else self._load(entry)
+            lora = pending.result() if pending is not None else self.host.get(entry.uid)
+            sources[entry.name] = "disk" if pending is not None or lora is None else "host"
+            if lora is None:
+                lora = self._load(entry)
+            staged = self.staging.take(entry.uid)
+            return lora if staged is None else staged
 
         live = {e.uid for e in [*self.registry.entries.values(), *chosen.added()]}
         for uid in [u for u in self.slots.held.values() if u is not None and u not in live]:
             self.slots.drop(uid)  # a removed LoRA's slot is the first to be reused
-        keys.update(self.slots.bind(chosen.added(), load))
+        added = chosen.added()
+        sources.update((e.name, "device") for e in added if self.slots.slot_of(e.uid) is not None)
+        keys.update(self.slots.bind(added, load))
         return keys
 
     def _fetch(self, entry: RegisteredLoRA) -> Future[LoadedLoRA]:
@@ -291,6 +320,7 @@ class LoRACache:
         if self._loader is not None:
             self._loader.shutdown(wait=True, cancel_futures=True)
             self._loader = None
+        self.staging.drop()
 
     # ------------------------------------------------------------------ reports
     def stats(self) -> dict[str, Mapping[str, Any]]:
@@ -303,7 +333,8 @@ class LoRACache:
             "device": {"bytes": slots.nbytes, "slots": len(slots),
                        "slots_used": sum(u is not None for u in slots.held.values()), "hits": slots.hits,
                        "loads": slots.loads, "hit_rate": _rate(slots.hits, slots.loads),
-                       "bytes_loaded": slots.bytes_loaded},
+                       "bytes_loaded": slots.bytes_loaded, "staged": self.staging.staged,
+                       "staged_used": self.staging.used, "bytes_staged": self.staging.bytes_staged},
             "disk": {"loads": self.disk_loads, "bytes_read": self.disk_bytes},
         }
 

@@ -57,6 +57,9 @@ class Request:
         self._host = host
         self.loras = loras  # the LoRAs this request chose, and their strengths
         self.adapters: dict[str, str] = {}  # LoRA name -> the adapter that holds it (set once the DiT is held)
+        # each added LoRA chosen -> where it was when the DiT was taken: "device" (in a slot), "host"
+        # (the host cache), "disk" (read for this request)
+        self.lora_sources: dict[str, str] = {}
         self._thread = threading.get_ident()
         self.phase: Phase | None = None
         self.entered: list[Phase] = []

@@ -8,24 +8,31 @@ against the same DiT calls on pre-merged weights and against diffusers' per-requ
 The workload: ``--loras`` user LoRAs (ranks cycling over 16-128, attention layers, ‖ΔW‖ = 10 % of
 ‖W‖) registered with ``add_lora``, chosen with Zipf popularity, 0-2 per request plus the distilled
 LoRA in stage 2; a host cache of ``--host-loras`` of them, so the popular ones stay and the tail
-comes from disk. Each request is classed by where its LoRAs came from (``device``: slots, ``host``:
-the host cache, ``disk``) and compared with the ideal: the same DiT calls with the LoRAs already
-merged (a pre-merged DiT runs calls as fast as the base: the ideal is timed once on the base).
-Then, on the eager DiT, the same requests through diffusers (load each chosen LoRA from its file,
-``set_adapters``, run, ``delete_adapters``) and through the manager. Ratios from this run only.
+comes from disk. Two threads keep a queue of requests full, as a server does: each request is
+admitted (its LoRAs start loading) while the one before it runs, and its time runs from the end of
+the one before it to its own end. Each request is classed by where its LoRAs came from
+(``device``: slots, ``host``: the host cache, ``disk``) and compared with the ideal: the same DiT
+calls with the LoRAs already merged (a pre-merged DiT runs calls as fast as the base: the ideal is
+timed once on the base).
+Then, on a fresh eager DiT, the same requests (``--diffusers-requests``: the first N) through
+diffusers (load each chosen LoRA from its file, ``set_adapters``, run, ``delete_adapters``), compared
+with the same calls on that eager DiT's base weights. Ratios from this run only.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 import json
 import random
 import shlex
 import statistics
 import sys
 import tempfile
-from collections.abc import Sequence
+import threading
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -61,18 +68,79 @@ def workload(names: list[str], requests: int, seed: int) -> list[dict[str, Any]]
     return out
 
 
-def timed_request(mgr: ResidencyManager, ctx: Ctx, loras: dict[str, Any]) -> dict[str, Any]:
-    before = mgr.lora_cache_stats()
-    t0 = ctx.now()
+TIERS = ("device", "host", "disk")  # where a request's added LoRAs came from, best first
+Mark = torch.cuda.Event | float
+
+
+def mark(device: torch.device) -> Mark:
+    """A point in the DiT's stream: an event where there is one (the GPU's clock), else the host's."""
+    if device.type != "cuda":
+        return time.perf_counter()
+    event = torch.cuda.Event(enable_timing=True)
+    event.record()
+    return event
+
+
+def ms_between(a: Mark, b: Mark) -> float:
+    if isinstance(a, float) and isinstance(b, float):
+        return (b - a) * 1e3
+    assert isinstance(a, torch.cuda.Event) and isinstance(b, torch.cuda.Event)
+    b.synchronize()
+    return a.elapsed_time(b)
+
+
+def one_request(mgr: ResidencyManager, ctx: Ctx, loras: dict[str, Any]) -> dict[str, Any]:
+    """One request; its tier is the worst place one of its added LoRAs came from, and its end is
+    marked in the DiT's stream while it still holds the DiT (so the marks are in request order)."""
     with mgr.request(loras=loras) as req:
-        t1 = ctx.now()
+        sources = req.lora_sources
         ctx.calls(req.enter("stage1", work=PhaseWork(steps=ctx.stage1_calls, tokens=ctx.tokens["stage1"])), "stage1")
         ctx.calls(req.enter("stage2", work=PhaseWork(steps=STAGE2_CALLS, tokens=ctx.tokens["stage2"])), "stage2")
-    t2 = ctx.now()
-    after = mgr.lora_cache_stats()
-    tier = ("disk" if after["disk"]["loads"] > before["disk"]["loads"] else
-            "host" if after["device"]["loads"] > before["device"]["loads"] else "device")
-    return {"loras": loras, "tier": tier, "request_ms": (t2 - t0) * 1e3, "open_ms": (t1 - t0) * 1e3}
+        end = (next(_order), mark(ctx.device))
+    tier = max(sources.values(), key=TIERS.index, default="device")
+    return {"loras": loras, "sources": sources, "tier": tier, "end": end}
+
+
+_order = itertools.count()
+
+
+def queued_requests(mgr: ResidencyManager, ctx: Ctx, jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The jobs from a queue kept full by two threads, as a server runs them: each request is
+    admitted (its LoRAs start loading) while the one before it runs. A request's time runs from the
+    end of the one before it to its own end (its bind, its calls and the exit before it; the DiT
+    never idles between requests). Each thread first runs one untimed request: CUDA graphs are
+    recorded per thread."""
+    queue = list(reversed(jobs))
+    lock = threading.Lock()
+    warm = threading.Barrier(2)
+    done: list[dict[str, Any]] = []
+    errors: list[BaseException] = []
+
+    def worker() -> None:
+        try:
+            with torch.no_grad():
+                one_request(mgr, ctx, jobs[0])
+                warm.wait()
+                while True:
+                    with lock:
+                        if not queue:
+                            return
+                        loras = queue.pop()
+                    done.append(one_request(mgr, ctx, loras))
+        except BaseException as exc:  # re-raised in the caller
+            warm.abort()
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, name=f"bench-loras-{i}") for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    done.sort(key=lambda r: r["end"][0])
+    return [{**{k: v for k, v in run.items() if k != "end"}, "request_ms": ms_between(before["end"][1], run["end"][1])}
+            for before, run in itertools.pairwise(done)]
 
 
 def diffusers_request(ctx: Ctx, files: dict[str, str], loras: dict[str, Any]) -> float:
@@ -103,7 +171,22 @@ def percentiles(values: list[float]) -> dict[str, float | None]:
             "n": len(ordered)}
 
 
-def run(args: argparse.Namespace, device: torch.device, command: str) -> dict[str, Any]:
+def release(ctx: Ctx, device: torch.device) -> None:
+    """Let go of the compiled DiT and its graphs, so a second DiT fits on the device."""
+    ctx.model = None  # type: ignore[assignment]
+    torch._dynamo.reset()
+    if device.type == "cuda":
+        from torch._inductor import cudagraph_trees
+
+        cudagraph_trees.reset_cudagraph_trees()
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def run(args: argparse.Namespace, device: torch.device, command: str,
+        save: Callable[[dict[str, Any]], None] = lambda res: None) -> dict[str, Any]:
+    """The manager on the compiled DiT, then (``save`` called between) diffusers on a fresh eager one."""
     ctx = build(args, device)
     ctx.requests = 2  # the ideal's repetitions
     folder = Path(tempfile.mkdtemp(prefix="ltx2_bench_loras_"))
@@ -133,34 +216,34 @@ def run(args: argparse.Namespace, device: torch.device, command: str) -> dict[st
             for name, path in files.items():
                 mgr.add_lora(LoRASpec(name, path=path))
             for loras in jobs[:2]:  # warm-up: the graphs
-                timed_request(mgr, ctx, loras)
-            runs = [timed_request(mgr, ctx, loras) for loras in jobs]
+                one_request(mgr, ctx, loras)
+            runs = queued_requests(mgr, ctx, jobs)
             res["cache"] = mgr.lora_cache_stats()
         finally:
             mgr.close()
+        del mgr
         res["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
         res["device_cache_bytes"] = 2 * slot
         ideal_ms = res["ideal_ms"]
         res["tiers"] = {tier: {**percentiles([r["request_ms"] for r in runs if r["tier"] == tier]),
-                               "overhead_p50": None} for tier in ("device", "host", "disk")}
+                               "overhead_p50": None} for tier in TIERS}
         for entry in res["tiers"].values():
             if entry["p50"] is not None:
                 entry["overhead_p50"] = entry["p50"] / ideal_ms - 1
         res["runs"] = runs
+        save(res)
         if args.diffusers and hasattr(ctx.model, "load_lora_adapter"):
-            ctx.model = None  # type: ignore[assignment]  # one DiT at a time on the device
-            torch._dynamo.reset()
-            gc.collect()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+            release(ctx, device)
             eager = build(args, device)  # a fresh, eager DiT: diffusers' adapters change its modules
-            ctx.model, ctx.graphs = eager.model, False
+            ctx.model, ctx.host, ctx.graphs = eager.model, eager.host, False
             del eager
+            e1, e2 = ideal(ctx)  # diffusers is compared with the same calls on this eager DiT
+            eager_ideal = statistics.median(e1) + statistics.median(e2)
             ctx.model.load_lora_adapter({k.removeprefix("transformer."): v for k, v in ctx.lora.items()},
                                         adapter_name="distilled", prefix=None)  # kept, as a server keeps it
-            d = [diffusers_request(ctx, files, loras) for loras in jobs]
-            res["diffusers"] = percentiles(d)
-            res["diffusers"]["overhead_p50"] = statistics.median(d) / ideal_ms - 1
+            d = [diffusers_request(ctx, files, loras) for loras in jobs[:args.diffusers_requests]]
+            res["diffusers"] = {**percentiles(d), "ideal_ms": eager_ideal,
+                                "overhead_p50": statistics.median(d) / eager_ideal - 1}
     return res
 
 
@@ -170,11 +253,11 @@ def table(res: dict[str, Any]) -> str:
              "| --- | --- | --- | --- | --- | --- |"]
     rows = dict(res["tiers"])
     if "diffusers" in res:
-        rows["diffusers (eager, per request)"] = res["diffusers"]
+        rows["diffusers, eager DiT"] = res["diffusers"]
     for name, t in rows.items():
         if t["p50"] is not None:
-            lines.append(f"| {name} | {t['n']} | {t['p50']:.1f} | {t['p99']:.1f} | {res['ideal_ms']:.1f} | "
-                         f"{t['overhead_p50']:+.2%} |")
+            lines.append(f"| {name} | {t['n']} | {t['p50']:.1f} | {t['p99']:.1f} | "
+                         f"{t.get('ideal_ms', res['ideal_ms']):.1f} | {t['overhead_p50']:+.2%} |")
     return "\n".join(lines)
 
 
@@ -197,6 +280,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--stage1-calls", type=positive_int, default=60, help="30 steps x 2 (CFG) by default")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-diffusers", dest="diffusers", action="store_false")
+    ap.add_argument("--diffusers-requests", type=positive_int, default=None,
+                    help="diffusers runs the first N of the requests (default: all)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     from ltx2_pipeline.checks import device as parse_device
@@ -208,10 +293,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except GenerationInputError as exc:
         print(f"error: {PROG}: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
-    res = run(args, device, " ".join([PROG, *map(shlex.quote, argv)]))
-    if args.json:
-        Path(args.json).write_text(json.dumps(res, indent=1, default=str) + "\n")
-    print(table(res))
+    def save(res: dict[str, Any]) -> None:
+        if args.json:
+            Path(args.json).write_text(json.dumps(res, indent=1, default=str) + "\n")
+        print(table(res), flush=True)
+
+    save(run(args, device, " ".join([PROG, *map(shlex.quote, argv)]), save))
     return 0
 
 

@@ -323,3 +323,70 @@ def test_an_interrupted_admission_holds_nothing(
     mgr.remove_lora("ink")
     assert "ink" not in [e.name for e in mgr.loras.values()] and mgr.lora_cache_stats()["host"]["loras"] == 0
     mgr.close()
+
+
+def test_each_request_says_where_its_added_loras_came_from(
+        fresh_model: Callable[[], nn.Module], distilled_path: str, user_files: dict[str, str]) -> None:
+    """device: already in a slot; host: the host cache; disk: read for this request."""
+    size = max(os.path.getsize(p) for p in user_files.values())
+    mgr = ResidencyManager(fresh_model(), "original", [LoRASpec("distilled", path=distilled_path)], "dynamic",
+                           options=ManagerOptions(host_lora_cache_bytes=size))  # holds one LoRA
+    mgr.add_lora(LoRASpec("style", path=user_files["style"]))
+    mgr.add_lora(LoRASpec("hero", path=user_files["hero"]))  # evicts style from the host cache
+
+    def sources(loras: Mix) -> dict[str, str]:
+        with mgr.request(loras=loras) as req:
+            return req.lora_sources
+
+    assert sources({"hero": 1.0}) == {"hero": "host"}
+    assert sources({"hero": 0.5}) == {"hero": "device"}
+    assert sources({"style": 1.0, "hero": 1.0}) == {"style": "disk", "hero": "device"}
+    assert sources({"distilled": 1.0}) == {}  # the manager's own LoRAs are not added ones
+    stats = mgr.lora_cache_stats()
+    assert stats["disk"]["loads"] == 1 and stats["device"]["staged"] == 0  # nothing is staged on a CPU
+    mgr.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_waiting_requests_lora_is_staged_on_the_device_and_exact(
+        fresh_model: Callable[[], nn.Module], distilled_path: str, user_files: dict[str, str],
+        inputs: dict[str, Any]) -> None:
+    """Admitted while another request holds the DiT, a request's LoRA is copied to the device on a
+    side stream; its bind takes the staged copy, and the result equals the LoRA loaded at bind."""
+    import threading
+
+    cuda = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+    on_gpu = lambda: fresh_model().cuda()  # noqa: E731
+    want = _reference(on_gpu, distilled_path, {"ink": user_files["ink"]}, "dynamic", cuda, {"ink": 0.7})
+    size = max(os.path.getsize(p) for p in user_files.values())
+    mgr = ResidencyManager(on_gpu(), "original", [LoRASpec("distilled", path=distilled_path)], "dynamic",
+                           options=ManagerOptions(host_lora_cache_bytes=size))  # holds one LoRA
+    for name in ("ink", "style", "hero"):  # ink is evicted from the host cache: read from disk again
+        mgr.add_lora(LoRASpec(name, path=user_files[name]))
+    clean = weight_bits(mgr.managed_weights)
+    got: list[list[torch.Tensor]] = []
+    sources: list[dict[str, str]] = []
+    second_admitted = threading.Event()
+
+    def second() -> None:
+        with torch.no_grad(), mgr.request(loras={"ink": 0.7}) as req:
+            sources.append(req.lora_sources)
+            got.append([req.enter("stage1")(**cuda)[0], req.enter("stage2")(**cuda)[0]])
+
+    with mgr.request(loras={"hero": 1.0}) as req:  # hero, from the host cache: staged and taken
+        staged = mgr.lora_cache_stats()["device"]["staged"]
+        thread = threading.Thread(target=second)
+        thread.start()
+        while mgr.lora_cache_stats()["device"]["staged"] == staged and thread.is_alive():
+            second_admitted.wait(0.01)  # the second request's LoRA is read and staged as it waits
+        req.enter("stage1")
+    thread.join()
+    stats = mgr.lora_cache_stats()["device"]
+    assert stats["staged"] == stats["staged_used"] == 2
+    assert sources == [{"ink": "disk"}]
+    _assert_equal(got[0], want)
+    mgr.synchronize()
+    assert_same_bits(clean, weight_bits(mgr.managed_weights))
+    mgr.close()
+
