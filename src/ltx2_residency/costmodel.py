@@ -159,6 +159,16 @@ def _probe(device: torch.device) -> DeviceRates:
 
 
 @dataclass(frozen=True)
+class MixCost:
+    """A phase's LoRAs as the two ways of applying them cost: ``merged``, the live LoRAs a merge
+    writes (each a pass over its layers); ``dynamic``, what the dynamic forward computes (the live
+    LoRAs at their own ranks; on a compiled DiT every adapter of every adapted layer)."""
+
+    merged: AdapterCost
+    dynamic: AdapterCost
+
+
+@dataclass(frozen=True)
 class AdapterCost:
     """The adapted layers, summed into what the two formulas need (one entry per LoRA and layer)."""
 
@@ -226,8 +236,10 @@ class CostModel:
         self.compiled = compiled
         self.device = device  # where refresh_headroom() reads free memory
         self.headroom_bytes = headroom_bytes  # free device memory; None = unlimited (a server updates it)
-        self._merge_seen: float | None = None  # measured times replace the estimates
-        self._undo_seen: float | None = None
+        # measured times replace the estimates: (ms, the adapters measured); another mix of adapters
+        # is priced by scaling the measurement by the two estimates
+        self._merge_seen: tuple[float, AdapterCost] | None = None
+        self._undo_seen: tuple[float, AdapterCost] | None = None
         # skip_cold: on a GPU a process's first merge and first undo carry the kernels' first launches
         # (Triton's compilation, hundreds of ms); taken as the cost, one such time could keep a phase
         # dynamic for good, as no merge would run again to correct it
@@ -257,60 +269,71 @@ class CostModel:
         if 0.0 < fraction <= 1.0:
             self.record_fraction = fraction
 
-    def observe_merge(self, ms: float) -> None:
-        """The last merge's measured time (it ends in a host sync, so the trace's duration is it)."""
+    def observe_merge(self, ms: float, adapters: AdapterCost | None = None) -> None:
+        """The last merge's measured time (it ends in a host sync, so the trace's duration is it),
+        of ``adapters`` (default: the model's own)."""
         ms = _positive_float(ms, "observe_merge(ms)")
         if "merge" in self._cold:
             self._cold.discard("merge")
             return
-        self._merge_seen = ms
+        self._merge_seen = (ms, adapters or self.adapters)
 
-    def observe_undo(self, ms: float) -> None:
+    def observe_undo(self, ms: float, adapters: AdapterCost | None = None) -> None:
         """The last undo's measured time on the request's path (the rest runs asynchronously)."""
         ms = _positive_float(ms, "observe_undo(ms)")
         if "undo" in self._cold:
             self._cold.discard("undo")
             return
-        self._undo_seen = ms
+        self._undo_seen = (ms, adapters or self.adapters)
 
-    def record_bytes(self) -> int:
+    def record_bytes(self, adapters: AdapterCost | None = None) -> int:
         """Temporary device memory the merge needs for its exact-undo records."""
-        return math.ceil(RECORD_BYTES * self.record_fraction * self.adapters.weight_elems)
+        return math.ceil(RECORD_BYTES * self.record_fraction * (adapters or self.adapters).weight_elems)
 
-    def _merge_estimate_ms(self) -> float:
-        a, r = self.adapters, self.rates
-        moved = 2 * a.elem_bytes * a.weight_elems + self.record_bytes()  # read + write W, write records
+    def _merge_estimate_ms(self, adapters: AdapterCost | None = None) -> float:
+        a, r = adapters or self.adapters, self.rates
+        moved = 2 * a.elem_bytes * a.weight_elems + self.record_bytes(a)  # read + write W, write records
         roofline_s = moved / (r.hbm_gibps * 2**30) + 2 * a.delta_macs / (r.matmul_tflops * 1e12)
         return MERGE_OVERHEAD * roofline_s * 1e3
 
-    def undo_ms(self) -> float:
+    def _seen(self, seen: tuple[float, AdapterCost] | None, adapters: AdapterCost | None) -> float | None:
+        """A measurement, scaled to ``adapters`` by the estimates when it was taken on others."""
+        if seen is None:
+            return None
+        ms, measured = seen
+        a = adapters or self.adapters
+        return ms if a == measured else ms * self._merge_estimate_ms(a) / self._merge_estimate_ms(measured)
+
+    def undo_ms(self, adapters: AdapterCost | None = None) -> float:
         """The undo's critical-path time: measured, or a share of a merge-sized estimate (same passes)."""
-        return self._undo_seen if self._undo_seen is not None else UNDO_CRITICAL_SHARE * self._merge_estimate_ms()
+        seen = self._seen(self._undo_seen, adapters)
+        return seen if seen is not None else UNDO_CRITICAL_SHARE * self._merge_estimate_ms(adapters)
 
-    def merge_ms(self) -> float:
-        merge = self._merge_seen if self._merge_seen is not None else self._merge_estimate_ms()
-        return merge + self.undo_ms()
+    def merge_ms(self, adapters: AdapterCost | None = None) -> float:
+        """A merge of ``adapters`` (default: the model's own) and its undo."""
+        seen = self._seen(self._merge_seen, adapters)
+        return (seen if seen is not None else self._merge_estimate_ms(adapters)) + self.undo_ms(adapters)
 
-    def forward_overhead_ms(self, tokens: int) -> float:
+    def forward_overhead_ms(self, tokens: int, adapters: AdapterCost | None = None) -> float:
         """What the adapters add to one DiT call: the larger of device and host time (the host queues ahead).
 
         Where the base call is device-bound with host slack, part of the host time hides and this
         overestimates; host-bound, the estimate falls within the measured range (measured in
         docs/results/measured_constants.md#peft-forward-overhead-estimate)."""
-        a, r = self.adapters, self.rates
+        a, r = adapters or self.adapters, self.rates
         _positive_int(tokens, "tokens")
         if self.dynamic_forward == "fused":
-            return self._fused_overhead_ms(tokens)
+            return self._fused_overhead_ms(tokens, a)
         device_s = (2 * tokens * a.lora_macs_per_token / (r.matmul_tflops * 1e12)
                     + (tokens * a.activation_bytes_per_token + a.elem_bytes * a.lora_elems) / (r.hbm_gibps * 2**30))
         host_s = 0.0 if self.compiled else HOST_LAUNCHES_PER_ADAPTER * a.layers * r.launch_us * 1e-6
         return max(device_s, host_s) * 1e3
 
-    def _fused_overhead_ms(self, tokens: int) -> float:
+    def _fused_overhead_ms(self, tokens: int, a: AdapterCost) -> float:
         """Our forward: per layer the cheaper of the factored form (FLOPs and traffic ∝ tokens: x
         read, h written and read, y read and written) and the transient merge (B @ A, W read, W'
         written, the factors read); the host adds a few launches per layer."""
-        a, r = self.adapters, self.rates
+        r = self.rates
         flop_s, byte_s = 1.0 / (r.matmul_tflops * 1e12), 1.0 / (r.hbm_gibps * 2**30)
         device_s = 0.0
         for out, inp, rank, share in a.shapes:
@@ -321,22 +344,25 @@ class CostModel:
         host_s = 0.0 if self.compiled else FUSED_HOST_LAUNCHES * a.layers * r.launch_us * 1e-6
         return max(FUSED_OVERHEAD * device_s, host_s) * 1e3
 
-    def dynamic_ms(self, work: PhaseWork) -> float:
-        return work.steps * work.passes * self.forward_overhead_ms(work.tokens)
+    def dynamic_ms(self, work: PhaseWork, adapters: AdapterCost | None = None) -> float:
+        return work.steps * work.passes * self.forward_overhead_ms(work.tokens, adapters)
 
     def choose(self, work: PhaseWork, strengths_live: bool, previous_merged: bool = False,
-               ahead: bool = False) -> Decision:
+               ahead: bool = False, mix: MixCost | None = None) -> Decision:
         """Merge only if strictly cheaper and its records fit; a tie leaves the shared DiT untouched.
-        ``ahead``: the merge would run behind the phase before's last calls, its cost mostly hidden."""
+        ``ahead``: the merge would run behind the phase before's last calls, its cost mostly hidden.
+        ``mix``: the request's LoRAs for this phase (default: the model's own, all live)."""
         if not strengths_live:
             return Decision(ApplyKind.NONE, 0.0, 0.0, "every strength is 0: the base weights run")
+        merged, dynamic_adapters = (None, None) if mix is None else (mix.merged, mix.dynamic)
         # the manager restores a merged previous phase before either way (manager._enter_phase),
         # so its undo is charged to both sides: it shows in the totals and never tips the choice
         before = self.undo_ms() if previous_merged else 0.0
-        merge_ms = self.merge_ms() - self.undo_ms()
-        merge = before + (AHEAD_CRITICAL_SHARE if ahead else 1.0) * merge_ms + self.undo_ms()
-        dynamic = before + self.dynamic_ms(work)
-        need = self.record_bytes()
+        undo = self.undo_ms(merged)
+        merge_ms = self.merge_ms(merged) - undo
+        merge = before + (AHEAD_CRITICAL_SHARE if ahead else 1.0) * merge_ms + undo
+        dynamic = before + self.dynamic_ms(work, dynamic_adapters)
+        need = self.record_bytes(merged)
         if self.headroom_bytes is not None and need > self.headroom_bytes:
             return Decision(ApplyKind.DYNAMIC, merge, dynamic,
                             f"the merge's undo records need {need / 2**30:.2f} GiB, "

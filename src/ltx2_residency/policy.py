@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
-from .costmodel import RECIPE, CostModel, Decision, PhaseWork, ltx2_reference_model
+from .costmodel import RECIPE, CostModel, Decision, MixCost, PhaseWork, ltx2_reference_model
 from .domain import ApplyKind, MergePolicyName, Phase, ResidencyMode, parse_enum
 from .ops.forward import HOST_BOUND_TOKENS
 
@@ -24,6 +24,7 @@ class PhaseContext:
     work: PhaseWork | None = None  # what the phase will run (AutoPolicy); None: the LTX-2 recipe's
     costs: CostModel | None = None  # the manager's measured model (AutoPolicy); None: the reference one
     ahead: bool = False  # the merge would run ahead, behind the phase before's last calls (req.prepare)
+    mix: MixCost | None = None  # the request's live LoRAs priced (AutoPolicy); None: the manager's own
 
 
 class MergePolicy(Protocol):
@@ -97,7 +98,7 @@ class AutoPolicy:
                 self._reference = ltx2_reference_model()
             costs = self._reference
         # previous_merged only adds the same restore to both sides (see CostModel.choose)
-        self.last = costs.choose(ctx.work or RECIPE[ctx.phase], _live(ctx.strengths), ahead=ctx.ahead)
+        self.last = costs.choose(ctx.work or RECIPE[ctx.phase], _live(ctx.strengths), ahead=ctx.ahead, mix=ctx.mix)
         return self.last.kind
 
 

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from torch import nn
 
 from .compiled import is_compiled
-from .costmodel import CostModel, PhaseWork
+from .costmodel import AdapterCost, CostModel, MixCost, PhaseWork, ltx2_token_share
 from .domain import ApplyKind, MergePolicyName, Phase, WeightState
 from .errors import QuarantinedError, StrengthError
 from .executor import Executor
@@ -32,6 +32,8 @@ class PhaseSwitch:
         self.policy = policy
         self.options = options
         self.costs: CostModel | None = None  # merge_policy="auto" only: built at first use
+        self._priced: MixCost | None = None  # the mix the last decision priced (None: the model's own)
+        self._merged: MixCost | None = None  # the mix of the last merge observed (its undo's)
 
     def enter_phase(self, req: Request, phase: Phase, overrides: Mapping[str, float] | None,
                     work: PhaseWork | None = None) -> nn.Module:
@@ -43,7 +45,7 @@ class PhaseSwitch:
         # a merge started ahead (req.prepare) is completed when the phase and strengths are the ones
         # prepared; anything else undoes it and switches as usual
         ahead = ex.state is S.MERGING_AHEAD and req.prepared == (phase, strengths)
-        kind = ApplyKind.MERGED if ahead else self._decide(phase, strengths, stage1, work)
+        kind = ApplyKind.MERGED if ahead else self._decide(phase, strengths, keyed, stage1, work)
         decision = PhaseDecision(self.mode.decide(phase, kind, keyed), keyed, ahead)
         ex.context = (req.id, phase.value)
         req.phase = None  # no phase may run until this switch has completed
@@ -81,7 +83,7 @@ class PhaseSwitch:
                                                                  is_compiled(self.mode.base.module)):
             return False
         stage1 = req.strengths.get(Phase.STAGE1, {})
-        if self._decide(phase, strengths, stage1, work, ahead=True) is not ApplyKind.MERGED:
+        if self._decide(phase, strengths, keyed, stage1, work, ahead=True) is not ApplyKind.MERGED:
             return False
         req.prepared = (phase, strengths)
         req.mutated = True
@@ -104,7 +106,8 @@ class PhaseSwitch:
                 ex.run(self.mode.plan_end(ex.state, behind=True))
                 restore = next((r for r in reversed(ex.trace) if r.event in ("restore", "restore_behind")), None)
                 if undoing and self.costs is not None and restore is not None and req.mutated:
-                    self.costs.observe_undo(max(restore.duration_ms, 1e-3))  # the critical-path part
+                    # the critical-path part
+                    self.costs.observe_undo(max(restore.duration_ms, 1e-3), self._merged and self._merged.merged)
             verify = self.options.verify == "always" or (self.options.verify == "after_merge" and req.mutated)
             if ex.pending is not None and verify:
                 ex.verify_behind()
@@ -113,27 +116,55 @@ class PhaseSwitch:
         finally:
             ex.context = (None, None)
 
-    def _decide(self, phase: Phase, strengths: dict[str, float], stage1: Mapping[str, float],
-                work: PhaseWork | None, ahead: bool = False) -> ApplyKind:
-        costs = self.cost_model() if self.policy.name is MergePolicyName.AUTO else None
+    def _decide(self, phase: Phase, strengths: dict[str, float], keyed: Mapping[str, float],
+                stage1: Mapping[str, float], work: PhaseWork | None, ahead: bool = False) -> ApplyKind:
+        auto = self.policy.name is MergePolicyName.AUTO
+        costs = self.cost_model() if auto else None
+        mix = self._priced = self._mix(keyed) if auto else None
         return self.policy.decide(PhaseContext(self.mode.mode, phase, strengths, stage1, self.options.native_ltx23,
-                                               work, costs, ahead))
+                                               work, costs, ahead, mix))
 
-    def cost_model(self) -> CostModel:
+    def _mix(self, keyed: Mapping[str, float]) -> MixCost | None:
+        """The phase's live adapters as the cost model prices them; ``None`` when they are the
+        manager's own LoRAs, all live (the model it was built for)."""
+        ad = self.executor.adapters
+        live = [n for n, s in keyed.items() if s != 0.0]
+        own = [n for n in ad.names if n not in ad.slots]
+        if not live or (sorted(live) == sorted(own) and not ad.slots):
+            return None
+        merged = [(t.weight.shape[0], t.weight.shape[1], t.lora_A.shape[0], ltx2_token_share(t.name))
+                  for n in live for t in ad.targets(n)]
+        if is_compiled(self.mode.base.module):  # the graph computes every adapter of an adapted layer
+            dynamic = [(t.weight.shape[0], t.weight.shape[1], t.lora_A.shape[0], ltx2_token_share(t.name))
+                       for n in ad.names for t in ad.targets(n)] or merged
+        else:  # the eager forward runs each live LoRA at its own rank (a slot's leading rows)
+            dynamic = [(t.weight.shape[0], t.weight.shape[1], int(ad.layers[t.name].r[n]), ltx2_token_share(t.name))
+                       for n in live for t in ad.targets(n)]
+        if not merged:
+            return None
+        return MixCost(AdapterCost.of(merged), AdapterCost.of(dynamic))
+
+    def cost_model(self) -> CostModel | None:
         """The auto policy's cost model (built at first use: it probes the device), free memory now."""
         if self.costs is None:
             ex = self.executor
-            own = [n for n in ex.adapters.names if n not in ex.adapters.slots]
-            self.costs = CostModel.for_targets([t for n in own for t in ex.adapters.targets(n)],
-                                               ex.adapters.forward.name, compiled=is_compiled(self.mode.base.module))
+            # the manager's own LoRAs; with none, the LoRAs its slots hold now (the first request's)
+            own = [n for n in ex.adapters.names if n not in ex.adapters.slots] or ex.adapters.names
+            targets = [t for n in own for t in ex.adapters.targets(n)]
+            if not targets:  # no LoRA anywhere yet: nothing to measure (a phase with none runs the base)
+                return None
+            self.costs = CostModel.for_targets(targets, ex.adapters.forward.name,
+                                               compiled=is_compiled(self.mode.base.module))
         self.costs.refresh_headroom()
         return self.costs
 
     def _observe_merge(self, ahead: bool) -> None:
         """The auto policy prices the next merge from this one."""
         assert self.costs is not None
+        self._merged = self._priced
+        merged = self._priced and self._priced.merged
         if not ahead:  # a merge ahead's switch is its tail: most of it ran in stage 1
-            self.costs.observe_merge(max(self.executor.trace[-1].duration_ms, 1e-3))
+            self.costs.observe_merge(max(self.executor.trace[-1].duration_ms, 1e-3), merged)
         self.costs.observe_records(self.executor.stack.last_exception_fraction)
 
 

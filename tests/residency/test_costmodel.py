@@ -30,6 +30,7 @@ from ltx2_residency.costmodel import (
     AdapterCost,
     CostModel,
     DeviceRates,
+    MixCost,
     PhaseWork,
 )
 from ltx2_residency.policy import POLICIES, AutoPolicy, PhaseContext, make_policy
@@ -124,6 +125,25 @@ def test_choose_reports_both_costs_and_ties_stay_dynamic() -> None:
     assert tie.merge_ms == tie.dynamic_ms and tie.kind is ApplyKind.DYNAMIC
     m.observe_merge(m.dynamic_ms(work) / 4)
     assert m.choose(work, strengths_live=True).kind is ApplyKind.MERGED
+
+
+def test_a_mix_is_priced_by_its_own_layers_and_measurements_scale_to_it() -> None:
+    """A request's LoRAs (``MixCost``) replace the model's own in both formulas; a merge measured on
+    one mix prices another by the ratio of their estimates (exact on the mix it was measured on)."""
+    m = CostModel(SLOW, AdapterCost.of(TINY_LAYERS))
+    small = AdapterCost.of([(8, 4, 1)])
+    mix = MixCost(small, small)
+    work = PhaseWork(2, 10)
+    d = m.choose(work, strengths_live=True, mix=mix)
+    assert (d.merge_ms, d.dynamic_ms) == (m.merge_ms(small), m.dynamic_ms(work, small))
+    assert d.merge_ms < m.merge_ms() and d.dynamic_ms < m.dynamic_ms(work)
+    assert m.record_bytes(small) < m.record_bytes()
+    m.observe_merge(50.0, small)
+    assert m.merge_ms(small) == 50.0 + m.undo_ms(small)
+    scaled = 50.0 * m._merge_estimate_ms() / m._merge_estimate_ms(small)
+    assert m.merge_ms() == pytest.approx(scaled + m.undo_ms())
+    wide = MixCost(small, AdapterCost.of([*TINY_LAYERS, *TINY_LAYERS]))  # a compiled DiT computes every adapter
+    assert m.choose(work, strengths_live=True, mix=wide).dynamic_ms == pytest.approx(2 * m.dynamic_ms(work))
 
 
 def test_zero_strengths_choose_none() -> None:
@@ -421,7 +441,7 @@ def test_phase_context_keeps_its_positional_fields() -> None:
     ctx = PhaseContext(ORIG, Phase.STAGE2, {"d": 1.0}, {"d": 0.0}, True)
     assert (ctx.work, ctx.costs) == (None, None)
     assert [f.name for f in dataclasses.fields(PhaseContext)] == [
-        "mode", "phase", "strengths", "stage1_strengths", "native_ltx23", "work", "costs", "ahead"]
+        "mode", "phase", "strengths", "stage1_strengths", "native_ltx23", "work", "costs", "ahead", "mix"]
 
 
 def inject_measurements(monkeypatch: pytest.MonkeyPatch, rates: DeviceRates, merge_ms: float,
@@ -434,9 +454,10 @@ def inject_measurements(monkeypatch: pytest.MonkeyPatch, rates: DeviceRates, mer
     for kind, injected in (("merge", merge_ms), ("undo", undo_ms)):
         real = getattr(CostModel, f"observe_{kind}")
 
-        def observe(self: CostModel, ms: float, kind: str = kind, real: Any = real, injected: float = injected) -> None:
+        def observe(self: CostModel, ms: float, adapters: AdapterCost | None = None, *, kind: str = kind,
+                    real: Any = real, injected: float = injected) -> None:
             timed[kind].append(ms)
-            real(self, injected)
+            real(self, injected, adapters)
 
         monkeypatch.setattr(CostModel, f"observe_{kind}", observe)
     return timed

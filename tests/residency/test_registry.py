@@ -390,3 +390,29 @@ def test_a_waiting_requests_lora_is_staged_on_the_device_and_exact(
     assert_same_bits(clean, weight_bits(mgr.managed_weights))
     mgr.close()
 
+
+
+def test_auto_prices_the_loras_the_request_chose(
+        fresh_model: Callable[[], nn.Module], distilled_path: str, user_files: dict[str, str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A small added LoRA costs less both ways than the manager's own rank-8 LoRA on every layer."""
+    from ltx2_residency import PhaseWork
+    from ltx2_residency.costmodel import CPU, CostModel, DeviceRates
+
+    monkeypatch.setattr(DeviceRates, "measure", classmethod(lambda cls, device: CPU))  # no probe: fixed rates
+    for kind in ("merge", "undo"):  # no clock either: the estimates alone
+        monkeypatch.setattr(CostModel, f"observe_{kind}", lambda self, ms, adapters=None: None)
+    mgr = ResidencyManager(fresh_model(), "original", [LoRASpec("distilled", path=distilled_path)], "auto")
+    clean = weight_bits(mgr.managed_weights)
+    mgr.add_lora(LoRASpec("ink", path=user_files["ink"]))
+    work = PhaseWork(steps=4, tokens=64)
+    decisions = {}
+    for name in ("distilled", "ink"):
+        with mgr.request(loras={name: 1.0}) as req:
+            req.enter("stage1", work=work)
+            decisions[name] = mgr.policy.last
+    own, ink = decisions["distilled"], decisions["ink"]
+    assert ink.merge_ms < own.merge_ms and ink.dynamic_ms < own.dynamic_ms
+    mgr.synchronize()
+    assert_same_bits(clean, weight_bits(mgr.managed_weights))
+    mgr.close()
