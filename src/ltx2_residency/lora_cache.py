@@ -78,16 +78,18 @@ class HostCache:
             self._held.move_to_end(uid)
             return lora
 
-    def put(self, entry: RegisteredLoRA, lora: LoadedLoRA) -> None:
+    def put(self, entry: RegisteredLoRA, lora: LoadedLoRA) -> LoadedLoRA:
+        """Hold ``lora`` (pinned where there is a GPU); returns the copy held."""
         if self.pin:
             lora = _pinned(lora)
         with self._lock:
             if entry.uid in self._gone and not self._users.get(entry.uid):
-                return
+                return lora
             self._held[entry.uid] = lora
             if entry.digest is None:
                 self._kept.add(entry.uid)
             self._evict()
+        return lora
 
     def use(self, uid: int, holder: int) -> None:
         """``holder`` (an admission) holds ``uid``: not evicted until every holder lets go."""
@@ -313,8 +315,7 @@ class LoRACache:
         lora, _ = self._read(entry.spec, entry.digest)
         self.disk_loads += 1
         self.disk_bytes += lora.nbytes
-        self.host.put(entry, lora)
-        return lora
+        return self.host.put(entry, lora)  # the pinned copy: copies from it to the device are asynchronous
 
     def close(self) -> None:
         if self._loader is not None:
