@@ -12,8 +12,9 @@ venv: $(VENV)/.installed
 
 # torch first: a torch already importable by $(PYTHON) (e.g. a GPU image's CUDA build) is kept
 # by giving the venv the system site-packages; otherwise the CPU wheel is installed.
-# Then the project with the pipeline (the demo and most tests need it) and the test tools.
-$(VENV)/.installed: pyproject.toml constraints.txt
+# Then the project with the pipeline (the demo and most tests need it) and the test tools, and
+# sglang for the sglang integration's tests (without its own requirements, which pin a CUDA torch).
+$(VENV)/.installed: pyproject.toml constraints.txt tests/requirements-sglang.txt
 	@if $(PYTHON) -c "import torch" >/dev/null 2>&1; then \
 	    echo "keeping the existing torch: $$($(PYTHON) -c 'import torch; print(torch.__version__)')"; \
 	    $(PYTHON) -m venv --system-site-packages $(VENV); \
@@ -21,6 +22,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	    $(PYTHON) -m venv $(VENV) && $(PY) -m pip install --quiet "$(TORCH_CPU)"; \
 	fi
 	$(PY) -m pip install --quiet -c constraints.txt -e ".[pipeline,test]"
+	$(PY) -m pip install --quiet --no-deps -r tests/requirements-sglang.txt
 	@touch $@
 
 demo: venv

@@ -1,10 +1,11 @@
 """The manager behind a stage-based serving engine's component-residency hooks.
 
-sglang's diffusion runtime calls a residency strategy around every use of a component:
+A stage-based engine calls a residency strategy around every use of a component:
 ``prepare_for_use`` (a stage is about to use it: start moving or switching), ``wait_for_use``
 (it is about to run: block until ready), ``finish_use`` (the stage is done with it) and
-``prepare_after_request`` (the request is over: get ready for the next one). :class:`PhaseHooks`
-maps those four calls onto one :class:`~ltx2_residency.ResidencyManager` request:
+``prepare_after_request`` (the request is over: get ready for the next one), the shape of
+sglang's hooks before 0.5.17 (for sglang itself see :mod:`ltx2_residency.integrations.sglang`).
+:class:`PhaseHooks` maps those four calls onto one :class:`~ltx2_residency.ResidencyManager` request:
 
 ================================  ===================================================
 engine hook                       manager
@@ -38,7 +39,7 @@ from ltx2_residency import Phase, Request, RequestStateError, ResidencyManager
 
 
 class PhaseHooks:
-    """sglang-style residency hooks for the LTX-2 DiT, one manager request per engine request."""
+    """A stage-based engine's residency hooks for the LTX-2 DiT, one manager request per engine request."""
 
     def __init__(self, manager: ResidencyManager) -> None:
         self.manager = manager

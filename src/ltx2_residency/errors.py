@@ -143,5 +143,10 @@ class LoRAFitError(LoRAValidationError):
     above the LoRA slots' rank, or it is larger than the host LoRA cache."""
 
 
+class EmbeddingError(ConfigError):
+    """A serving engine's pipeline cannot take the manager as given (``integrations.*.install()``):
+    it is not the pipeline the adapter is for, or it does not run the manager's DiT."""
+
+
 class LoRACacheError(ConfigError):
     """A request needs more added LoRAs on the device at once than the device LoRA cache has slots for."""

@@ -20,6 +20,7 @@ PINNED = {
     "no_recompiles",
     # LoRAs chosen per request: the registry's entries and refusals
     "RegisteredLoRA", "LoRANameClashError", "UnknownLoRAError", "LoRAChangedError", "LoRAFitError", "LoRACacheError",
+    "EmbeddingError",
 }
 
 

@@ -1,0 +1,173 @@
+"""The manager inside sglang's multimodal_gen LTX-2 two-stage pipeline (checked against sglang 0.5.23).
+
+sglang runs a request as a list of stages; its ``ComponentResidencyManager`` calls a
+``ComponentResidencyStrategy`` per component around each use. :class:`SglangResidencyStrategy` is
+that strategy for the DiT: one manager request per sglang request, the phase of each use entered
+when the stage that runs it begins, and the DiT restored at ``finish_request`` (which sglang's
+executor reaches by any path: a stage that raises included). :func:`install` wires it into a
+``LTX2TwoStagePipeline``:
+
+- the strategy serves the DiT components (``transformer``, and ``transformer_2`` where sglang
+  built one);
+- ``switch_lora_phase(phase, batch)`` no longer changes weights (sglang's ``set_lora`` /
+  ``deactivate_lora_weights``): it hands the request's strengths, as sglang resolves them from
+  ``batch.extra`` (``ltx2_distilled_lora_strength_stage_1/2``, else the pipeline's defaults), to
+  the strategy, which enters the phase with them;
+- the LoRA switch stages always run, so a phase's strengths are known before its DiT is prepared.
+
+What sglang does that the strategy meets: it prefetches the next large use while a stage runs
+(``prefetch_for_use`` for stage 2 as stage 1 begins); the strategy declines, since switching the
+shared DiT early would run the rest of stage 1 on stage 2's weights. A use prepared for a stage
+other than the running one is left alone the same way. A stage that hands over another module
+makes sglang call ``finish_use`` and ``prepare_for_use`` again for the same phase: a no-op. In
+resident mode the manager's stage-2 DiT is a copy: the running stage's ``transformer`` is bound to
+it for the phase and bound back when the request ends.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sglang.multimodal_gen.runtime.managers.memory_managers.component_residency_strategies import (
+    ComponentResidencyStrategy,
+)
+from torch import nn
+
+from ..domain import Phase
+from ..errors import EmbeddingError
+from ..manager import ResidencyManager
+from ..request import Request, RequestScope
+
+__all__ = ["SGLANG_VERSION", "SglangResidencyStrategy", "install"]
+
+#: The sglang release this adapter was written and tested against.
+SGLANG_VERSION = "0.5.23"
+DIT_COMPONENTS = ("transformer", "transformer_2")
+PHASES = {"stage1": Phase.STAGE1, "stage2": Phase.STAGE2}
+
+
+def use_phase(use: Any) -> Phase:
+    """The manager's phase for an sglang ``ComponentUse`` (as sglang's own LTX-2 strategies read it)."""
+    phase = PHASES.get(str(use.phase))
+    if phase is not None:
+        return phase
+    return Phase.STAGE2 if use.component_name == "transformer_2" else Phase.STAGE1
+
+
+class SglangResidencyStrategy(ComponentResidencyStrategy):
+    """sglang's component residency strategy for the DiT, backed by a :class:`ResidencyManager`.
+
+    ``lora`` names the manager's LoRA that sglang's distilled-LoRA strengths apply to."""
+
+    def __init__(self, manager: ResidencyManager, lora: str = "distilled") -> None:
+        if not isinstance(manager, ResidencyManager):
+            raise EmbeddingError(f"SglangResidencyStrategy takes a ResidencyManager, not {type(manager).__name__}")
+        if lora not in manager.specs:
+            raise EmbeddingError(f"the manager has no LoRA {lora!r} for sglang's distilled-LoRA strengths (it has "
+                                 f"{sorted(manager.specs)}); pass lora= one of those")
+        self.manager = manager
+        self.lora = lora
+        self._strengths: dict[Phase, float] = {}  # the request's, as switch_lora_phase reported them
+        self._scope: RequestScope | None = None
+        self._request: Request | None = None
+        self._module: nn.Module | None = None  # what the current phase runs
+        self._bound: list[tuple[Any, nn.Module]] = []  # (stage, its own transformer) rebound for a phase
+
+    # ------------------------------------------------------------------ sglang's hooks
+    def prefetch_for_use(self, module: nn.Module, use: Any, state: Any) -> bool:
+        """Never: the shared DiT must not change before the running stage is done with it."""
+        return False
+
+    def prepare_for_use(self, module: nn.Module, use: Any, state: Any) -> None:
+        if use.stage_name is not None and state.stage_name is not None and use.stage_name != state.stage_name:
+            return  # prepared ahead for a later stage: its own stage prepares it when it begins
+        phase = use_phase(use)
+        req = self._open()
+        if req.phase is not phase:
+            strength = self._strengths.get(phase)
+            self._module = req.enter(phase, strengths=None if strength is None else {self.lora: strength})
+        assert self._module is not None
+        self._bind(state, module, self._module)
+
+    def wait_for_use(self, module: nn.Module, use: Any, state: Any) -> None:
+        """Nothing to wait for: ``prepare_for_use`` returns with the phase's weights in place."""
+
+    def finish_use(self, module: nn.Module, use: Any, state: Any) -> None:
+        """Nothing: the next phase's switch undoes this one's, and ``finish_request`` restores."""
+
+    def finish_request(self, module: nn.Module, use: Any, state: Any, *, preferred: bool) -> None:
+        """Whatever ``preferred`` says, the request ends here: the DiT back to clean (the base
+        weights, what stage 1 runs next), the stages bound back to their own DiT."""
+        self.close_request()
+
+    # ------------------------------------------------------------------ the rest
+    def set_phase_strength(self, phase: str, strength: float) -> None:
+        """sglang's ``switch_lora_phase``: the strength of the distilled LoRA for ``phase`` in the
+        request now running (applied when the phase's DiT is prepared)."""
+        if phase not in PHASES:
+            raise EmbeddingError(f"sglang reported LoRA phase {phase!r}; the LTX-2 two-stage phases are "
+                                 f"{sorted(PHASES)}")
+        self._strengths[PHASES[phase]] = float(strength)
+
+    def close_request(self) -> None:
+        """End the manager request, if one is open (idempotent; every DiT component's
+        ``finish_request`` calls it)."""
+        scope, self._scope, self._request, self._module = self._scope, None, None, None
+        try:
+            if scope is not None:
+                scope.__exit__(None, None, None)
+        finally:
+            for stage, own in reversed(self._bound):
+                stage.transformer = own
+            self._bound.clear()
+            self._strengths.clear()
+
+    def _open(self) -> Request:
+        if self._request is None:
+            scope = self.manager.request()
+            self._request = scope.__enter__()
+            self._scope = scope
+        return self._request
+
+    def _bind(self, state: Any, module: nn.Module, dit: nn.Module) -> None:
+        """The running stage runs ``dit`` (resident mode: the manager's stage-2 copy)."""
+        if dit is module:
+            return
+        stages, index = state.stages, state.stage_index
+        stage = stages[index] if 0 <= index < len(stages) else None
+        if stage is None or not hasattr(stage, "transformer"):
+            raise EmbeddingError(f"sglang prepared the DiT for stage {state.stage_name!r}, which has no "
+                                 "`transformer` to bind the manager's DiT to")
+        if stage.transformer is not dit:
+            if not any(s is stage for s, _ in self._bound):
+                self._bound.append((stage, stage.transformer))
+            stage.transformer = dit
+
+
+def install(pipeline: Any, manager: ResidencyManager, lora: str = "distilled") -> SglangResidencyStrategy:
+    """Put ``manager`` in charge of ``pipeline``'s DiT (a sglang ``LTX2TwoStagePipeline`` whose
+    ``modules["transformer"]`` is the manager's model). Returns the strategy."""
+    for attr in ("modules", "component_residency_strategies", "switch_lora_phase"):
+        if not hasattr(pipeline, attr):
+            raise EmbeddingError(f"{type(pipeline).__name__} has no `{attr}`: install() takes sglang's "
+                                 f"multimodal_gen LTX2TwoStagePipeline (sglang {SGLANG_VERSION})")
+    dit = pipeline.modules.get("transformer")
+    weight = next(iter(manager.managed_weights.values()), None)
+    if not isinstance(dit, nn.Module) or weight is None or not any(p is weight for p in dit.parameters()):
+        raise EmbeddingError("pipeline.modules['transformer'] is not the manager's DiT; build the "
+                             "ResidencyManager on it before install()")
+    strategy = SglangResidencyStrategy(manager, lora)
+    for name in DIT_COMPONENTS:
+        if name == "transformer" or name in pipeline.modules:
+            pipeline.component_residency_strategies[name] = strategy
+
+    def switch_lora_phase(phase: str, batch: Any = None) -> None:
+        strength_of = getattr(pipeline, "_get_stage_distilled_lora_strength", None)
+        if strength_of is None:
+            raise EmbeddingError(f"{type(pipeline).__name__} has no _get_stage_distilled_lora_strength(); "
+                                 f"install() is written for sglang {SGLANG_VERSION}'s LTX2TwoStagePipeline")
+        strategy.set_phase_strength(phase, strength_of(phase, batch))
+
+    pipeline.switch_lora_phase = switch_lora_phase
+    pipeline.should_skip_ltx2_lora_switch_stage = lambda: False
+    return strategy

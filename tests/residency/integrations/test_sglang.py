@@ -1,0 +1,206 @@
+"""The manager inside sglang 0.5.23's LTX-2 two-stage pipeline, driven by sglang's real
+ComponentResidencyManager, SyncExecutor and LTX-2 stage classes on the tiny DiT: each output equals
+the manager's own request bit for bit, and the DiT is clean after every request, a failed one too.
+
+The denoising stages keep sglang's residency use-site (``_select_and_manage_model``, which reports
+each step's DiT to sglang's manager) and their LoRA switch, and run the tiny DiT a few steps in
+place of sglang's sampler (which needs a full prepared batch).
+"""
+
+from __future__ import annotations
+
+import types
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import sglang_env
+from ltx2_residency import EmbeddingError, LoRASpec, ResidencyManager
+from ltx2_residency.testing import weight_bits
+from untouched import assert_same_bits
+
+STEPS = (900, 500)
+
+
+@pytest.fixture(scope="module")
+def sg() -> types.SimpleNamespace:
+    return sglang_env.load()
+
+
+class StageFailure(RuntimeError):
+    pass
+
+
+def tiny_stages(sg: types.SimpleNamespace) -> tuple[type, type]:
+    """sglang's two LTX-2 denoising stages with the tiny DiT's steps as their forward."""
+
+    def forward(self: Any, batch: Any, server_args: Any) -> Any:
+        if isinstance(self, sg.stages.LTX2RefinementStage):
+            batch.extra["ltx2_phase"] = "stage2"  # as sglang's refinement stage does
+        phase = batch.extra["ltx2_phase"]
+        self.pipeline().switch_lora_phase(phase, batch=batch)  # as _before_denoising_loop does
+        for t in STEPS:
+            dit, _ = self._select_and_manage_model(t, None, server_args, batch)
+            with torch.no_grad():
+                batch.extra["outputs"].append((phase, dit(**batch.extra["inputs"])[0]))
+            if batch.extra.get("fail") == phase:
+                raise StageFailure(f"{phase} failed")
+        self._finish_active_component_use()
+        return batch
+
+    def verified(self: Any, batch: Any, server_args: Any) -> Any:
+        return sg.VerificationResult()
+
+    body = {"forward": forward, "verify_input": verified, "verify_output": verified}
+    first = type("LTX2AVDenoisingStage", (sg.stages.LTX2AVDenoisingStage,), body)
+    second = type("LTX2RefinementStage", (sg.stages.LTX2RefinementStage,), body)
+    return first, second
+
+
+class Served:
+    """A sglang LTX2TwoStagePipeline around the tiny DiT (built as sglang builds it, less the
+    checkpoint loading), the manager installed, and sglang's residency manager and executor."""
+
+    def __init__(self, sg: types.SimpleNamespace, dit: nn.Module, manager: ResidencyManager) -> None:
+        self.sg, self.dit, self.manager = sg, dit, manager
+        self.args = args = sglang_env.server_args(sg)
+        pipe = object.__new__(sg.LTX2TwoStagePipeline)  # its __init__ loads a checkpoint
+        pipe.server_args, pipe.modules, pipe.memory_usages = args, {"transformer": dit}, {}
+        pipe._stages, pipe._stage_name_mapping, pipe.component_residency_strategies = [], {}, {}
+        self.pipe = pipe
+        self.strategy = sg_install(pipe, manager)
+        first, second = tiny_stages(sg)
+        scheduler = object()
+        for name, stage in (
+                ("LTX2LoRASwitchStage", sg.stages.LTX2LoRASwitchStage(pipeline=pipe, phase="stage1")),
+                ("LTX2AVDenoisingStage", first(transformer=dit, scheduler=scheduler, vae=None, audio_vae=None,
+                                               pipeline=pipe)),
+                ("ltx2_lora_switch_stage2", sg.stages.LTX2LoRASwitchStage(pipeline=pipe, phase="stage2")),
+                ("LTX2RefinementStage", second(transformer=dit, scheduler=scheduler,
+                                               distilled_sigmas=[0.9, 0.7, 0.0], pipeline=pipe))):
+            stage.set_registered_stage_name(name)
+            pipe._stage_name_mapping[name] = stage
+            pipe._stages.append(stage)
+        self.residency = sg.ComponentResidencyManager(pipe, args)
+        self.residency.refresh_pipeline(pipe)
+        self.executor = sg.SyncExecutor(server_args=args)
+        self.executor.component_residency_manager = self.residency
+
+    def run(self, inputs: dict[str, Any], **extra: Any) -> list[tuple[str, torch.Tensor]]:
+        req = self.sg.Req(sampling_params=self.sg.SamplingParams(prompt="a tiny video"),
+                          extra={"inputs": inputs, "outputs": [], **extra})
+        req.timesteps = torch.tensor([float(t) for t in STEPS])
+        try:
+            self.executor.execute(self.pipe._stages, req, self.args)
+        finally:
+            self.outputs = req.extra["outputs"]
+        return self.outputs
+
+
+def sg_install(pipe: Any, manager: ResidencyManager) -> Any:
+    from ltx2_residency.integrations.sglang import install
+
+    return install(pipe, manager)
+
+
+def reference(fresh_model: Callable[[], nn.Module], distilled_path: str, mode: str, policy: str,
+              inputs: dict[str, Any], s1: float, s2: float) -> list[tuple[str, torch.Tensor]]:
+    """The same request through the manager's own API."""
+    mgr = ResidencyManager(fresh_model(), mode, [LoRASpec("distilled", path=distilled_path)], policy)
+    out = []
+    with torch.no_grad(), mgr.request() as req:
+        for phase, strength in (("stage1", s1), ("stage2", s2)):
+            dit = req.enter(phase, strengths={"distilled": strength})
+            out += [(phase, dit(**inputs)[0]) for _ in STEPS]
+    mgr.close()
+    return out
+
+
+def assert_same_outputs(got: list[tuple[str, torch.Tensor]], want: list[tuple[str, torch.Tensor]]) -> None:
+    assert [p for p, _ in got] == [p for p, _ in want]
+    for (phase, g), (_, w) in zip(got, want, strict=True):
+        assert torch.equal(g, w), phase
+
+
+@pytest.mark.parametrize("mode", ["original", "resident"])
+@pytest.mark.parametrize("policy", ["merge", "sglang"])
+def test_sglang_runs_the_managers_request_bit_for_bit_and_leaves_the_dit_clean(
+        sg: types.SimpleNamespace, fresh_model: Callable[[], nn.Module], distilled_path: str,
+        inputs: dict[str, Any], mode: str, policy: str) -> None:
+    dit = fresh_model()
+    manager = ResidencyManager(dit, mode, [LoRASpec("distilled", path=distilled_path)], policy)
+    clean = weight_bits(manager.managed_weights)
+    served = Served(sg, dit, manager)
+    # sglang's defaults for the two-stage pipeline (stage 1 0.0, stage 2 1.0), then a request's own
+    default = served.run(inputs)
+    assert_same_outputs(default, reference(fresh_model, distilled_path, mode, policy, inputs, 0.0, 1.0))
+    manager.synchronize()
+    assert_same_bits(clean, weight_bits(manager.managed_weights))
+    chosen = served.run(inputs, ltx2_distilled_lora_strength_stage_2=0.6)
+    assert_same_outputs(chosen, reference(fresh_model, distilled_path, mode, policy, inputs, 0.0, 0.6))
+    manager.synchronize()
+    assert_same_bits(clean, weight_bits(manager.managed_weights))
+    refinement = served.pipe.get_stage("LTX2RefinementStage")
+    assert refinement.transformer is dit  # bound back after the request (resident: it ran the copy)
+    manager.close()
+
+
+@pytest.mark.parametrize("failing", ["stage1", "stage2"])
+def test_a_stage_that_fails_leaves_the_dit_clean_and_the_next_request_exact(
+        sg: types.SimpleNamespace, fresh_model: Callable[[], nn.Module], distilled_path: str,
+        inputs: dict[str, Any], failing: str) -> None:
+    dit = fresh_model()
+    manager = ResidencyManager(dit, "original", [LoRASpec("distilled", path=distilled_path)], "merge")
+    clean = weight_bits(manager.managed_weights)
+    served = Served(sg, dit, manager)
+    with pytest.raises(StageFailure):
+        served.run(inputs, fail=failing)
+    manager.synchronize()
+    assert_same_bits(clean, weight_bits(manager.managed_weights))
+    assert_same_outputs(served.run(inputs), reference(fresh_model, distilled_path, "original", "merge", inputs,
+                                                      0.0, 1.0))
+    manager.close()
+
+
+def test_stage1_runs_base_weights_although_sglang_prefetches_stage2(
+        sg: types.SimpleNamespace, fresh_model: Callable[[], nn.Module], distilled_path: str,
+        inputs: dict[str, Any]) -> None:
+    """sglang prefetches the next large use (stage 2's DiT) as stage 1 begins: declined, so
+    stage 1 runs on the base weights."""
+    dit = fresh_model()
+    with torch.no_grad():
+        base = dit(**inputs)[0]
+    manager = ResidencyManager(dit, "original", [LoRASpec("distilled", path=distilled_path)], "merge")
+    served = Served(sg, dit, manager)
+    calls: list[str] = []
+    prefetch = served.strategy.prefetch_for_use
+
+    def spy(module: nn.Module, use: Any, state: Any) -> bool:
+        calls.append(str(use.phase))
+        return prefetch(module, use, state)
+
+    served.strategy.prefetch_for_use = spy  # type: ignore[method-assign]
+    out = served.run(inputs)
+    assert "stage2" in calls  # sglang asked
+    assert all(torch.equal(o, base) for phase, o in out if phase == "stage1")
+    manager.close()
+
+
+def test_install_refuses_what_it_cannot_serve(
+        sg: types.SimpleNamespace, fresh_model: Callable[[], nn.Module], distilled_path: str) -> None:
+    from ltx2_residency.integrations.sglang import SglangResidencyStrategy, install
+
+    dit = fresh_model()
+    manager = ResidencyManager(dit, "original", [LoRASpec("distilled", path=distilled_path)], "merge")
+    with pytest.raises(EmbeddingError, match="no `modules`"):
+        install(object(), manager)
+    other = object.__new__(sg.LTX2TwoStagePipeline)
+    other.modules, other.component_residency_strategies = {"transformer": fresh_model()}, {}
+    with pytest.raises(EmbeddingError, match="not the manager's DiT"):
+        install(other, manager)
+    with pytest.raises(EmbeddingError, match="no LoRA 'style'"):
+        SglangResidencyStrategy(manager, lora="style")
+    manager.close()

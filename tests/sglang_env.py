@@ -1,0 +1,135 @@
+"""sglang 0.5.23 on a CPU for the integration's tests: import-only stand-ins for the few modules its
+multimodal_gen imports at module level but cannot load here (torchvision's CUDA build, IPython,
+tvm_ffi, cache_dit: none of them runs in these tests), then sglang's real classes.
+
+``load()`` returns the modules the tests use, or skips the test with the reason when sglang is not
+installed (``make test`` installs it: tests/requirements-sglang.txt).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.abc
+import importlib.machinery
+import importlib.util
+import os
+import socket
+import sys
+import types
+from typing import Any
+
+import pytest
+
+STAND_INS = ("torchvision", "IPython", "tvm_ffi", "cache_dit")
+
+
+class _Meta(type):
+    def __getattr__(cls, name: str) -> Any:
+        if name.startswith("__") and name.endswith("__"):
+            raise AttributeError(name)
+        return _Anything()
+
+    def __iter__(cls) -> Any:
+        return iter(())
+
+
+class _Anything(metaclass=_Meta):
+    """Whatever a module-level import or class attribute asks of a stand-in."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __call__(self, *args: Any, **kwargs: Any) -> _Anything:
+        return _Anything()
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") and name.endswith("__"):
+            raise AttributeError(name)
+        return _Anything()
+
+    def __iter__(self) -> Any:
+        return iter(())
+
+    def __bool__(self) -> bool:
+        return False
+
+    def __or__(self, other: object) -> _Anything:
+        return self
+
+    __ror__ = __or__
+
+
+class _StandInModule(types.ModuleType):
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") and name.endswith("__"):
+            raise AttributeError(name)
+        value = type(name, (_Anything,), {"__module__": self.__name__})
+        setattr(self, name, value)
+        return value
+
+
+class _StandIns(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    def __init__(self, roots: set[str]) -> None:
+        self.roots = roots
+
+    def find_spec(self, fullname: str, path: Any, target: Any = None) -> importlib.machinery.ModuleSpec | None:
+        if fullname.split(".")[0] in self.roots:
+            return importlib.machinery.ModuleSpec(fullname, self, is_package=True)
+        return None
+
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> types.ModuleType:
+        module = _StandInModule(spec.name)
+        module.__path__ = []
+        module.__version__ = "0.0.0"
+        return module
+
+    def exec_module(self, module: types.ModuleType) -> None:
+        pass
+
+
+def _loadable(name: str) -> bool:
+    try:
+        importlib.import_module(name)
+    except Exception:
+        return False
+    return True
+
+
+def load() -> types.SimpleNamespace:
+    """sglang's modules the tests drive (a skip, with the reason, when sglang is not installed)."""
+    if importlib.util.find_spec("sglang") is None:
+        pytest.skip("sglang is not installed (make test installs tests/requirements-sglang.txt)")
+    if not any(isinstance(f, _StandIns) for f in sys.meta_path):
+        sys.meta_path.insert(0, _StandIns({n for n in STAND_INS if not _loadable(n)}))
+    from sglang.multimodal_gen.configs.pipeline_configs.ltx_2 import LTX2PipelineConfig
+    from sglang.multimodal_gen.configs.sample.sampling_params import SamplingParams
+    from sglang.multimodal_gen.runtime.managers.memory_managers.component_manager import ComponentResidencyManager
+    from sglang.multimodal_gen.runtime.pipelines.ltx_2_pipeline import LTX2TwoStagePipeline
+    from sglang.multimodal_gen.runtime.pipelines_core.executors.sync_executor import SyncExecutor
+    from sglang.multimodal_gen.runtime.pipelines_core.schedule_batch import Req
+    from sglang.multimodal_gen.runtime.pipelines_core.stages.model_specific_stages import ltx_2 as stages
+    from sglang.multimodal_gen.runtime.pipelines_core.stages.validators import VerificationResult
+    from sglang.multimodal_gen.runtime.server_args import ServerArgs, set_global_server_args
+
+    return types.SimpleNamespace(
+        LTX2PipelineConfig=LTX2PipelineConfig, SamplingParams=SamplingParams,
+        ComponentResidencyManager=ComponentResidencyManager, LTX2TwoStagePipeline=LTX2TwoStagePipeline,
+        SyncExecutor=SyncExecutor, Req=Req, stages=stages, VerificationResult=VerificationResult,
+        ServerArgs=ServerArgs, set_global_server_args=set_global_server_args)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def server_args(sg: types.SimpleNamespace) -> Any:
+    """sglang's ServerArgs for the LTX-2 two-stage pipeline on this CPU (no model files: the
+    pipeline config is given), made the process's global ones as sglang's stages expect."""
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
+    args = sg.ServerArgs(model_path="ltx2-tiny", pipeline_config=sg.LTX2PipelineConfig(),
+                         pipeline_class_name="LTX2TwoStagePipeline")
+    sg.set_global_server_args(args)
+    return args
