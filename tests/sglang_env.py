@@ -133,3 +133,59 @@ def server_args(sg: types.SimpleNamespace) -> Any:
                          pipeline_class_name="LTX2TwoStagePipeline")
     sg.set_global_server_args(args)
     return args
+
+
+_distributed: list[bool] = []
+
+
+def init_distributed(sg: types.SimpleNamespace) -> None:
+    """sglang's model-parallel groups over gloo, one rank (its linear layers need them); once per process."""
+    if _distributed:
+        return
+    from sglang.multimodal_gen.runtime.distributed.parallel_state import (
+        maybe_init_distributed_environment_and_model_parallel,
+    )
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
+    server_args(sg)
+    maybe_init_distributed_environment_and_model_parallel(tp_size=1, sp_size=1)
+    _distributed.append(True)
+
+
+def native_dit(seed: int = 0) -> Any:
+    """sglang's own LTX-2 DiT (ColumnParallelLinear/RowParallelLinear layers), two tiny blocks,
+    seeded normal weights (sglang allocates them uninitialized)."""
+    import torch
+    from sglang.multimodal_gen.configs.models.dits.ltx_2 import LTX2ArchConfig, LTX2Config
+    from sglang.multimodal_gen.runtime.models.dits import ltx_2
+
+    arch = LTX2ArchConfig(num_layers=2, num_attention_heads=2, attention_head_dim=32, in_channels=16,
+                          out_channels=16, cross_attention_dim=64, caption_channels=64,
+                          audio_num_attention_heads=2, audio_attention_head_dim=16, audio_in_channels=16,
+                          audio_out_channels=16, audio_cross_attention_dim=32)
+    generator = torch.Generator().manual_seed(seed)
+    model = ltx_2.LTX2VideoTransformer3DModel(LTX2Config(arch_config=arch), hf_config={})
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator) * 0.05)
+    return model.eval()
+
+
+def native_inputs(seed: int = 0) -> dict[str, Any]:
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    t = torch.tensor([600.0]).view(1, 1)
+    return dict(hidden_states=torch.randn(1, 32, 16, generator=g),
+                audio_hidden_states=torch.randn(1, 5, 16, generator=g),
+                encoder_hidden_states=torch.randn(1, 6, 64, generator=g),
+                audio_encoder_hidden_states=torch.randn(1, 6, 64, generator=g), timestep=t, audio_timestep=t,
+                num_frames=2, height=4, width=4, audio_num_frames=5, return_latents=False)
+
+
+def forward_context() -> Any:
+    """What sglang's DiT forward reads (sglang's stages enter it around each call)."""
+    from sglang.multimodal_gen.runtime.managers.forward_context import set_forward_context
+
+    return set_forward_context(0, None)

@@ -29,6 +29,7 @@ from .errors import (
     LoRAValueError,
     StrengthError,
 )
+from .linears import is_linear, tensor_parallel_size
 
 _MODULE_DICT = nn.ModuleDict()
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
@@ -331,7 +332,7 @@ def _linear_of(model: nn.Module, name: str) -> nn.Module | None:
     except AttributeError:
         return None
     base = getattr(module, "base_layer", module)
-    return base if isinstance(base, nn.Linear) else None
+    return base if isinstance(base, nn.Linear) or is_linear(base) else None
 
 
 def _check_factor(where: str, label: str, t: torch.Tensor) -> None:
@@ -400,7 +401,13 @@ def _structure(what: str, shapes: Mapping[str, torch.Tensor], model: nn.Module) 
                 f"{where}: no Linear named {module_name!r} in the model; keys must name Linear "
                 "modules such as 'transformer_blocks.0.attn1.to_q' (is this a LoRA for another model?)"
             )
-        if type(linear) is not nn.Linear:
+        if tensor_parallel_size(linear) > 1:
+            raise LoRAKeyError(
+                f"{where}: {module_name!r} is a {type(linear).__name__} sharded over "
+                f"{tensor_parallel_size(linear)} tensor-parallel ranks; the manager takes whole weights "
+                "(tp_size=1) for now"
+            )
+        if not is_linear(linear):
             # a subclass's owner may use its weight without calling its forward (MultiheadAttention
             # does with out_proj): a dynamic adapter there would be skipped without a word
             raise LoRAKeyError(
@@ -421,10 +428,11 @@ def _structure(what: str, shapes: Mapping[str, torch.Tensor], model: nn.Module) 
                 f"{where}: rank mismatch, lora_A {tuple(a.shape)} (rank first) and lora_B "
                 f"{tuple(b.shape)} (rank last) disagree"
             )
-        if a.shape[1] != linear.in_features or b.shape[0] != linear.out_features:
+        out_features, in_features = linear.weight.shape  # (out, in), nn.Linear's and any registered type's
+        if a.shape[1] != in_features or b.shape[0] != out_features:
             raise LoRAShapeError(
                 f"{where}: the LoRA maps {a.shape[1]} -> {b.shape[0]} features but the model's "
-                f"Linear is {linear.in_features} -> {linear.out_features}; was this LoRA trained "
+                f"Linear is {in_features} -> {out_features}; was this LoRA trained "
                 "for another model or variant (e.g. LTX-2.3 on LTX-2)?"
             )
         if "alpha" in group:

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from .errors import LoRACacheError, LoRAChangedError, LoRAFitError, LoRAFormatError
+from .linears import is_linear
 from .lora import LoadedLoRA, LoRASpec, TargetLoRA, validate_lora
 from .ops.ahead import OUTSIDE, block_of
 from .ops.slots import LoRASlots
@@ -345,7 +346,7 @@ def managed_layers(model: nn.Module, loras: list[LoadedLoRA]) -> list[str]:
     with, or every plain ``nn.Linear`` in the DiT's numbered blocks when it is built with none."""
     if loras:
         return sorted({m for lo in loras for m in lo.targets})
-    return sorted(name for name, m in model.named_modules() if type(m) is nn.Linear and block_of(name) != OUTSIDE)
+    return sorted(name for name, m in model.named_modules() if is_linear(m) and block_of(name) != OUTSIDE)
 
 
 def slot_names(model: nn.Module, managed: list[str], rank: int, budget: int | None,

@@ -14,10 +14,12 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from .linears import is_linear
+
 
 def linear_names(model: nn.Module, pattern: str = "transformer_blocks.") -> list[str]:
     """Names of the Linear modules whose path contains ``pattern`` (LTX-2's block linears)."""
-    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and pattern in n]
+    return [n for n, m in model.named_modules() if (isinstance(m, nn.Linear) or is_linear(m)) and pattern in n]
 
 
 def synthetic_lora(

@@ -26,24 +26,98 @@ it for the phase and bound back when the request ends.
 
 from __future__ import annotations
 
+import os
+import re
+from collections.abc import Mapping
 from typing import Any
 
+import torch
+from peft.tuners.lora.layer import Linear as PeftLoRALinear
+from sglang.multimodal_gen.runtime.layers.linear import LinearBase
 from sglang.multimodal_gen.runtime.managers.memory_managers.component_residency_strategies import (
     ComponentResidencyStrategy,
 )
 from torch import nn
 
 from ..domain import Phase
-from ..errors import EmbeddingError
+from ..errors import EmbeddingError, LoRAKeyError
+from ..linears import register_linear_type
+from ..lora import LoRASpec, read_safetensors
 from ..manager import ResidencyManager
 from ..request import Request, RequestScope
 
-__all__ = ["SGLANG_VERSION", "SglangResidencyStrategy", "install"]
+__all__ = ["SGLANG_VERSION", "SglangLoRALinear", "SglangResidencyStrategy", "install", "lora_spec",
+           "sglang_module_name"]
 
 #: The sglang release this adapter was written and tested against.
 SGLANG_VERSION = "0.5.23"
 DIT_COMPONENTS = ("transformer", "transformer_2")
 PHASES = {"stage1": Phase.STAGE1, "stage2": Phase.STAGE2}
+
+
+class SglangLoRALinear(PeftLoRALinear):
+    """PEFT's LoRA layer around one of sglang's linear layers (``LinearBase``: column- and
+    row-parallel, replicated), whose forward returns ``(output, output_bias)``. The manager merges
+    into the layer's ``weight`` as into an ``nn.Linear``'s; dynamic phases add the active adapters
+    here, as PEFT's ``Linear`` does."""
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, Any]:
+        result, bias = self.base_layer(x, *args, **kwargs)
+        if self.disable_adapters or self.merged:
+            return result, bias
+        dtype = result.dtype
+        for name in self.active_adapters:
+            if name not in self.lora_A:
+                continue
+            lora_a, lora_b = self.lora_A[name], self.lora_B[name]
+            h = self._cast_input_dtype(x, lora_a.weight.dtype)
+            result = result + lora_b(lora_a(self.lora_dropout[name](h))) * self.scaling[name]
+        return result.to(dtype), bias
+
+
+# sglang's native LTX-2 DiT: its block linears take the manager's LoRAs (tp_size 1)
+register_linear_type(LinearBase, SglangLoRALinear)
+
+#: LoRA file prefixes before the module path (LTX-2's original files, PEFT's, diffusers')
+_KEY_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "base_model.model.", "transformer.")
+#: kohya-style factor names -> PEFT's
+_FACTORS = {"lora_down.weight": "lora_A.weight", "lora_up.weight": "lora_B.weight"}
+_KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A\.weight|lora_B\.weight|lora_down\.weight|lora_up\.weight|alpha)$")
+
+
+def sglang_module_name(module: str) -> str:
+    """A LoRA key's module path (LTX-2 checkpoint / diffusers names) as sglang's native LTX-2 DiT
+    names it, by sglang's own table (``LTX2_PARAM_NAMES_MAPPING``: ``ff.net.0.proj`` ->
+    ``ff.proj_in``, ...)."""
+    from sglang.multimodal_gen.configs.models.dits.ltx_2 import LTX2_PARAM_NAMES_MAPPING
+
+    for prefix in _KEY_PREFIXES:
+        if module.startswith(prefix):
+            module = module[len(prefix):]
+            break
+    for pattern, replacement in LTX2_PARAM_NAMES_MAPPING.items():
+        module, n = re.subn(pattern, replacement, module + ".")
+        module = module[:-1] if module.endswith(".") else module
+        if n:
+            break
+    return module
+
+
+def lora_spec(name: str, path: str | os.PathLike[str], strengths: Mapping[str, float] | None = None) -> LoRASpec:
+    """A LoRA file (LTX-2's original ``diffusion_model.*`` keys, PEFT's or diffusers' names,
+    ``lora_A``/``lora_B`` or ``lora_down``/``lora_up``) for sglang's native LTX-2 DiT: its keys
+    renamed to sglang's module paths. The manager validates it against the DiT as any LoRA."""
+    tensors = {}
+    for key, tensor in read_safetensors(path, f"LoRA {name!r}").items():
+        match = _KEY.match(key)
+        if match is None:
+            raise LoRAKeyError(f"LoRA {name!r}: key {key!r} in {os.fspath(path)!r} is not a LoRA factor "
+                               "(<module>.lora_A.weight, .lora_B.weight, .lora_down.weight, .lora_up.weight or "
+                               ".alpha)")
+        part = _FACTORS.get(match["part"], match["part"])
+        tensors[f"{sglang_module_name(match['module'])}.{part}"] = tensor
+    kwargs = {} if strengths is None else {"strengths": dict(strengths)}
+    return LoRASpec(name, tensors=tensors, **kwargs)
 
 
 def use_phase(use: Any) -> Phase:

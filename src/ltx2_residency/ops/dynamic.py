@@ -25,6 +25,7 @@ from torch import nn
 
 from ..errors import LoRAValidationError
 from ..faults import FaultInjector
+from ..linears import LINEAR_TYPES
 from ..lora import LoadedLoRA
 from .forward import DYNAMIC_FORWARDS, FusedForward, has_fused, install, uninstall
 from .undo import LayerTarget
@@ -43,7 +44,7 @@ def _config(lora: LoadedLoRA) -> LoraConfig:
 def _lora_config(modules: list[str], rank: int, alpha: float, ranks: Mapping[str, int],
                  alphas: Mapping[str, float]) -> LoraConfig:
     # PEFT matches pattern keys as regexes against the module path: escape the dots.
-    return LoraConfig(
+    config = LoraConfig(
         r=rank,
         lora_alpha=alpha,
         # a string is matched with re.fullmatch against each module path; a list would also
@@ -54,6 +55,9 @@ def _lora_config(modules: list[str], rank: int, alpha: float, ranks: Mapping[str
         lora_dropout=0.0,
         init_lora_weights=False,
     )
+    if LINEAR_TYPES:  # an engine's linear layers: PEFT wraps them in the class registered for them
+        config._register_custom_module(dict(LINEAR_TYPES))
+    return config
 
 
 class PeftAdapters:

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 import sglang_env
-from ltx2_residency import EmbeddingError, LoRASpec, ResidencyManager
+from ltx2_residency import EmbeddingError, LoRAKeyError, LoRASpec, ResidencyManager
 from ltx2_residency.testing import weight_bits
 from untouched import assert_same_bits
 
@@ -204,3 +204,122 @@ def test_install_refuses_what_it_cannot_serve(
     with pytest.raises(EmbeddingError, match="no LoRA 'style'"):
         SglangResidencyStrategy(manager, lora="style")
     manager.close()
+
+
+@pytest.fixture(scope="module")
+def native(sg: types.SimpleNamespace) -> Callable[[], nn.Module]:
+    """sglang's own tiny LTX-2 DiT, the same weights each time (its layers hold the process group:
+    built again rather than copied). Importing the integration lets the manager take its layers."""
+    import ltx2_residency.integrations.sglang  # noqa: F401
+
+    sglang_env.init_distributed(sg)
+    return sglang_env.native_dit
+
+
+def native_request(manager: ResidencyManager, inputs: dict[str, Any], s2: float) -> list[torch.Tensor]:
+    out = []
+    with torch.no_grad(), sglang_env.forward_context(), manager.request() as req:
+        for phase, strength in (("stage1", 0.0), ("stage2", s2)):
+            out.append(req.enter(phase, strengths={"distilled": strength})(**inputs)[0])
+    return out
+
+
+@pytest.mark.parametrize("policy", ["merge", "dynamic"])
+def test_the_manager_takes_sglangs_own_linear_layers(
+        sg: types.SimpleNamespace, native: Callable[[], nn.Module], policy: str, tmp_path: Any) -> None:
+    """sglang's native DiT (ColumnParallelLinear/RowParallelLinear, which return (output, bias)):
+    a LoRA on all its block linears merges and runs dynamic as on diffusers' DiT, and the DiT is
+    clean after."""
+    from sglang.multimodal_gen.runtime.layers.linear import LinearBase
+
+    from ltx2_residency.testing import linear_names, save_lora, synthetic_lora
+
+    dit = native()
+    names = linear_names(dit)
+    assert names and all(isinstance(dit.get_submodule(n), LinearBase) for n in names)
+    path = save_lora(tmp_path / "distilled.safetensors", synthetic_lora(dit, names, rank=4, relative_norm=0.10))
+    inputs = sglang_env.native_inputs()
+    with torch.no_grad(), sglang_env.forward_context():
+        base = dit(**inputs)[0]
+    manager = ResidencyManager(dit, "original", [LoRASpec("distilled", path=path)], policy)
+    clean = weight_bits(manager.managed_weights)
+    stage1, stage2 = native_request(manager, inputs, 0.7)
+    assert torch.equal(stage1, base)
+    reference = ResidencyManager(native(), "original", [LoRASpec("distilled", path=path)], "merge")
+    want = native_request(reference, inputs, 0.7)[1]
+    assert not torch.equal(stage2, base)
+    torch.testing.assert_close(stage2, want, rtol=1e-4, atol=1e-5)  # merged vs added: float32 roundings
+    manager.synchronize()
+    assert_same_bits(clean, weight_bits(manager.managed_weights))
+    manager.close()
+    reference.close()
+
+
+def test_sglang_serves_its_own_dit_through_the_manager(
+        sg: types.SimpleNamespace, native: Callable[[], nn.Module], tmp_path: Any) -> None:
+    from ltx2_residency.testing import linear_names, save_lora, synthetic_lora
+
+    dit = native()
+    path = save_lora(tmp_path / "distilled.safetensors", synthetic_lora(dit, linear_names(dit), rank=4,
+                                                                       relative_norm=0.10))
+    manager = ResidencyManager(dit, "original", [LoRASpec("distilled", path=path)], "merge")
+    clean = weight_bits(manager.managed_weights)
+    served = Served(sg, dit, manager)
+    inputs = sglang_env.native_inputs()
+    with sglang_env.forward_context():
+        got = served.run(inputs, ltx2_distilled_lora_strength_stage_2=0.8)
+    reference = ResidencyManager(native(), "original", [LoRASpec("distilled", path=path)], "merge")
+    with sglang_env.forward_context():
+        want = native_request(reference, inputs, 0.8)
+    assert_same_outputs(got, [(p, w) for p, w in zip(("stage1", "stage2"), want, strict=True) for _ in STEPS])
+    manager.synchronize()
+    assert_same_bits(clean, weight_bits(manager.managed_weights))
+    manager.close()
+    reference.close()
+
+
+def test_lora_files_in_ltx2_or_kohya_keys_name_sglangs_modules(
+        sg: types.SimpleNamespace, native: Callable[[], nn.Module], tmp_path: Any) -> None:
+    """An LTX-2 checkpoint-style file (``diffusion_model.*``, ``ff.net.0.proj``, ``lora_down``/
+    ``lora_up``) read with ``lora_spec`` runs exactly as the same LoRA written in sglang's names."""
+    from safetensors.torch import save_file
+
+    from ltx2_residency.integrations.sglang import lora_spec
+    from ltx2_residency.testing import linear_names, synthetic_lora
+
+    dit = native()
+    names = [n for n in linear_names(dit) if ".ff." in n or ".attn1." in n]
+    ours = synthetic_lora(dit, names, rank=4, relative_norm=0.10)
+    original = {}
+    for key, tensor in ours.items():
+        module, _, part = key.rpartition(".lora_")
+        module = module.replace("ff.proj_in", "ff.net.0.proj").replace("ff.proj_out", "ff.net.2")
+        factor = {"A.weight": "lora_down.weight", "B.weight": "lora_up.weight"}[part]
+        original[f"diffusion_model.{module}.{factor}"] = tensor.contiguous()
+    path = tmp_path / "ltx2_original.safetensors"
+    save_file(original, str(path))
+    inputs = sglang_env.native_inputs()
+    managers = [ResidencyManager(dit, "original", [lora_spec("distilled", path)], "merge"),
+                ResidencyManager(native(), "original", [LoRASpec("distilled", tensors=ours)], "merge")]
+    got, want = (native_request(m, inputs, 0.9) for m in managers)
+    assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
+    for m in managers:
+        m.close()
+    bad = tmp_path / "not_a_lora.safetensors"
+    save_file({"diffusion_model.proj_in.weight": torch.zeros(2, 2)}, str(bad))
+    with pytest.raises(LoRAKeyError, match="not a LoRA factor"):
+        lora_spec("bad", bad)
+
+
+def test_a_tensor_parallel_shard_is_refused_before_anything_moves(
+        sg: types.SimpleNamespace, native: Callable[[], nn.Module]) -> None:
+    from ltx2_residency.testing import linear_names, synthetic_lora
+
+    dit = native()
+    names = linear_names(dit)
+    lora = synthetic_lora(dit, names, rank=4, relative_norm=0.10)
+    before = weight_bits(dict(dit.named_parameters()))
+    dit.get_submodule(names[0]).tp_size = 2  # as a layer sharded over two ranks says
+    with pytest.raises(LoRAKeyError, match="tensor-parallel"):
+        ResidencyManager(dit, "original", [LoRASpec("distilled", tensors=lora)], "merge")
+    assert_same_bits(before, weight_bits(dict(dit.named_parameters())))
