@@ -64,14 +64,15 @@ class Served:
     """A sglang LTX2TwoStagePipeline around the tiny DiT (built as sglang builds it, less the
     checkpoint loading), the manager installed, and sglang's residency manager and executor."""
 
-    def __init__(self, sg: types.SimpleNamespace, dit: nn.Module, manager: ResidencyManager) -> None:
+    def __init__(self, sg: types.SimpleNamespace, dit: nn.Module, manager: ResidencyManager | None) -> None:
         self.sg, self.dit, self.manager = sg, dit, manager
         self.args = args = sglang_env.server_args(sg)
         pipe = object.__new__(sg.LTX2TwoStagePipeline)  # its __init__ loads a checkpoint
         pipe.server_args, pipe.modules, pipe.memory_usages = args, {"transformer": dit}, {}
         pipe._stages, pipe._stage_name_mapping, pipe.component_residency_strategies = [], {}, {}
         self.pipe = pipe
-        self.strategy = sg_install(pipe, manager)
+        if manager is not None:  # else the test installs it
+            self.strategy = sg_install(pipe, manager)
         first, second = tiny_stages(sg)
         scheduler = object()
         for name, stage in (
@@ -93,6 +94,7 @@ class Served:
         req = self.sg.Req(sampling_params=self.sg.SamplingParams(prompt="a tiny video"),
                           extra={"inputs": inputs, "outputs": [], **extra})
         req.timesteps = torch.tensor([float(t) for t in STEPS])
+        self.residency.refresh_pipeline(self.pipe)  # as sglang's pipeline forward does: picks up install()
         try:
             self.executor.execute(self.pipe._stages, req, self.args)
         finally:
@@ -323,3 +325,38 @@ def test_a_tensor_parallel_shard_is_refused_before_anything_moves(
     with pytest.raises(LoRAKeyError, match="tensor-parallel"):
         ResidencyManager(dit, "original", [LoRASpec("distilled", tensors=lora)], "merge")
     assert_same_bits(before, weight_bits(dict(dit.named_parameters())))
+
+
+def test_the_documented_installation_serves_sglangs_dit(
+        sg: types.SimpleNamespace, native: Callable[[], nn.Module], tmp_path: Any,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """docs/embedding.md's installation block, run as written on sglang's pipeline (its LoRA file
+    written here in LTX-2's original keys), then a request through sglang's executor."""
+    import re
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    from ltx2_residency.testing import linear_names, synthetic_lora
+
+    doc = (Path(__file__).resolve().parents[3] / "docs" / "embedding.md").read_text()
+    block = next(b for b in re.findall(r"```python\n(.*?)```", doc, re.S) if "lora_spec(" in b)
+    dit = native()
+    ours = synthetic_lora(dit, [n for n in linear_names(dit) if ".attn1." in n], rank=4, relative_norm=0.10)
+    monkeypatch.chdir(tmp_path)
+    save_file({f"diffusion_model.{k.replace('.lora_A.', '.lora_down.').replace('.lora_B.', '.lora_up.')}":
+               v.contiguous() for k, v in ours.items()}, "ltx-2-19b-distilled-lora-384.safetensors")
+    served = Served(sg, dit, None)
+    namespace: dict[str, Any] = {"pipeline": served.pipe}
+    exec(compile(block, "docs/embedding.md", "exec"), namespace)
+    manager = namespace["manager"]
+    inputs = sglang_env.native_inputs()
+    with sglang_env.forward_context():
+        got = served.run(inputs)
+    reference = ResidencyManager(native(), "original", [LoRASpec("distilled", tensors=ours,
+                                                                 strengths={"stage1": 0.0, "stage2": 1.0})])
+    with sglang_env.forward_context():
+        want = native_request(reference, inputs, 1.0)
+    assert_same_outputs(got, [(p, w) for p, w in zip(("stage1", "stage2"), want, strict=True) for _ in STEPS])
+    manager.close()
+    reference.close()
