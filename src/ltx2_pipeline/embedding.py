@@ -52,11 +52,17 @@ class PhaseHooks:
     def in_request(self) -> bool:
         return self._req is not None
 
-    def prepare_for_use(self, phase: Phase | str, strengths: Mapping[str, float] | None = None) -> None:
+    def prepare_for_use(self, phase: Phase | str, strengths: Mapping[str, float] | None = None, *,
+                        loras: Mapping[str, float | Mapping[str, float]] | None = None) -> None:
+        """Apply ``phase`` (``strengths``: this phase's overrides). ``loras`` chooses the request's
+        LoRAs as ``manager.request(loras=...)`` does: at the request's first ``prepare_for_use``."""
         if self._req is None:
             stack = contextlib.ExitStack()
-            self._req = stack.enter_context(self.manager.request())
+            self._req = stack.enter_context(self.manager.request(loras=loras))
             self._stack = stack
+        elif loras is not None:
+            raise RequestStateError("prepare_for_use(loras=...) chooses a request's LoRAs at its first "
+                                    "prepare_for_use; this request is already open with its own")
         self._module = self._req.enter(phase, strengths=strengths)
         self._phase = self._req.phase
 

@@ -95,3 +95,33 @@ def test_hooks_refuse_out_of_order_use(model, distilled_path) -> None:
         hooks.prepare_for_use("stage1")  # stage 1 after stage 2 in one request
     hooks.prepare_after_request()
     assert hooks.manager.state is WeightState.CLEAN
+
+
+def test_the_first_prepare_chooses_the_requests_loras(fresh_model, distilled_path, user_lora_path, inputs) -> None:
+    """``loras=`` as ``manager.request(loras=...)``: an added LoRA at the request's first hook call;
+    later in the request it is refused, and the DiT is clean after."""
+    def run(hooks: PhaseHooks, loras: dict | None) -> list[torch.Tensor]:
+        out = []
+        for phase in ("stage1", "stage2"):
+            hooks.prepare_for_use(phase, loras=loras if phase == "stage1" else None)
+            with torch.no_grad():
+                out.append(hooks.wait_for_use(phase)(**inputs)[0])
+        hooks.prepare_after_request()
+        return out
+
+    hooks = hooks_for(fresh_model(), distilled_path)
+    clean = weight_bits(hooks.manager.managed_weights)
+    hooks.manager.add_lora(LoRASpec("style", user_lora_path))
+    chosen = {"style": 0.7, "distilled": {"stage2": 1.0}}
+    got = run(hooks, chosen)
+    own = PhaseHooks(ResidencyManager(fresh_model(), loras=[LoRASpec("distilled", distilled_path, HQ),
+                                                            LoRASpec("style", user_lora_path)],
+                                      merge_policy="merge"))
+    want = run(own, chosen)
+    assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
+    hooks.prepare_for_use("stage1")
+    with pytest.raises(RequestStateError, match="first prepare_for_use"):
+        hooks.prepare_for_use("stage2", loras={"style": 1.0})
+    hooks.prepare_after_request()
+    hooks.manager.synchronize()
+    assert_same_bits(clean, weight_bits(hooks.manager.managed_weights))
