@@ -25,7 +25,7 @@ def build_stage2_copy(base: nn.Module, loras: list[LoadedLoRA], strengths: Mappi
     params = [*base.parameters(), *base.buffers()]
     compute = params[0].device if params else torch.device("cpu")
     pin = place.type == "cpu" and compute.type == "cuda"
-    memo: dict[int, object] = {}
+    memo: dict[int, object] = {id(group): group for group in _process_groups(base)}  # shared, not copied
     with torch.no_grad():
         for t in params:
             if id(t) in memo:
@@ -40,6 +40,24 @@ def build_stage2_copy(base: nn.Module, loras: list[LoadedLoRA], strengths: Mappi
     for p in stage2.parameters():
         p.requires_grad_(False)
     return stage2.eval()
+
+
+def _process_groups(model: nn.Module) -> list[object]:
+    """What the DiT's modules hold of torch.distributed's process groups (a ``ProcessGroup``, or an
+    engine's coordinator of them, as sglang's parallel linear layers keep in ``tp_group``): the
+    copy runs on the same ranks, so it shares them (they cannot be copied)."""
+    if not torch.distributed.is_available():
+        return []
+    group_type = torch.distributed.ProcessGroup
+    found = []
+    for module in model.modules():
+        for name, value in vars(module).items():
+            if name.startswith("_") or isinstance(value, (torch.Tensor, nn.Module)):
+                continue
+            if isinstance(value, group_type) or any(
+                    isinstance(getattr(value, attr, None), group_type) for attr in ("device_group", "cpu_group")):
+                found.append(value)
+    return found
 
 
 def merged_weight(w_base: torch.Tensor, name: str, loras: list[LoadedLoRA],

@@ -226,12 +226,12 @@ def native_request(manager: ResidencyManager, inputs: dict[str, Any], s2: float)
     return out
 
 
-@pytest.mark.parametrize("policy", ["merge", "dynamic"])
+@pytest.mark.parametrize(("mode", "policy"), [("original", "merge"), ("original", "dynamic"), ("resident", "merge")])
 def test_the_manager_takes_sglangs_own_linear_layers(
-        sg: types.SimpleNamespace, native: Callable[[], nn.Module], policy: str, tmp_path: Any) -> None:
+        sg: types.SimpleNamespace, native: Callable[[], nn.Module], mode: str, policy: str, tmp_path: Any) -> None:
     """sglang's native DiT (ColumnParallelLinear/RowParallelLinear, which return (output, bias)):
-    a LoRA on all its block linears merges and runs dynamic as on diffusers' DiT, and the DiT is
-    clean after."""
+    a LoRA on all its block linears merges and runs dynamic as on diffusers' DiT, resident mode
+    copies it (sharing its process groups), and the DiT is clean after."""
     from sglang.multimodal_gen.runtime.layers.linear import LinearBase
 
     from ltx2_residency.testing import linear_names, save_lora, synthetic_lora
@@ -243,7 +243,7 @@ def test_the_manager_takes_sglangs_own_linear_layers(
     inputs = sglang_env.native_inputs()
     with torch.no_grad(), sglang_env.forward_context():
         base = dit(**inputs)[0]
-    manager = ResidencyManager(dit, "original", [LoRASpec("distilled", path=path)], policy)
+    manager = ResidencyManager(dit, mode, [LoRASpec("distilled", path=path, strengths={"stage2": 0.7})], policy)
     clean = weight_bits(manager.managed_weights)
     stage1, stage2 = native_request(manager, inputs, 0.7)
     assert torch.equal(stage1, base)
