@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from .domain import Phase, check_strength, parse_enum, shown
@@ -331,7 +332,8 @@ def _linear_of(model: nn.Module, name: str) -> nn.Module | None:
         module = model.get_submodule(name)
     except AttributeError:
         return None
-    base = getattr(module, "base_layer", module)
+    # through PEFT's wrappers only: an engine's own LoRA wrapper (sglang's) has its own weight logic
+    base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
     return base if isinstance(base, nn.Linear) or is_linear(base) else None
 
 

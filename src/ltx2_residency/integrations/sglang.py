@@ -39,8 +39,8 @@ from sglang.multimodal_gen.runtime.managers.memory_managers.component_residency_
 )
 from torch import nn
 
-from ..domain import Phase
-from ..errors import EmbeddingError, LoRAKeyError
+from ..domain import Phase, check_strength
+from ..errors import EmbeddingError, LoRAKeyError, StrengthError
 from ..linears import register_linear_type
 from ..lora import LoRASpec, read_safetensors
 from ..manager import ResidencyManager
@@ -60,6 +60,15 @@ class SglangLoRALinear(PeftLoRALinear):
     row-parallel, replicated), whose forward returns ``(output, output_bias)``. The manager merges
     into the layer's ``weight`` as into an ``nn.Linear``'s; dynamic phases add the active adapters
     here, as PEFT's ``Linear`` does."""
+
+    @property
+    def weight(self) -> torch.Tensor | None:  # type: ignore[override]
+        """The base weight; ``None`` while an adapter adds to the output. sglang's fused sites
+        (linear + GELU in the feed-forward) read a linear's ``weight`` in place of calling it and
+        check it per call: ``None`` sends them to the forward, which adds the adapters."""
+        if self.disable_adapters or self.merged or not any(n in self.lora_A for n in self.active_adapters):
+            return self.get_base_layer().weight
+        return None
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, Any]:
         result, bias = self.base_layer(x, *args, **kwargs)
@@ -81,8 +90,9 @@ register_linear_type(LinearBase, SglangLoRALinear)
 #: LoRA file prefixes before the module path (LTX-2's original files, PEFT's, diffusers')
 _KEY_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "base_model.model.", "transformer.")
 #: kohya-style factor names -> PEFT's
-_FACTORS = {"lora_down.weight": "lora_A.weight", "lora_up.weight": "lora_B.weight"}
-_KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A\.weight|lora_B\.weight|lora_down\.weight|lora_up\.weight|alpha)$")
+_FACTORS = {"lora_down.weight": "lora_A.weight", "lora_up.weight": "lora_B.weight", "lora_alpha": "alpha"}
+_KEY = re.compile(r"^(?P<module>.+?)\.(?P<part>lora_[AB](?:\.[\w-]+)?\.weight|lora_down\.weight|lora_up\.weight"
+                  r"|alpha|lora_alpha)$")
 
 
 def sglang_module_name(module: str) -> str:
@@ -114,8 +124,13 @@ def lora_spec(name: str, path: str | os.PathLike[str], strengths: Mapping[str, f
             raise LoRAKeyError(f"LoRA {name!r}: key {key!r} in {os.fspath(path)!r} is not a LoRA factor "
                                "(<module>.lora_A.weight, .lora_B.weight, .lora_down.weight, .lora_up.weight or "
                                ".alpha)")
-        part = _FACTORS.get(match["part"], match["part"])
-        tensors[f"{sglang_module_name(match['module'])}.{part}"] = tensor
+        part = match["part"]
+        part = _FACTORS.get(part, part if not part.startswith("lora_") else f"{part[:6]}.weight")  # PEFT's .default.
+        renamed = f"{sglang_module_name(match['module'])}.{part}"
+        if renamed in tensors:
+            raise LoRAKeyError(f"LoRA {name!r}: {os.fspath(path)!r} has two keys for {renamed!r} (e.g. {key!r}); "
+                               "keep one")
+        tensors[renamed] = tensor
     kwargs = {} if strengths is None else {"strengths": dict(strengths)}
     return LoRASpec(name, tensors=tensors, **kwargs)
 
@@ -144,6 +159,7 @@ class SglangResidencyStrategy(ComponentResidencyStrategy):
         self._strengths: dict[Phase, float] = {}  # the request's, as switch_lora_phase reported them
         self._scope: RequestScope | None = None
         self._request: Request | None = None
+        self._state: Any = None  # sglang's ResidencyState of the request the manager request serves
         self._module: nn.Module | None = None  # what the current phase runs
         self._bound: list[tuple[Any, nn.Module]] = []  # (stage, its own transformer) rebound for a phase
 
@@ -156,7 +172,7 @@ class SglangResidencyStrategy(ComponentResidencyStrategy):
         if use.stage_name is not None and state.stage_name is not None and use.stage_name != state.stage_name:
             return  # prepared ahead for a later stage: its own stage prepares it when it begins
         phase = use_phase(use)
-        req = self._open()
+        req = self._open(state)
         if req.phase is not phase:
             strength = self._strengths.get(phase)
             self._module = req.enter(phase, strengths=None if strength is None else {self.lora: strength})
@@ -181,26 +197,30 @@ class SglangResidencyStrategy(ComponentResidencyStrategy):
         if phase not in PHASES:
             raise EmbeddingError(f"sglang reported LoRA phase {phase!r}; the LTX-2 two-stage phases are "
                                  f"{sorted(PHASES)}")
-        self._strengths[PHASES[phase]] = float(strength)
+        self._strengths[PHASES[phase]] = check_strength(strength, f"sglang's {phase} distilled-LoRA strength")
 
     def close_request(self) -> None:
         """End the manager request, if one is open (idempotent; every DiT component's
         ``finish_request`` calls it)."""
-        scope, self._scope, self._request, self._module = self._scope, None, None, None
         try:
-            if scope is not None:
-                scope.__exit__(None, None, None)
+            if self._scope is not None:
+                self._scope.__exit__(None, None, None)  # twice is harmless: the scope's steps are idempotent
         finally:
+            self._scope = self._request = self._module = self._state = None
             for stage, own in reversed(self._bound):
                 stage.transformer = own
             self._bound.clear()
             self._strengths.clear()
 
-    def _open(self) -> Request:
+    def _open(self, state: Any) -> Request:
+        if self._scope is not None and (self._request is None or state is not self._state):
+            # a request sglang never finished (another component's finish_request raised before
+            # the DiT's), or an entry cut short before it was kept: restore before this one
+            self.close_request()
         if self._request is None:
-            scope = self.manager.request()
-            self._request = scope.__enter__()
-            self._scope = scope
+            self._scope = self.manager.request()  # kept before it is entered: an interrupt after
+            self._state = state  # __enter__ leaves a scope close_request() exits
+            self._request = self._scope.__enter__()
         return self._request
 
     def _bind(self, state: Any, module: nn.Module, dit: nn.Module) -> None:
@@ -221,10 +241,22 @@ class SglangResidencyStrategy(ComponentResidencyStrategy):
 def install(pipeline: Any, manager: ResidencyManager, lora: str = "distilled") -> SglangResidencyStrategy:
     """Put ``manager`` in charge of ``pipeline``'s DiT (a sglang ``LTX2TwoStagePipeline`` whose
     ``modules["transformer"]`` is the manager's model). Returns the strategy."""
-    for attr in ("modules", "component_residency_strategies", "switch_lora_phase"):
+    for attr in ("modules", "component_residency_strategies", "switch_lora_phase",
+                 "_get_stage_distilled_lora_strength"):
         if not hasattr(pipeline, attr):
             raise EmbeddingError(f"{type(pipeline).__name__} has no `{attr}`: install() takes sglang's "
                                  f"multimodal_gen LTX2TwoStagePipeline (sglang {SGLANG_VERSION})")
+    # what sglang did to the DiT itself, before the manager could own its weights
+    if getattr(pipeline, "lora_initialized", False) or getattr(pipeline, "_stage1_distilled_in_base", False):
+        raise EmbeddingError("sglang already applied LoRAs to this pipeline's DiT (its own LoRA layers, or the HQ "
+                             "stage-1 LoRA committed into the base); build the pipeline with "
+                             "ltx2_two_stage_device_mode='original' and no --lora-path, and let the manager apply them")
+    if "transformer_2" in pipeline.modules:
+        raise EmbeddingError("the pipeline holds sglang's pre-merged stage-2 DiT (transformer_2, its resident mode); "
+                             "build it with ltx2_two_stage_device_mode='original' and use the manager's resident mode")
+    if getattr(pipeline, "_stage1_lora_path", None):
+        raise EmbeddingError(f"the pipeline has a user LoRA ({pipeline._stage1_lora_path!r}, --lora-path) that "
+                             "install() would not apply; register it with the manager (lora_spec()) instead")
     dit = pipeline.modules.get("transformer")
     weight = next(iter(manager.managed_weights.values()), None)
     if not isinstance(dit, nn.Module) or weight is None or not any(p is weight for p in dit.parameters()):
@@ -232,15 +264,21 @@ def install(pipeline: Any, manager: ResidencyManager, lora: str = "distilled") -
                              "ResidencyManager on it before install()")
     strategy = SglangResidencyStrategy(manager, lora)
     for name in DIT_COMPONENTS:
-        if name == "transformer" or name in pipeline.modules:
-            pipeline.component_residency_strategies[name] = strategy
+        pipeline.component_residency_strategies[name] = strategy
+
+    def strength(phase: str, batch: Any) -> object:
+        try:
+            return pipeline._get_stage_distilled_lora_strength(phase, batch)
+        except (TypeError, ValueError):  # sglang's float() of a request's value
+            key = f"ltx2_distilled_lora_strength_stage_{phase[-1]}"
+            raise StrengthError(f"the request's batch.extra[{key!r}] must be a number, got "
+                                f"{getattr(batch, 'extra', {}).get(key)!r}") from None
 
     def switch_lora_phase(phase: str, batch: Any = None) -> None:
-        strength_of = getattr(pipeline, "_get_stage_distilled_lora_strength", None)
-        if strength_of is None:
-            raise EmbeddingError(f"{type(pipeline).__name__} has no _get_stage_distilled_lora_strength(); "
-                                 f"install() is written for sglang {SGLANG_VERSION}'s LTX2TwoStagePipeline")
-        strategy.set_phase_strength(phase, strength_of(phase, batch))
+        # at stage 1 both phases' strengths are checked: a bad stage-2 strength fails the request
+        # before stage 1 runs, not after it
+        for each in ("stage1", "stage2") if phase == "stage1" else (phase,):
+            strategy.set_phase_strength(each, strength(each, batch))
 
     pipeline.switch_lora_phase = switch_lora_phase
     pipeline.should_skip_ltx2_lora_switch_stage = lambda: False

@@ -360,3 +360,155 @@ def test_the_documented_installation_serves_sglangs_dit(
     assert_same_outputs(got, [(p, w) for p, w in zip(("stage1", "stage2"), want, strict=True) for _ in STEPS])
     manager.close()
     reference.close()
+
+
+def test_sglangs_fused_linear_gelu_never_skips_a_dynamic_adapter(
+        sg: types.SimpleNamespace, native: Callable[[], nn.Module], tmp_path: Any,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """sglang's fused linear+GELU site reads ``ff.proj_in.weight`` instead of calling the layer (on a
+    GPU in half precision; here its CUDA-only checks are lifted and its kernel is computed on the
+    CPU): while an adapter adds to the output the wrapper's ``weight`` is None, so the site calls the
+    forward and the LoRA is applied."""
+    import torch.nn.functional as F
+    from sglang.kernels.ops.diffusion import FUSED_LINEAR_GELU
+    from sglang.multimodal_gen.runtime.models.dits import ltx_2
+
+    from ltx2_residency.testing import linear_names, save_lora, synthetic_lora
+
+    def can_use(linear: Any, x: torch.Tensor) -> bool:  # sglang's per-call check, less its CUDA-only parts
+        weight = getattr(linear, "weight", None)
+        return weight is not None and x.dtype == weight.dtype
+
+    fused = []
+    monkeypatch.setattr(ltx_2, "can_use_linear_gelu", can_use)
+    monkeypatch.setattr(ltx_2, "fused_linear_gelu_tanh",
+                        lambda x, w, b: fused.append(1) or F.gelu(F.linear(x, w, b), approximate="tanh"))
+    results = {}
+    for mounted in (False, True):
+        dit = native()
+        path = save_lora(tmp_path / "ff.safetensors",
+                         synthetic_lora(dit, [n for n in linear_names(dit) if n.endswith("ff.proj_in")], rank=4,
+                                        relative_norm=0.2))
+        if mounted:
+            FUSED_LINEAR_GELU._set_enabled(FUSED_LINEAR_GELU.iter_sites(dit), True)
+        manager = ResidencyManager(dit, "original", [LoRASpec("distilled", path=path)], "dynamic")
+        results[mounted] = native_request(manager, sglang_env.native_inputs(), 1.0)
+        manager.close()
+    assert fused, "the fused site ran (stage 1, no adapter active)"
+    assert not torch.equal(results[True][1], results[True][0])  # stage 2 has the LoRA
+    for a, b in zip(results[False], results[True], strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_a_request_sglang_never_finished_is_restored_before_the_next(
+        sg: types.SimpleNamespace, fresh_model: Callable[[], nn.Module], distilled_path: str,
+        inputs: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """sglang's finish_request stops at the first component whose hook raises: the DiT's may never
+    come. The next request (a new sglang state) restores the DiT first and runs exact."""
+    dit = fresh_model()
+    manager = ResidencyManager(dit, "original", [LoRASpec("distilled", path=distilled_path)], "merge")
+    clean = weight_bits(manager.managed_weights)
+    served = Served(sg, dit, manager)
+    finish = served.strategy.finish_request
+    monkeypatch.setattr(served.strategy, "finish_request", lambda *a, **k: None)
+    served.run(inputs)
+    assert manager.state.value != "clean"  # stage 2 still merged: sglang did not finish it
+    monkeypatch.setattr(served.strategy, "finish_request", finish)
+    assert_same_outputs(served.run(inputs), reference(fresh_model, distilled_path, "original", "merge", inputs,
+                                                      0.0, 1.0))
+    manager.synchronize()
+    assert_same_bits(clean, weight_bits(manager.managed_weights))
+    manager.close()
+
+
+def test_an_interrupt_right_after_the_request_is_entered_frees_the_dit(
+        sg: types.SimpleNamespace, fresh_model: Callable[[], nn.Module], distilled_path: str,
+        inputs: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    from ltx2_residency import RequestScope
+
+    dit = fresh_model()
+    manager = ResidencyManager(dit, "original", [LoRASpec("distilled", path=distilled_path)], "merge")
+    clean = weight_bits(manager.managed_weights)
+    served = Served(sg, dit, manager)
+    enter = RequestScope.__enter__
+    cuts = [True]
+
+    def cut(self: Any) -> Any:
+        req = enter(self)
+        if cuts:
+            cuts.pop()
+            raise KeyboardInterrupt  # after the DiT is owned, before the strategy keeps the request
+        return req
+
+    monkeypatch.setattr(RequestScope, "__enter__", cut)
+    with pytest.raises(KeyboardInterrupt):
+        served.run(inputs)
+    manager.synchronize()  # the DiT is free again (it would raise "already owns the DiT")
+    assert_same_bits(clean, weight_bits(manager.managed_weights))
+    assert_same_outputs(served.run(inputs), reference(fresh_model, distilled_path, "original", "merge", inputs,
+                                                      0.0, 1.0))
+    manager.close()
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -1.0, "abc"])
+def test_a_bad_stage2_strength_fails_the_request_before_stage1_runs(
+        sg: types.SimpleNamespace, fresh_model: Callable[[], nn.Module], distilled_path: str,
+        inputs: dict[str, Any], bad: object) -> None:
+    from ltx2_residency import StrengthError
+
+    dit = fresh_model()
+    manager = ResidencyManager(dit, "original", [LoRASpec("distilled", path=distilled_path)], "merge")
+    clean = weight_bits(manager.managed_weights)
+    served = Served(sg, dit, manager)
+    with pytest.raises(StrengthError, match="stage"):
+        served.run(inputs, ltx2_distilled_lora_strength_stage_2=bad)
+    assert served.outputs == []  # no DiT call ran
+    manager.synchronize()
+    assert_same_bits(clean, weight_bits(manager.managed_weights))
+    manager.close()
+
+
+@pytest.mark.parametrize(("attr", "value", "message"), [
+    ("lora_initialized", True, "already applied LoRAs"),
+    ("_stage1_distilled_in_base", True, "already applied LoRAs"),
+    ("_stage1_lora_path", "user.safetensors", "user LoRA"),
+])
+def test_install_refuses_a_pipeline_whose_dit_sglang_already_changed(
+        sg: types.SimpleNamespace, fresh_model: Callable[[], nn.Module], distilled_path: str,
+        attr: str, value: object, message: str) -> None:
+    from ltx2_residency.integrations.sglang import install
+
+    dit = fresh_model()
+    manager = ResidencyManager(dit, "original", [LoRASpec("distilled", path=distilled_path)], "merge")
+    pipe = object.__new__(sg.LTX2TwoStagePipeline)
+    pipe.modules, pipe.component_residency_strategies = {"transformer": dit}, {}
+    setattr(pipe, attr, value)
+    with pytest.raises(EmbeddingError, match=message):
+        install(pipe, manager)
+    pipe2 = object.__new__(sg.LTX2TwoStagePipeline)
+    pipe2.modules, pipe2.component_residency_strategies = {"transformer": dit, "transformer_2": fresh_model()}, {}
+    with pytest.raises(EmbeddingError, match="transformer_2"):
+        install(pipe2, manager)
+    assert pipe.component_residency_strategies == {} and pipe2.component_residency_strategies == {}
+    manager.close()
+
+
+def test_lora_spec_refuses_two_keys_for_one_factor_and_takes_peft_names(tmp_path: Any, sg: types.SimpleNamespace,
+                                                                        native: Callable[[], nn.Module]) -> None:
+    from safetensors.torch import save_file
+
+    from ltx2_residency.integrations.sglang import lora_spec
+
+    a, b = torch.randn(4, 64), torch.randn(64, 4)
+    save_file({"diffusion_model.transformer_blocks.0.attn1.to_q.lora_down.weight": a,
+               "transformer_blocks.0.attn1.to_q.lora_A.weight": a.clone(),
+               "transformer_blocks.0.attn1.to_q.lora_B.weight": b}, str(tmp_path / "twice.safetensors"))
+    with pytest.raises(LoRAKeyError, match="two keys"):
+        lora_spec("twice", tmp_path / "twice.safetensors")
+    save_file({"base_model.model.transformer_blocks.0.attn1.to_q.lora_A.default.weight": a,
+               "base_model.model.transformer_blocks.0.attn1.to_q.lora_B.default.weight": b,
+               "base_model.model.transformer_blocks.0.attn1.to_q.lora_alpha": torch.tensor(8.0)},
+              str(tmp_path / "peft.safetensors"))
+    spec = lora_spec("peft", tmp_path / "peft.safetensors")
+    q = "transformer_blocks.0.attn1.to_q"
+    assert sorted(spec.tensors) == [f"{q}.alpha", f"{q}.lora_A.weight", f"{q}.lora_B.weight"]
