@@ -251,9 +251,6 @@ def install(pipeline: Any, manager: ResidencyManager, lora: str = "distilled") -
         raise EmbeddingError("sglang already applied LoRAs to this pipeline's DiT (its own LoRA layers, or the HQ "
                              "stage-1 LoRA committed into the base); build the pipeline with "
                              "ltx2_two_stage_device_mode='original' and no --lora-path, and let the manager apply them")
-    if "transformer_2" in pipeline.modules:
-        raise EmbeddingError("the pipeline holds sglang's pre-merged stage-2 DiT (transformer_2, its resident mode); "
-                             "build it with ltx2_two_stage_device_mode='original' and use the manager's resident mode")
     if getattr(pipeline, "_stage1_lora_path", None):
         raise EmbeddingError(f"the pipeline has a user LoRA ({pipeline._stage1_lora_path!r}, --lora-path) that "
                              "install() would not apply; register it with the manager (lora_spec()) instead")

@@ -64,11 +64,14 @@ class Served:
     """A sglang LTX2TwoStagePipeline around the tiny DiT (built as sglang builds it, less the
     checkpoint loading), the manager installed, and sglang's residency manager and executor."""
 
-    def __init__(self, sg: types.SimpleNamespace, dit: nn.Module, manager: ResidencyManager | None) -> None:
+    def __init__(self, sg: types.SimpleNamespace, dit: nn.Module, manager: ResidencyManager | None,
+                 transformer_2: nn.Module | None = None) -> None:
         self.sg, self.dit, self.manager = sg, dit, manager
         self.args = args = sglang_env.server_args(sg)
         pipe = object.__new__(sg.LTX2TwoStagePipeline)  # its __init__ loads a checkpoint
         pipe.server_args, pipe.modules, pipe.memory_usages = args, {"transformer": dit}, {}
+        if transformer_2 is not None:  # sglang's own pre-merged stage-2 DiT (its resident layout)
+            pipe.modules["transformer_2"] = transformer_2
         pipe._stages, pipe._stage_name_mapping, pipe.component_residency_strategies = [], {}, {}
         self.pipe = pipe
         if manager is not None:  # else the test installs it
@@ -80,7 +83,7 @@ class Served:
                 ("LTX2AVDenoisingStage", first(transformer=dit, scheduler=scheduler, vae=None, audio_vae=None,
                                                pipeline=pipe)),
                 ("ltx2_lora_switch_stage2", sg.stages.LTX2LoRASwitchStage(pipeline=pipe, phase="stage2")),
-                ("LTX2RefinementStage", second(transformer=dit, scheduler=scheduler,
+                ("LTX2RefinementStage", second(transformer=transformer_2 or dit, scheduler=scheduler,
                                                distilled_sigmas=[0.9, 0.7, 0.0], pipeline=pipe))):
             stage.set_registered_stage_name(name)
             pipe._stage_name_mapping[name] = stage
@@ -485,11 +488,7 @@ def test_install_refuses_a_pipeline_whose_dit_sglang_already_changed(
     setattr(pipe, attr, value)
     with pytest.raises(EmbeddingError, match=message):
         install(pipe, manager)
-    pipe2 = object.__new__(sg.LTX2TwoStagePipeline)
-    pipe2.modules, pipe2.component_residency_strategies = {"transformer": dit, "transformer_2": fresh_model()}, {}
-    with pytest.raises(EmbeddingError, match="transformer_2"):
-        install(pipe2, manager)
-    assert pipe.component_residency_strategies == {} and pipe2.component_residency_strategies == {}
+    assert pipe.component_residency_strategies == {}
     manager.close()
 
 
@@ -512,3 +511,20 @@ def test_lora_spec_refuses_two_keys_for_one_factor_and_takes_peft_names(tmp_path
     spec = lora_spec("peft", tmp_path / "peft.safetensors")
     q = "transformer_blocks.0.attn1.to_q"
     assert sorted(spec.tensors) == [f"{q}.alpha", f"{q}.lora_A.weight", f"{q}.lora_B.weight"]
+
+
+@pytest.mark.parametrize("mode", ["original", "resident"])
+def test_a_pipeline_laid_out_with_sglangs_transformer_2_runs_the_managers_dit(
+        sg: types.SimpleNamespace, fresh_model: Callable[[], nn.Module], distilled_path: str,
+        inputs: dict[str, Any], mode: str) -> None:
+    """sglang's resident layout gives the refinement stage its own ``transformer_2``: the strategy
+    serves it too, binds the stage to the manager's DiT for stage 2 and back to its own after."""
+    dit, own_stage2 = fresh_model(), fresh_model()
+    manager = ResidencyManager(dit, mode, [LoRASpec("distilled", path=distilled_path)], "merge")
+    clean = weight_bits(manager.managed_weights)
+    served = Served(sg, dit, manager, transformer_2=own_stage2)
+    assert_same_outputs(served.run(inputs), reference(fresh_model, distilled_path, mode, "merge", inputs, 0.0, 1.0))
+    assert served.pipe.get_stage("LTX2RefinementStage").transformer is own_stage2
+    manager.synchronize()
+    assert_same_bits(clean, weight_bits(manager.managed_weights))
+    manager.close()
