@@ -99,8 +99,19 @@ def load() -> types.SimpleNamespace:
     """sglang's modules the tests drive (a skip, with the reason, when sglang is not installed)."""
     if importlib.util.find_spec("sglang") is None:
         pytest.skip("sglang is not installed (make test installs tests/requirements-sglang.txt)")
-    if not any(isinstance(f, _StandIns) for f in sys.meta_path):
-        sys.meta_path.insert(0, _StandIns({n for n in STAND_INS if not _loadable(n)}))
+    finder = _StandIns({n for n in STAND_INS if not _loadable(n)})
+    sys.meta_path.insert(0, finder)
+    try:
+        return _import_sglang()
+    finally:
+        # the stand-ins serve sglang's imports only: the rest of the session (matplotlib looks
+        # for IPython, transformers for torchvision) must find them absent, as they are
+        sys.meta_path.remove(finder)
+        for name in [m for m in sys.modules if m.split(".")[0] in finder.roots]:
+            del sys.modules[name]
+
+
+def _import_sglang() -> types.SimpleNamespace:
     from sglang.multimodal_gen.configs.pipeline_configs.ltx_2 import LTX2PipelineConfig
     from sglang.multimodal_gen.configs.sample.sampling_params import SamplingParams
     from sglang.multimodal_gen.runtime.managers.memory_managers.component_manager import ComponentResidencyManager
