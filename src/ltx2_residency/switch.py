@@ -7,6 +7,7 @@ when the undo itself fails); the request's end undoes what its phases applied an
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 from torch import nn
 
@@ -34,6 +35,8 @@ class PhaseSwitch:
         self.costs: CostModel | None = None  # merge_policy="auto" only: built at first use
         self._priced: MixCost | None = None  # the mix the last decision priced (None: the model's own)
         self._merged: MixCost | None = None  # the mix of the last merge observed (its undo's)
+        # adapter, true rank -> (the targets it was read from, its layers' costs): see _layer_costs
+        self._layer_cost_cache: dict[tuple[str, bool], tuple[list[Any], list[tuple[int, int, int, float]]]] = {}
 
     def enter_phase(self, req: Request, phase: Phase, overrides: Mapping[str, float] | None,
                     work: PhaseWork | None = None) -> nn.Module:
@@ -132,17 +135,27 @@ class PhaseSwitch:
         own = [n for n in ad.names if n not in ad.slots]
         if not live or (sorted(live) == sorted(own) and not ad.slots):
             return None
-        merged = [(t.weight.shape[0], t.weight.shape[1], t.lora_A.shape[0], ltx2_token_share(t.name))
-                  for n in live for t in ad.targets(n)]
+        merged = [c for n in live for c in self._layer_costs(n, true_rank=False)]
         if is_compiled(self.mode.base.module):  # the graph computes every adapter of an adapted layer
-            dynamic = [(t.weight.shape[0], t.weight.shape[1], t.lora_A.shape[0], ltx2_token_share(t.name))
-                       for n in ad.names for t in ad.targets(n)] or merged
+            dynamic = [c for n in ad.names for c in self._layer_costs(n, true_rank=False)] or merged
         else:  # the eager forward runs each live LoRA at its own rank (a slot's leading rows)
-            dynamic = [(t.weight.shape[0], t.weight.shape[1], int(ad.layers[t.name].r[n]), ltx2_token_share(t.name))
-                       for n in live for t in ad.targets(n)]
+            dynamic = [c for n in live for c in self._layer_costs(n, true_rank=True)]
         if not merged:
             return None
         return MixCost(AdapterCost.of(merged), AdapterCost.of(dynamic))
+
+    def _layer_costs(self, name: str, true_rank: bool) -> list[tuple[int, int, int, float]]:
+        """``(out, in, rank, token share)`` of each layer adapter ``name`` covers, at its tensors' rank
+        or (``true_rank``) the rank of the LoRA it holds. Kept per adapter until its targets are
+        rebuilt (a slot written anew), so a decision does not walk every layer again."""
+        ad = self.executor.adapters
+        targets = ad.targets(name)
+        hit = self._layer_cost_cache.get((name, true_rank))
+        if hit is None or hit[0] is not targets:
+            costs = [(t.weight.shape[0], t.weight.shape[1], int(ad.layers[t.name].r[name]) if true_rank
+                      else t.lora_A.shape[0], ltx2_token_share(t.name)) for t in targets]
+            hit = self._layer_cost_cache[(name, true_rank)] = (targets, costs)
+        return hit[1]
 
     def cost_model(self) -> CostModel | None:
         """The auto policy's cost model (built at first use: it probes the device), free memory now."""

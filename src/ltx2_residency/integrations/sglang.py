@@ -66,18 +66,18 @@ class SglangLoRALinear(PeftLoRALinear):
         """The base weight; ``None`` while an adapter adds to the output. sglang's fused sites
         (linear + GELU in the feed-forward) read a linear's ``weight`` in place of calling it and
         check it per call: ``None`` sends them to the forward, which adds the adapters."""
-        if self.disable_adapters or self.merged or not any(n in self.lora_A for n in self.active_adapters):
-            return self.get_base_layer().weight
-        return None
+        return None if self._adding() else self.get_base_layer().weight
+
+    def _adding(self) -> list[str]:
+        """The adapters this layer's forward adds to the base's output now."""
+        if self.disable_adapters or self.merged:
+            return []
+        return [n for n in self.active_adapters if n in self.lora_A]
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, Any]:
         result, bias = self.base_layer(x, *args, **kwargs)
-        if self.disable_adapters or self.merged:
-            return result, bias
         dtype = result.dtype
-        for name in self.active_adapters:
-            if name not in self.lora_A:
-                continue
+        for name in self._adding():
             lora_a, lora_b = self.lora_A[name], self.lora_B[name]
             h = self._cast_input_dtype(x, lora_a.weight.dtype)
             result = result + lora_b(lora_a(self.lora_dropout[name](h))) * self.scaling[name]
@@ -124,8 +124,8 @@ def lora_spec(name: str, path: str | os.PathLike[str], strengths: Mapping[str, f
             raise LoRAKeyError(f"LoRA {name!r}: key {key!r} in {os.fspath(path)!r} is not a LoRA factor "
                                "(<module>.lora_A.weight, .lora_B.weight, .lora_down.weight, .lora_up.weight or "
                                ".alpha)")
-        part = match["part"]
-        part = _FACTORS.get(part, part if not part.startswith("lora_") else f"{part[:6]}.weight")  # PEFT's .default.
+        part = match["part"]  # lora_down/lora_up/lora_alpha renamed; PEFT's lora_A.<adapter>.weight -> lora_A.weight
+        part = _FACTORS.get(part) or (f"{part[:6]}.weight" if part.startswith("lora_") else part)
         renamed = f"{sglang_module_name(match['module'])}.{part}"
         if renamed in tensors:
             raise LoRAKeyError(f"LoRA {name!r}: {os.fspath(path)!r} has two keys for {renamed!r} (e.g. {key!r}); "

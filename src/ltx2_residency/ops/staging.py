@@ -34,16 +34,6 @@ class Staging:
         self.used = 0  # staged LoRAs a bind took
         self.bytes_staged = 0
 
-    @property
-    def enabled(self) -> bool:
-        return self._stream is not None
-
-    @property
-    def nbytes(self) -> int:
-        """Device bytes the staged LoRA takes now (0 when none)."""
-        staged = self._staged
-        return 0 if staged is None else staged[2].nbytes
-
     def offer(self, uid: int, holder: int, lora: LoadedLoRA) -> bool:
         """Start copying ``lora`` (registry entry ``uid``, for admission ``holder``) to the device,
         unless another LoRA is in flight. Returns whether it was staged."""

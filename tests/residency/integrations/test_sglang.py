@@ -124,6 +124,20 @@ def reference(fresh_model: Callable[[], nn.Module], distilled_path: str, mode: s
     return out
 
 
+def assert_clean(manager: ResidencyManager, clean: dict[str, torch.Tensor]) -> None:
+    """Between requests: the DiT settled and bit for bit as it was given."""
+    manager.synchronize()
+    assert_same_bits(clean, weight_bits(manager.managed_weights))
+
+
+def native_lora_file(dit: nn.Module, path: Any, names: list[str] | None = None, relative_norm: float = 0.10) -> str:
+    """A rank-4 LoRA file on ``names`` (default: every block linear) of sglang's native DiT."""
+    from ltx2_residency.testing import linear_names, save_lora, synthetic_lora
+
+    return save_lora(path, synthetic_lora(dit, linear_names(dit) if names is None else names, rank=4,
+                                          relative_norm=relative_norm))
+
+
 def assert_same_outputs(got: list[tuple[str, torch.Tensor]], want: list[tuple[str, torch.Tensor]]) -> None:
     assert [p for p, _ in got] == [p for p, _ in want]
     for (phase, g), (_, w) in zip(got, want, strict=True):
@@ -142,12 +156,10 @@ def test_sglang_runs_the_managers_request_bit_for_bit_and_leaves_the_dit_clean(
     # sglang's defaults for the two-stage pipeline (stage 1 0.0, stage 2 1.0), then a request's own
     default = served.run(inputs)
     assert_same_outputs(default, reference(fresh_model, distilled_path, mode, policy, inputs, 0.0, 1.0))
-    manager.synchronize()
-    assert_same_bits(clean, weight_bits(manager.managed_weights))
+    assert_clean(manager, clean)
     chosen = served.run(inputs, ltx2_distilled_lora_strength_stage_2=0.6)
     assert_same_outputs(chosen, reference(fresh_model, distilled_path, mode, policy, inputs, 0.0, 0.6))
-    manager.synchronize()
-    assert_same_bits(clean, weight_bits(manager.managed_weights))
+    assert_clean(manager, clean)
     refinement = served.pipe.get_stage("LTX2RefinementStage")
     assert refinement.transformer is dit  # bound back after the request (resident: it ran the copy)
     manager.close()
@@ -163,8 +175,7 @@ def test_a_stage_that_fails_leaves_the_dit_clean_and_the_next_request_exact(
     served = Served(sg, dit, manager)
     with pytest.raises(StageFailure):
         served.run(inputs, fail=failing)
-    manager.synchronize()
-    assert_same_bits(clean, weight_bits(manager.managed_weights))
+    assert_clean(manager, clean)
     assert_same_outputs(served.run(inputs), reference(fresh_model, distilled_path, "original", "merge", inputs,
                                                       0.0, 1.0))
     manager.close()
@@ -237,12 +248,12 @@ def test_the_manager_takes_sglangs_own_linear_layers(
     copies it (sharing its process groups), and the DiT is clean after."""
     from sglang.multimodal_gen.runtime.layers.linear import LinearBase
 
-    from ltx2_residency.testing import linear_names, save_lora, synthetic_lora
+    from ltx2_residency.testing import linear_names
 
     dit = native()
     names = linear_names(dit)
     assert names and all(isinstance(dit.get_submodule(n), LinearBase) for n in names)
-    path = save_lora(tmp_path / "distilled.safetensors", synthetic_lora(dit, names, rank=4, relative_norm=0.10))
+    path = native_lora_file(dit, tmp_path / "distilled.safetensors", names)
     inputs = sglang_env.native_inputs()
     with torch.no_grad(), sglang_env.forward_context():
         base = dit(**inputs)[0]
@@ -254,19 +265,16 @@ def test_the_manager_takes_sglangs_own_linear_layers(
     want = native_request(reference, inputs, 0.7)[1]
     assert not torch.equal(stage2, base)
     torch.testing.assert_close(stage2, want, rtol=1e-4, atol=1e-5)  # merged vs added: float32 roundings
-    manager.synchronize()
-    assert_same_bits(clean, weight_bits(manager.managed_weights))
+    assert_clean(manager, clean)
     manager.close()
     reference.close()
 
 
 def test_sglang_serves_its_own_dit_through_the_manager(
         sg: types.SimpleNamespace, native: Callable[[], nn.Module], tmp_path: Any) -> None:
-    from ltx2_residency.testing import linear_names, save_lora, synthetic_lora
 
     dit = native()
-    path = save_lora(tmp_path / "distilled.safetensors", synthetic_lora(dit, linear_names(dit), rank=4,
-                                                                       relative_norm=0.10))
+    path = native_lora_file(dit, tmp_path / "distilled.safetensors")
     manager = ResidencyManager(dit, "original", [LoRASpec("distilled", path=path)], "merge")
     clean = weight_bits(manager.managed_weights)
     served = Served(sg, dit, manager)
@@ -277,8 +285,7 @@ def test_sglang_serves_its_own_dit_through_the_manager(
     with sglang_env.forward_context():
         want = native_request(reference, inputs, 0.8)
     assert_same_outputs(got, [(p, w) for p, w in zip(("stage1", "stage2"), want, strict=True) for _ in STEPS])
-    manager.synchronize()
-    assert_same_bits(clean, weight_bits(manager.managed_weights))
+    assert_clean(manager, clean)
     manager.close()
     reference.close()
 
@@ -376,7 +383,7 @@ def test_sglangs_fused_linear_gelu_never_skips_a_dynamic_adapter(
     from sglang.kernels.ops.diffusion import FUSED_LINEAR_GELU
     from sglang.multimodal_gen.runtime.models.dits import ltx_2
 
-    from ltx2_residency.testing import linear_names, save_lora, synthetic_lora
+    from ltx2_residency.testing import linear_names
 
     def can_use(linear: Any, x: torch.Tensor) -> bool:  # sglang's per-call check, less its CUDA-only parts
         weight = getattr(linear, "weight", None)
@@ -389,9 +396,8 @@ def test_sglangs_fused_linear_gelu_never_skips_a_dynamic_adapter(
     results = {}
     for mounted in (False, True):
         dit = native()
-        path = save_lora(tmp_path / "ff.safetensors",
-                         synthetic_lora(dit, [n for n in linear_names(dit) if n.endswith("ff.proj_in")], rank=4,
-                                        relative_norm=0.2))
+        path = native_lora_file(dit, tmp_path / "ff.safetensors",
+                                [n for n in linear_names(dit) if n.endswith("ff.proj_in")], relative_norm=0.2)
         if mounted:
             FUSED_LINEAR_GELU._set_enabled(FUSED_LINEAR_GELU.iter_sites(dit), True)
         manager = ResidencyManager(dit, "original", [LoRASpec("distilled", path=path)], "dynamic")
@@ -419,8 +425,7 @@ def test_a_request_sglang_never_finished_is_restored_before_the_next(
     monkeypatch.setattr(served.strategy, "finish_request", finish)
     assert_same_outputs(served.run(inputs), reference(fresh_model, distilled_path, "original", "merge", inputs,
                                                       0.0, 1.0))
-    manager.synchronize()
-    assert_same_bits(clean, weight_bits(manager.managed_weights))
+    assert_clean(manager, clean)
     manager.close()
 
 
@@ -446,8 +451,7 @@ def test_an_interrupt_right_after_the_request_is_entered_frees_the_dit(
     monkeypatch.setattr(RequestScope, "__enter__", cut)
     with pytest.raises(KeyboardInterrupt):
         served.run(inputs)
-    manager.synchronize()  # the DiT is free again (it would raise "already owns the DiT")
-    assert_same_bits(clean, weight_bits(manager.managed_weights))
+    assert_clean(manager, clean)  # and free again: synchronize() would raise "already owns the DiT"
     assert_same_outputs(served.run(inputs), reference(fresh_model, distilled_path, "original", "merge", inputs,
                                                       0.0, 1.0))
     manager.close()
@@ -466,8 +470,7 @@ def test_a_bad_stage2_strength_fails_the_request_before_stage1_runs(
     with pytest.raises(StrengthError, match="stage"):
         served.run(inputs, ltx2_distilled_lora_strength_stage_2=bad)
     assert served.outputs == []  # no DiT call ran
-    manager.synchronize()
-    assert_same_bits(clean, weight_bits(manager.managed_weights))
+    assert_clean(manager, clean)
     manager.close()
 
 
@@ -525,6 +528,5 @@ def test_a_pipeline_laid_out_with_sglangs_transformer_2_runs_the_managers_dit(
     served = Served(sg, dit, manager, transformer_2=own_stage2)
     assert_same_outputs(served.run(inputs), reference(fresh_model, distilled_path, mode, "merge", inputs, 0.0, 1.0))
     assert served.pipe.get_stage("LTX2RefinementStage").transformer is own_stage2
-    manager.synchronize()
-    assert_same_bits(clean, weight_bits(manager.managed_weights))
+    assert_clean(manager, clean)
     manager.close()
