@@ -150,7 +150,9 @@ def full_preset(device: str | torch.device = "cuda", dtype: torch.dtype = torch.
     dit = built["transformer"]
     lora = {} if device.type == "meta" else testing.synthetic_lora(
         dit, testing.linear_names(dit), rank=lora_rank, relative_norm=relative_norm, seed=seed + 100, dtype=dtype)
-    return components, lora
+    # made on the device (fast), kept on the host: the manager places its own copy where the DiT is,
+    # and a second device copy of a rank-384 LoRA is 7 GiB a compiled pipeline on an 80 GB card lacks
+    return components, {key: t.cpu() for key, t in lora.items()}
 
 
 def save_components(components: dict[str, Any], path: str | os.PathLike[str]) -> Path:

@@ -33,20 +33,21 @@ def tiny_transformer(seed: int = 0, dtype: torch.dtype = torch.bfloat16,
 def tiny_inputs(model: LTX2VideoTransformer3DModel, seed: int = 0, frames: int = 2,
                 height: int = 4, width: int = 4, text_tokens: int = 8,
                 audio_frames: int = 4) -> dict[str, Any]:
-    """Seeded forward kwargs for ``model`` (video, audio and text tokens at tiny sizes)."""
+    """Seeded forward kwargs for ``model`` (video, audio and text tokens at tiny sizes), on its device."""
     cfg = model.config
-    dtype = next(model.parameters()).dtype
-    gen = torch.Generator().manual_seed(seed)
+    weight = next(model.parameters())
+    dtype, device = weight.dtype, weight.device
+    gen = torch.Generator().manual_seed(seed)  # drawn on the host: the same inputs on every device
 
     def rand(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=gen).to(dtype)
+        return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
 
     return dict(
         hidden_states=rand(1, frames * height * width, cfg.in_channels),
         audio_hidden_states=rand(1, audio_frames, cfg.audio_in_channels),
         encoder_hidden_states=rand(1, text_tokens, cfg.caption_channels),
         audio_encoder_hidden_states=rand(1, text_tokens, cfg.caption_channels),
-        timestep=torch.tensor([500.0]),
+        timestep=torch.tensor([500.0], device=device),
         num_frames=frames, height=height, width=width, audio_num_frames=audio_frames,
         return_dict=False,
     )
