@@ -9,6 +9,7 @@ keeps working.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 
 class ResidencyError(Exception):
@@ -150,3 +151,32 @@ class EmbeddingError(ConfigError):
 
 class LoRACacheError(ConfigError):
     """A request needs more added LoRAs on the device at once than the device LoRA cache has slots for."""
+
+
+class CollectiveError(ResidencyError, RuntimeError):
+    """The ranks of the manager's process group could not act together (``process_group=``)."""
+
+
+class PeerFailedError(CollectiveError):
+    """Another rank failed or refused a step, and this rank did the same (refused, rolled back or
+    quarantined) so that every rank stays in step. ``ranks``: the ranks that failed; ``kind`` and
+    ``reason``: the first one's error. Also an instance of that error's class when it is one of
+    ``ltx2_residency``'s (``except LoRAValidationError`` catches a peer's refusal on every rank)."""
+
+    def __init__(self, message: str, ranks: list[int] | None = None, kind: str = "", reason: str = "") -> None:
+        Exception.__init__(self, message)
+        self.ranks = list(ranks or [])
+        self.kind = kind
+        self.reason = reason
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return type(self), (str(self), self.ranks, self.kind, self.reason)
+
+
+class CollectiveTimeoutError(CollectiveError, TimeoutError):
+    """Another rank did not answer a step within ``ManagerOptions.collective_timeout``."""
+
+
+class RankMismatchError(CollectiveError):
+    """Ranks that must agree do not: built with other LoRAs or modes, out of step (different manager
+    calls), or their replicated weights' fingerprints differ."""

@@ -43,6 +43,7 @@ class Executor:
         self.weights = dict(weights)  # the managed weights (adapters.base_weights())
         self.fingerprints = FingerprintPlan(self.weights)
         self.clean: Fingerprint = self.fingerprints.compute()
+        self.verified: Fingerprint = self.clean  # the last fingerprint found clean (ranks compare it)
         self.clean_source = clean_source
         self.side_stream = side_stream
         self.faults = faults
@@ -167,6 +168,7 @@ class Executor:
         if differing:
             self.quarantine_if_possible()
             raise DirtyWeightsError(differing, len(self.clean))
+        self.verified = now
 
     def repair_quarantined(self) -> None:
         try:

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from .collective import Verdict
 from .domain import WeightState
 from .errors import ManagerClosedError, QuarantinedError, RequestStateError
 from .executor import Executor
+from .lockstep import Peers, Solo, digest_mismatch, replicated_digest
 from .lora_cache import Admission, LoRACache
 from .ownership import Holding, Ownership
 from .request import Request
@@ -23,8 +25,11 @@ from .switch import PhaseSwitch
 class RequestGate:
     """The DiT's one door: ownership, the open request, and whether the manager is closed."""
 
-    def __init__(self, executor: Executor, switch: PhaseSwitch, cache: LoRACache) -> None:
+    def __init__(self, executor: Executor, switch: PhaseSwitch, cache: LoRACache, peers: Peers | None = None,
+                 replicated: frozenset[str] = frozenset()) -> None:
         self.executor = executor
+        self.peers: Peers = peers if peers is not None else Solo()
+        self.replicated = replicated  # the managed weights every rank holds whole (compared across ranks)
         self.switch = switch
         self.cache = cache
         self.ownership = Ownership()
@@ -43,7 +48,17 @@ class RequestGate:
         self.cache.admit(admission)
 
     def open_request(self, timeout: float | None, admission: Admission) -> Request:
-        """The request scope's entry: its ``ExitStack`` already holds the release and the close."""
+        """The request scope's entry: its ``ExitStack`` already holds the release and the close.
+        With several ranks the request opens on every rank or on none (a quarantined rank
+        quarantines every rank)."""
+        ex = self.executor
+        req, _ = self.peers.step("open", lambda: self._open(timeout, admission),
+                                 quarantined=lambda: ex.state is WeightState.QUARANTINED,
+                                 digest=self.verified_digest, undo=self._refuse_opened)
+        req.in_step = True
+        return req
+
+    def _open(self, timeout: float | None, admission: Admission) -> Request:
         self.refuse_if_closed("request()")
         self.ownership.acquire(timeout, "request()")
         self.refuse_if_closed("request()")  # closed while this request waited: the model was given back
@@ -55,13 +70,32 @@ class RequestGate:
         req.lora_sources = dict(admission.sources)
         return req
 
+    def _refuse_opened(self, req: Request | None, error: BaseException, verdicts: list[Verdict]) -> None:
+        """Another rank could not open the request this rank opened: refused here too (the scope's
+        exit releases the DiT); a quarantined rank, or other verified weights, quarantine this one."""
+        if any(v.quarantined for v in verdicts) or digest_mismatch(verdicts):
+            self.executor.quarantine_if_possible()
+
+    def verified_digest(self) -> str:
+        """The digest of the last verified fingerprint of the weights every rank holds whole."""
+        ex = self.executor
+        return replicated_digest(ex.verified, self.replicated) if self.peers.size > 1 else ""
+
     def close_request(self, interrupted: BaseException | None) -> None:
-        """The request scope's exit (run twice, see ``RequestScope``): restore, verify, close."""
+        """The request scope's exit (run twice, see ``RequestScope``): restore, verify, close.
+        With several ranks, every rank's end is compared (see :meth:`Lockstep.finish`)."""
         req = self.request
         if req is None:
             return
+        ex = self.executor
         try:
-            self.switch.finish(req)
+            if req.in_step:
+                req.in_step = False  # compared once: a second close (see RequestScope) finishes here only
+                self.peers.finish(lambda: self.switch.finish(req),
+                                  quarantined=lambda: ex.state is WeightState.QUARANTINED,
+                                  digest=self.verified_digest, quarantine=ex.quarantine_if_possible)
+            else:
+                self.switch.finish(req)
         except Exception as exc:
             if interrupted is None or isinstance(interrupted, Exception):
                 raise

@@ -10,6 +10,8 @@ PEFT layer adds the dynamic adapters in its forward. A subclass of ``nn.Linear``
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from torch import nn
 
 #: Linear-like module types besides ``nn.Linear`` -> the PEFT LoRA layer class for them.
@@ -29,3 +31,14 @@ def is_linear(module: nn.Module) -> bool:
 def tensor_parallel_size(module: nn.Module) -> int:
     """The tensor-parallel degree a registered layer was sharded with (1: the whole weight here)."""
     return int(getattr(module, "tp_size", 1) or 1)
+
+
+def is_sharded(weight: object) -> bool:
+    """Whether ``weight`` is a DTensor split across ranks (a tensor-parallel or FSDP2 shard)."""
+    placements = getattr(weight, "placements", None)
+    return placements is not None and any(not p.is_replicate() for p in placements)
+
+
+def replicated_weights(weights: Mapping[str, object]) -> frozenset[str]:
+    """The names of ``weights`` every rank holds whole (not sharded)."""
+    return frozenset(name for name, w in weights.items() if not is_sharded(w))

@@ -10,6 +10,7 @@ It decides nothing itself.
 from __future__ import annotations
 
 import contextlib
+import json
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -19,11 +20,13 @@ from torch import nn
 
 from .compiled import CompileSpec, compile_dit, is_compiled, refuse_wrapper, spec_of
 from .domain import MergePolicyName, Phase, ResidencyMode, WeightState
-from .errors import CompiledModuleError, ConfigError, DirtyWeightsError
+from .errors import CompiledModuleError, ConfigError, DirtyWeightsError, RankMismatchError
 from .executor import build_executor
 from .faults import NO_FAULTS
 from .gate import RequestGate
 from .guard import DiTGuard, claim, unclaim
+from .linears import replicated_weights
+from .lockstep import digest_mismatch, peers
 from .lora import LoadedLoRA, LoRASpec, validate_all
 from .lora_cache import LoRACache, managed_layers, slot_names
 from .machine import WeightMachine
@@ -63,14 +66,43 @@ class ResidencyManager:
 
     def __init__(self, transformer: nn.Module, mode: ResidencyMode | str = "original",
                  loras: Sequence[LoRASpec] = (), merge_policy: MergePolicyName | str = "sglang", *,
-                 options: ManagerOptions | None = None, **keywords: Any) -> None:
+                 options: ManagerOptions | None = None, process_group: Any = None, **keywords: Any) -> None:
+        try:
+            self.options = with_legacy_keywords(options, keywords)
+            refused: BaseException | None = None
+        except BaseException as exc:  # told to the other ranks at the first step, then raised
+            self.options, refused = ManagerOptions(), exc
+        # the host engine's process group (never made or destroyed here): every step in lock-step
+        self._peers = peers(process_group, self.options.collective_timeout)
+        self._guard: DiTGuard | None = None
+        self._adapters: PeftAdapters | None = None
+        self._claimed = False
+        _, verdicts = self._peers.step(
+            "build", lambda: self._configure(refused, transformer, mode, loras, merge_policy),
+            choice=lambda config: json.dumps(config, sort_keys=True))
+        if verdicts:
+            self._agree_config(verdicts)
+        _, verdicts = self._peers.step("built", self._build_here, digest=self._built_digest,
+                                       undo=lambda *_: self._give_back())
+        mismatch = digest_mismatch(verdicts)
+        if mismatch:
+            self._give_back()
+            raise RankMismatchError(f"{mismatch}: load the same checkpoint on every rank; every rank gave its "
+                                    "model back")
+
+    def _configure(self, refused: BaseException | None, transformer: nn.Module, mode: ResidencyMode | str,
+                   loras: Sequence[LoRASpec], merge_policy: MergePolicyName | str) -> dict[str, Any]:
+        """Everything checked and decided before the first change to the model; returns what every
+        rank must agree on."""
+        if refused is not None:
+            raise refused
         refuse_wrapper(transformer)
         if not isinstance(transformer, nn.Module):
             raise ConfigError(f"transformer must be a torch.nn.Module, got {type(transformer).__name__}")
-        self.options = with_legacy_keywords(options, keywords)
         asked, specs, policy = checked_arguments(mode, loras, merge_policy)
         self.transformer = transformer
         self._specs = {s.name: s for s in specs}  # the LoRAs the manager was built with
+        self._policy = policy
         self.trace = Trace(self.options.trace_maxlen)
         # everything is validated before the first mutation (PEFT injection wraps modules)
         self._loaded: list[LoadedLoRA] = validate_all(list(specs), transformer)
@@ -79,15 +111,39 @@ class ResidencyManager:
                                                 [transformer.get_submodule(n).weight for n in self._managed])
         self.mode, self.mode_reason = self._resolve(asked)
         self._check_compiled()  # before the stage-2 copy is made
-        claim(transformer, self)  # one model, one manager: refused before anything changes
-        self._grad = {n: p.requires_grad for n, p in transformer.named_parameters()}
-        self._guard: DiTGuard | None = None
-        self._adapters: PeftAdapters | None = None
+        return {"asked": asked if isinstance(asked, str) else asked.value, "mode": self.mode.value,
+                "policy": policy.value, "loras": sorted(self._specs), "managed": len(self._managed),
+                "kernel": self.exact_kernel}
+
+    def _agree_config(self, verdicts: list[Any]) -> None:
+        """Every rank built alike: the same LoRAs, policy and layers; ``mode="auto"`` as rank 0 chose."""
+        configs = [json.loads(v.choice) for v in verdicts]
+        first = configs[0]
+        differ = sorted({k for c in configs for k in c if k != "mode" and c.get(k) != first.get(k)})
+        if first["asked"] != "auto" and any(c["mode"] != first["mode"] for c in configs):
+            differ.append("mode")
+        if differ:
+            raise RankMismatchError(
+                f"the ranks built their managers differently ({', '.join(differ)}: "
+                + "; ".join(f"rank {v.rank}: " + ", ".join(f"{k}={c.get(k)!r}" for k in differ)
+                            for v, c in zip(verdicts, configs, strict=True))
+                + "); build every rank's manager with the same arguments")
+        if self.mode.value != first["mode"]:
+            self.mode, self.mode_reason = ResidencyMode(first["mode"]), "mode='auto' as rank 0 of the group chose"
+            self._check_compiled()
+
+    def _build_here(self) -> None:
+        claim(self.transformer, self)  # one model, one manager: refused before anything changes
+        self._claimed = True
+        self._grad = {n: p.requires_grad for n, p in self.transformer.named_parameters()}
         try:
-            self._build(make_policy(policy))
+            self._build(make_policy(self._policy))
         except BaseException:
             self._give_back()  # a failed constructor leaves the model exactly as it was given
             raise
+
+    def _built_digest(self) -> str:
+        return self._gate.verified_digest()
 
     def _resolve(self, asked: ResidencyMode | str) -> tuple[ResidencyMode, str]:
         if isinstance(asked, ResidencyMode):
@@ -117,8 +173,9 @@ class ResidencyManager:
         self._cache = LoRACache(self.transformer, self._loaded,
                                 LoRASlots(self._adapters, o.lora_slot_rank, slots, self._managed),
                                 o.host_lora_cache_bytes)
-        self._switch = PhaseSwitch(self._executor, policy, o)
-        self._gate = RequestGate(self._executor, self._switch, self._cache)
+        self._switch = PhaseSwitch(self._executor, policy, o, self._peers)
+        self._gate = RequestGate(self._executor, self._switch, self._cache, self._peers,
+                                 replicated_weights(self._executor.weights))
         self._guard = DiTGuard(self._executor, self._gate, o.strict)
 
     def _copies_uncompilable(self) -> bool:
@@ -147,14 +204,21 @@ class ResidencyManager:
         error (a name already registered, a file that does not fit the model or the LoRA slots)
         registers nothing and moves nothing. Requests choose it with ``request(loras={name: ...})``."""
         self._gate.refuse_if_closed("add_lora()")
-        if not isinstance(spec, LoRASpec):
-            raise ConfigError(f"add_lora() takes a LoRASpec, got {type(spec).__name__}; build one with "
-                              "LoRASpec(name=..., path=...)")
-        return self._cache.register(spec)
+        def register() -> RegisteredLoRA:
+            if not isinstance(spec, LoRASpec):
+                raise ConfigError(f"add_lora() takes a LoRASpec, got {type(spec).__name__}; build one with "
+                                  "LoRASpec(name=..., path=...)")
+            return self._cache.register(spec)
+        # with several ranks: registered on every rank or on none
+        entry, _ = self._peers.step(f"add_lora {getattr(spec, 'name', '?')}", register,
+                                    undo=lambda added, *_: self._cache.remove(added.spec.name))
+        return entry
 
     def remove_lora(self, name: str) -> None:
         """Unregister ``name`` (requests already admitted with it keep it until they end)."""
         self._gate.refuse_if_closed("remove_lora()")
+        # with several ranks: every rank knows the name before any removes it
+        self._peers.step(f"check remove_lora {name}", lambda: self._cache.registry.known(name))
         self._cache.remove(name)
 
     @property
@@ -182,9 +246,13 @@ class ResidencyManager:
         ``{"distilled": {"stage2": 1.0}}`` (the phases not named: 0). ``None``: every registered LoRA
         at its spec's strengths. Unknown names and bad strengths raise here, before anything moves;
         the added LoRAs chosen start loading (on a loader thread) as the request waits for the DiT."""
-        chosen = self._cache.registry.choose(loras)
-        self._cache.check(chosen)
-        return RequestScope(self._gate, self._wait(timeout, "request"), chosen)
+        def choose() -> tuple[Any, float | None]:
+            chosen = self._cache.registry.choose(loras)
+            self._cache.check(chosen)
+            return chosen, self._wait(timeout, "request")
+        # with several ranks: a choice one rank refuses is refused on every rank
+        (chosen, wait), _ = self._peers.step("request", choose)
+        return RequestScope(self._gate, wait, chosen)
 
     def verify_clean(self, timeout: float | None = ...) -> None:  # type: ignore[assignment]
         """Raise :class:`DirtyWeightsError` unless every managed weight is bit-identical to clean.
@@ -192,7 +260,16 @@ class ResidencyManager:
         def check() -> None:
             self._executor.settle(host=True)
             self._executor.check_clean()
-        self._gate.between_requests("verify_clean() checks the DiT", lambda: self._wait(timeout, "verify_clean"), check)
+        # with several ranks: dirty on one rank quarantines every rank, as do differing weights
+        _, verdicts = self._peers.step(
+            "verify_clean", lambda: self._gate.between_requests(
+                "verify_clean() checks the DiT", lambda: self._wait(timeout, "verify_clean"), check),
+            digest=self._gate.verified_digest,
+            undo=lambda *_: self._executor.quarantine_if_possible())
+        mismatch = digest_mismatch(verdicts)
+        if mismatch:
+            self._executor.quarantine_if_possible()
+            raise RankMismatchError(f"verify_clean(): {mismatch}; every rank is quarantined")
 
     def synchronize(self, timeout: float | None = ...) -> None:  # type: ignore[assignment]
         """Wait (on the host) for an undo on the side stream to finish and settle the DiT to CLEAN,
@@ -202,11 +279,14 @@ class ResidencyManager:
 
     def repair(self, timeout: float | None = ...) -> None:  # type: ignore[assignment]
         """Bring a QUARANTINED DiT back to CLEAN from its clean source (a no-op when not quarantined)."""
-        with self._gate.hold(lambda: self._wait(timeout, "repair"), "repair()"):
-            with contextlib.suppress(DirtyWeightsError):
-                self._executor.settle_pending(host=True)  # a dirty deferred verify quarantines: repaired below
-            if self.state not in REST_STATES:  # (low-VRAM snapshot rests offloaded: nothing to repair)
-                self._executor.repair_quarantined()
+        def repair() -> None:
+            with self._gate.hold(lambda: self._wait(timeout, "repair"), "repair()"):
+                with contextlib.suppress(DirtyWeightsError):
+                    self._executor.settle_pending(host=True)  # a dirty deferred verify quarantines: repaired below
+                if self.state not in REST_STATES:  # (low-VRAM snapshot rests offloaded: nothing to repair)
+                    self._executor.repair_quarantined()
+        # with several ranks: repaired on every rank, or quarantined on every rank
+        self._peers.step("repair", repair, undo=lambda *_: self._executor.quarantine_if_possible())
 
     def close(self, timeout: float | None = ...) -> None:  # type: ignore[assignment]
         """Give the model back as it was given (module structure, ``requires_grad``, bits: its own
@@ -235,6 +315,8 @@ class ResidencyManager:
     def _give_back(self) -> None:
         """The model as it was given: hooks off, PEFT's wrappers gone, ``requires_grad`` as it was,
         unclaimed. Idempotent (a failed constructor and ``close()`` both end here)."""
+        if not self._claimed:
+            return
         if self._guard is not None:
             self._guard.hooks.remove(self.transformer)  # a stage-2 copy keeps its guard: it refuses once closed
         if self._adapters is not None:

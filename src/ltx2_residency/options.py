@@ -69,6 +69,8 @@ class ManagerOptions:
             most this many added LoRAs at once.
         host_lora_cache_bytes: host bytes for added LoRAs' copies (pinned where there is a GPU);
             beyond it the least recently used are read from disk again when needed.
+        collective_timeout: with ``process_group=``, seconds a rank waits for the others at each
+            step before a ``CollectiveTimeoutError`` (``None`` or ``inf``: forever).
     """
 
     native_ltx23: bool = False
@@ -87,6 +89,7 @@ class ManagerOptions:
     lora_slot_rank: int = 128
     device_lora_cache_bytes: int | None = None
     host_lora_cache_bytes: int = 8 * _GIB
+    collective_timeout: float | None = 300.0
 
     def __post_init__(self) -> None:
         checked = {
@@ -108,6 +111,7 @@ class ManagerOptions:
             "device_lora_cache_bytes": None if self.device_lora_cache_bytes is None else _bytes(
                 self.device_lora_cache_bytes, "device_lora_cache_bytes"),
             "host_lora_cache_bytes": _bytes(self.host_lora_cache_bytes, "host_lora_cache_bytes"),
+            "collective_timeout": _seconds(self.collective_timeout, "collective_timeout", zero_ok=False),
         }
         for name, value in checked.items():
             object.__setattr__(self, name, value)

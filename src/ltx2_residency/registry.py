@@ -134,12 +134,17 @@ class LoRARegistry:
             self.refuse_clash(entry.name)
             self._entries = MappingProxyType({**self._entries, entry.name: entry})
 
+    def known(self, name: object) -> RegisteredLoRA:
+        """The entry registered as ``name``, or an :class:`UnknownLoRAError`."""
+        entry = self._entries.get(name) if isinstance(name, str) else None
+        if entry is None:
+            raise UnknownLoRAError(f"no LoRA named {shown(name)} is registered; registered: "
+                                   f"{', '.join(map(repr, self._entries)) or 'none'}")
+        return entry
+
     def unpublish(self, name: object) -> RegisteredLoRA:
         with self._lock:
-            entry = self._entries.get(name) if isinstance(name, str) else None
-            if entry is None:
-                raise UnknownLoRAError(f"no LoRA named {shown(name)} is registered; registered: "
-                                       f"{', '.join(map(repr, self._entries)) or 'none'}")
+            entry = self.known(name)
             self._entries = MappingProxyType({n: e for n, e in self._entries.items() if n != name})
             return entry
 

@@ -70,6 +70,7 @@ class Request:
         self.calls = 0  # DiT calls run in the current phase (counted by the forward guard)
         self.work: dict[Phase, PhaseWork] = {}  # what each phase entered said it would run
         self.prepared: tuple[Phase, dict[str, float]] | None = None  # what req.prepare() started
+        self.in_step = False  # opened on every rank of the manager's process group (its end is compared)
 
     def enter(self, phase: Phase | str,
               strengths: Mapping[str, float] | None = None,

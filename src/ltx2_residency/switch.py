@@ -6,7 +6,9 @@ when the undo itself fails); the request's end undoes what its phases applied an
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
@@ -16,6 +18,7 @@ from .costmodel import AdapterCost, CostModel, MixCost, PhaseWork, ltx2_token_sh
 from .domain import ApplyKind, MergePolicyName, Phase, WeightState
 from .errors import QuarantinedError, StrengthError
 from .executor import Executor
+from .lockstep import Peers, Solo
 from .modes import PHASE_TARGET, REST_STATES, Fire, PhaseDecision, Undo
 from .options import ManagerOptions
 from .policy import MergePolicy, PhaseContext, hides_merge
@@ -27,8 +30,10 @@ S = WeightState
 class PhaseSwitch:
     """Switches the DiT between a request's phases (the ``PhaseHost`` a :class:`Request` calls)."""
 
-    def __init__(self, executor: Executor, policy: MergePolicy, options: ManagerOptions) -> None:
+    def __init__(self, executor: Executor, policy: MergePolicy, options: ManagerOptions,
+                 peers: Peers | None = None) -> None:
         self.executor = executor
+        self.peers: Peers = peers if peers is not None else Solo()
         self.mode = executor.mode
         self.policy = policy
         self.options = options
@@ -40,6 +45,19 @@ class PhaseSwitch:
 
     def enter_phase(self, req: Request, phase: Phase, overrides: Mapping[str, float] | None,
                     work: PhaseWork | None = None) -> nn.Module:
+        # every rank proposes (nothing moves), rank 0's decision is taken; then every rank switches,
+        # and one that succeeded rolls back when another failed (lockstep; alone: the two parts)
+        proposal, verdicts = self.peers.step(f"propose {phase.value}",
+                                             lambda: self._propose(req, phase, overrides, work),
+                                             choice=lambda p: p.kind.value)
+        if verdicts:
+            proposal = proposal.taking(ApplyKind(verdicts[0].choice))
+        module, _ = self.peers.step(f"enter {phase.value}", lambda: self._switch(req, phase, proposal),
+                                    undo=lambda _, error, __: self._roll_back(req, error))
+        return module
+
+    def _propose(self, req: Request, phase: Phase, overrides: Mapping[str, float] | None,
+                 work: PhaseWork | None) -> _Proposal:
         ex = self.executor
         if ex.state is S.QUARANTINED:
             raise QuarantinedError(ex.quarantine_message())
@@ -49,7 +67,12 @@ class PhaseSwitch:
         # prepared; anything else undoes it and switches as usual
         ahead = ex.state is S.MERGING_AHEAD and req.prepared == (phase, strengths)
         kind = ApplyKind.MERGED if ahead else self._decide(phase, strengths, keyed, stage1, work)
-        decision = PhaseDecision(self.mode.decide(phase, kind, keyed), keyed, ahead)
+        return _Proposal(strengths, keyed, ahead, kind)
+
+    def _switch(self, req: Request, phase: Phase, proposal: _Proposal) -> nn.Module:
+        ex = self.executor
+        strengths, keyed, ahead = proposal.strengths, proposal.keyed, proposal.ahead
+        decision = PhaseDecision(self.mode.decide(phase, proposal.kind, keyed), keyed, ahead)
         ex.context = (req.id, phase.value)
         req.phase = None  # no phase may run until this switch has completed
         try:
@@ -76,27 +99,53 @@ class PhaseSwitch:
         req.strengths[phase] = strengths
         return self.mode.active.module
 
+    def _roll_back(self, req: Request, error: BaseException) -> None:
+        """Another rank failed the switch this rank made: undo it here too (or quarantine)."""
+        ex = self.executor
+        req.failed = error
+        req.phase = None
+        ex.context = (req.id, None)
+        ex.run(self.mode.plan_end(ex.state, behind=False))
+
     def prepare_phase(self, req: Request, phase: Phase, overrides: Mapping[str, float] | None,
                       work: PhaseWork | None, calls: int) -> bool:
         """Start ``phase``'s merge behind the current phase's last ``calls`` DiT calls, when the
-        policy merges it into the shared DiT and nothing is applied now (see ``ops.ahead``)."""
+        policy merges it into the shared DiT and nothing is applied now (see ``ops.ahead``).
+        With several ranks: when every rank can and rank 0's policy merges."""
+        ahead, verdicts = self.peers.step(f"propose ahead {phase.value}",
+                                          lambda: self._ahead(req, phase, overrides, work),
+                                          choice=lambda a: f"{int(a.can)}{int(a.merges)}")
+        go = ahead.can and ahead.merges
+        if verdicts:
+            go = all(v.choice[0] == "1" for v in verdicts) and verdicts[0].choice[1] == "1"
+        started, _ = self.peers.step(f"ahead {phase.value}", lambda: go and self._start_ahead(req, ahead, calls),
+                                     undo=lambda done, error, __: self._drop_ahead(req, error) if done else None)
+        return started
+
+    def _ahead(self, req: Request, phase: Phase, overrides: Mapping[str, float] | None,
+               work: PhaseWork | None) -> _Ahead:
         ex = self.executor
         strengths, keyed = _strengths(req, phase, overrides)
-        if not ex.machine.can("merge_ahead") or not hides_merge(req.work.get(Phase.STAGE1), self.mode.device.type,
-                                                                 is_compiled(self.mode.base.module)):
-            return False
+        can = ex.machine.can("merge_ahead") and hides_merge(req.work.get(Phase.STAGE1), self.mode.device.type,
+                                                            is_compiled(self.mode.base.module))
         stage1 = req.strengths.get(Phase.STAGE1, {})
-        if self._decide(phase, strengths, keyed, stage1, work, ahead=True) is not ApplyKind.MERGED:
-            return False
-        req.prepared = (phase, strengths)
+        merges = can and self._decide(phase, strengths, keyed, stage1, work, ahead=True) is ApplyKind.MERGED
+        return _Ahead(phase, strengths, PhaseDecision(ApplyKind.MERGED, keyed).merge_plan, can, merges)
+
+    def _start_ahead(self, req: Request, ahead: _Ahead, calls: int) -> bool:
+        req.prepared = (ahead.phase, ahead.strengths)
         req.mutated = True
         try:
-            ex.start_ahead(PhaseDecision(ApplyKind.MERGED, keyed).merge_plan, calls)
+            self.executor.start_ahead(ahead.plan, calls)
         except BaseException as exc:
             req.failed = exc
-            ex.undo_or_quarantine(final=False)
+            self.executor.undo_or_quarantine(final=False)
             raise
         return True
+
+    def _drop_ahead(self, req: Request, error: BaseException) -> None:
+        req.failed = error
+        self.executor.undo_or_quarantine(final=False)
 
     def finish(self, req: Request) -> None:
         """The request's end: undo what its phases applied (behind, on the side stream, when
@@ -180,6 +229,32 @@ class PhaseSwitch:
             self.costs.observe_merge(max(self.executor.trace[-1].duration_ms, 1e-3), merged)
         self.costs.observe_records(self.executor.stack.last_exception_fraction)
 
+
+
+@dataclass(frozen=True)
+class _Proposal:
+    """What a rank would do for a phase, before anything moves: the strengths by LoRA and by
+    adapter, whether a merge ahead completes, and the policy's decision."""
+
+    strengths: dict[str, float]
+    keyed: dict[str, float]
+    ahead: bool
+    kind: ApplyKind
+
+    def taking(self, kind: ApplyKind) -> _Proposal:
+        """This proposal with rank 0's decision (a merge ahead completes only when it merges)."""
+        return dataclasses.replace(self, kind=kind, ahead=self.ahead and kind is ApplyKind.MERGED)
+
+
+@dataclass(frozen=True)
+class _Ahead:
+    """Whether a rank can merge a phase ahead, what it would merge, and whether its policy would."""
+
+    phase: Phase
+    strengths: dict[str, float]
+    plan: list[tuple[str, float]]
+    can: bool
+    merges: bool
 
 
 def _strengths(req: Request, phase: Phase, overrides: Mapping[str, float] | None

@@ -79,6 +79,8 @@ BAD_OPTIONS = [
     ("lora_slot_rank", 0), ("lora_slot_rank", True), ("lora_slot_rank", 8.0),
     ("device_lora_cache_bytes", -1), ("device_lora_cache_bytes", 1.5), ("device_lora_cache_bytes", "1GB"),
     ("host_lora_cache_bytes", None), ("host_lora_cache_bytes", -1), ("host_lora_cache_bytes", 2**64),
+    ("collective_timeout", 0), ("collective_timeout", -1), ("collective_timeout", NAN), ("collective_timeout", "5"),
+    ("collective_timeout", True),
 ]
 #: the deprecated keyword path: every bad option, and the 0.1 name of ``exact_kernel``
 BAD_LEGACY_KEYWORDS = [*BAD_OPTIONS, ("restore", 1), ("restore", "undo")]
@@ -88,7 +90,7 @@ LEGACY_VALUES: dict[str, Any] = {
     "native_ltx23": True, "exact_kernel": " Recompute ", "check_layers": True, "strict": False,
     "verify": "ALWAYS", "clean_source": None, "request_timeout": 5, "trace_maxlen": 7, "faults": FaultInjector(),
     "low_vram": True, "activation_reserve_gib": 2, "overlap_restore": False, "dynamic_forward": " PEFT ",
-    "lora_slot_rank": 16, "device_lora_cache_bytes": 0, "host_lora_cache_bytes": 2**20,
+    "lora_slot_rank": 16, "device_lora_cache_bytes": 0, "host_lora_cache_bytes": 2**20, "collective_timeout": 30,
 }
 
 
@@ -258,11 +260,12 @@ def user(lora: dict) -> list[LoRASpec]:
 
 def test_the_constructor_takes_its_arguments_then_options() -> None:
     params = inspect.signature(ResidencyManager.__init__).parameters
-    assert list(params) == ["self", "transformer", "mode", "loras", "merge_policy", "options", "keywords"]
+    assert list(params) == ["self", "transformer", "mode", "loras", "merge_policy", "options", "process_group",
+                            "keywords"]
     kinds = [p.kind for p in params.values()]
-    assert kinds == [inspect.Parameter.POSITIONAL_OR_KEYWORD] * 5 + [inspect.Parameter.KEYWORD_ONLY,
-                                                                     inspect.Parameter.VAR_KEYWORD]
-    assert params["options"].default is None
+    assert kinds == [inspect.Parameter.POSITIONAL_OR_KEYWORD] * 5 + [inspect.Parameter.KEYWORD_ONLY] * 2 + [
+        inspect.Parameter.VAR_KEYWORD]
+    assert params["options"].default is None and params["process_group"].default is None
     defaults = {name: params[name].default for name in GOOD_ARGUMENTS}
     assert checked_arguments(**defaults) == (ResidencyMode.ORIGINAL, (), MergePolicyName.SGLANG)
 
