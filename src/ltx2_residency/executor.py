@@ -20,6 +20,7 @@ from .errors import DirtyWeightsError, QuarantinedError, RepairError
 from .faults import FaultInjector
 from .machine import WeightMachine
 from .modes import REST_STATES, Edge, Fire, Move, OriginalMode, Step, Undo
+from .ops import shards
 from .ops.ahead import MergeAhead
 from .ops.clean_source import HostCopy
 from .ops.dynamic import PeftAdapters
@@ -51,6 +52,7 @@ class Executor:
         self.pending: PendingUndo | None = None  # an undo on the side stream its next user has not settled
         self.ahead: MergeAhead | None = None  # stage 2's merge, started behind stage 1's last calls
         self.context: tuple[int | None, str | None] = (None, None)  # (request id, phase) for the trace
+        self.fsdp = any(type(m).__name__.startswith("FSDP") for m in mode.base.module.modules())
         self.machine = WeightMachine(mode.table, {
             "merge": self._merge,
             "merge_ahead": self._merge_ahead,
@@ -87,6 +89,8 @@ class Executor:
                                                (time.perf_counter() - start) * 1e3, 0,
                                                request_id, phase, ok=False, error=repr(exc)))
             raise
+        if touched and self.fsdp:
+            shards.reshard(self.mode.base.module)  # FSDP2 gathers the written shards at the next call
         self.trace.append(TransitionRecord(event, source, self.state.value,
                                            (time.perf_counter() - start) * 1e3, touched,
                                            request_id, phase))

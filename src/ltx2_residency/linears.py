@@ -10,8 +10,6 @@ PEFT layer adds the dynamic adapters in its forward. A subclass of ``nn.Linear``
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 from torch import nn
 
 #: Linear-like module types besides ``nn.Linear`` -> the PEFT LoRA layer class for them.
@@ -38,7 +36,3 @@ def is_sharded(weight: object) -> bool:
     placements = getattr(weight, "placements", None)
     return placements is not None and any(not p.is_replicate() for p in placements)
 
-
-def replicated_weights(weights: Mapping[str, object]) -> frozenset[str]:
-    """The names of ``weights`` every rank holds whole (not sharded)."""
-    return frozenset(name for name, w in weights.items() if not is_sharded(w))

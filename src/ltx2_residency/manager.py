@@ -25,7 +25,6 @@ from .executor import build_executor
 from .faults import NO_FAULTS
 from .gate import RequestGate
 from .guard import DiTGuard, claim, unclaim
-from .linears import replicated_weights
 from .lockstep import digest_mismatch, peers
 from .lora import LoadedLoRA, LoRASpec, validate_all
 from .lora_cache import LoRACache, managed_layers, slot_names
@@ -175,7 +174,7 @@ class ResidencyManager:
                                 o.host_lora_cache_bytes)
         self._switch = PhaseSwitch(self._executor, policy, o, self._peers)
         self._gate = RequestGate(self._executor, self._switch, self._cache, self._peers,
-                                 replicated_weights(self._executor.weights))
+                                 frozenset(self._executor.weights) - self._adapters.sharded())
         self._guard = DiTGuard(self._executor, self._gate, o.strict)
 
     def _copies_uncompilable(self) -> bool:

@@ -126,7 +126,10 @@ def test_bench_compiled_compiles_in_the_warm_ups_only(tmp_path: Path, capsys) ->
                  "aot_eager", "--json", str(out)]) == 0
     r = json.loads(out.read_text())["requests"]
     assert r["compile"] == {"mode": "default", "backend": "aot_eager", "regional": True}
-    assert [w["case"] for w in r["warmup"]] == ["small/merge"] and r["warmup"][0]["graphs_compiled"] > 0
+    # warmed until a request compiles nothing and decides as the one before it
+    warmups = r["warmup"]
+    assert {w["case"] for w in warmups} == {"small/merge"} and 2 <= len(warmups) <= 4
+    assert warmups[0]["graphs_compiled"] > 0 and warmups[-1]["graphs_compiled"] == 0
     assert r["cases"]["small/merge"]["graphs_compiled_per_request"] == [0, 0]
     assert r["graphs_compiled_after_warmup"] == 0 and r["drift_layers_after_all_requests"] == 0
     printed = " ".join(capsys.readouterr().out.split())

@@ -25,8 +25,9 @@ from torch import nn
 
 from ..errors import LoRAValidationError
 from ..faults import FaultInjector
-from ..linears import LINEAR_TYPES
+from ..linears import LINEAR_TYPES, is_sharded
 from ..lora import LoadedLoRA
+from . import shards
 from .forward import DYNAMIC_FORWARDS, FusedForward, has_fused, install, uninstall
 from .undo import LayerTarget
 
@@ -77,6 +78,7 @@ class PeftAdapters:
         self._targets: dict[str, list[str]] = {}
         self._target_cache: dict[str, list[LayerTarget]] = {}
         self.layers: dict[str, LoraLayer] = {}
+        self.weights: dict[str, torch.Tensor] = {}
         self.active: dict[str, float] = {}
         self._attached: list[LoraLayer] = []  # layers attached since the last detach
         self._touched = True  # PEFT injects enabled adapters: the first sweep disables them
@@ -91,7 +93,7 @@ class PeftAdapters:
         except BaseException:
             self.forward.release()
             for layer in model.modules():
-                uninstall(layer)
+                _uninstall(layer)
             _unwrap(model, self.names)  # leave the model as it was given to us
             raise
 
@@ -126,7 +128,11 @@ class PeftAdapters:
 
     def _install(self) -> None:
         """Our dynamic forward on every adapted layer (:func:`~.forward.install`), over all adapters."""
+        shards.reshard(self.model)  # FSDP2 puts the sharded weights back on the layers (gathered ones are transient)
         self.layers = {name: m for name, m in self.model.named_modules() if isinstance(m, LoraLayer)}
+        # the layers' own weight parameters, held: under FSDP2 a layer's ``weight`` is a gathered
+        # copy while it runs, and writes belong in the shard
+        self.weights = {name: layer.get_base_layer().weight for name, layer in self.layers.items()}
         for p in self.model.parameters():
             p.requires_grad_(False)
         # every LoRA's strength in the phase under way, read by the dynamic forward in a graph
@@ -134,8 +140,9 @@ class PeftAdapters:
         adapters = [p for layer in self.layers.values() for p in layer.lora_A.parameters()]
         strengths = torch.zeros(len(self.names), dtype=torch.float32, device=adapters[0].device if adapters else "cpu")
         for layer in self.layers.values():
-            uninstall(layer)
-            install(layer, [n for n in self.names if n in layer.lora_A], strengths, self.names)
+            _uninstall(layer)
+            if not install(layer, [n for n in self.names if n in layer.lora_A], strengths, self.names):
+                shards.install(layer)  # a sharded weight: the tensor-parallel forward (or PEFT's under FSDP2)
         self.strengths = strengths
 
     def _inject(self, model: nn.Module, name: str, config: LoraConfig,
@@ -187,13 +194,11 @@ class PeftAdapters:
             if module not in self.covers[lora]:  # a slot's layers its LoRA does not target
                 continue
             layer = self.layers[module]
-            out.append(LayerTarget(
-                name=module,
-                weight=layer.get_base_layer().weight,
-                lora_A=layer.lora_A[lora].weight,
-                lora_B=layer.lora_B[lora].weight,
-                scale=float(layer.lora_alpha[lora]) / float(layer.r[lora]),
-            ))
+            # a sharded weight: this rank's block, with the factors' matching slices (ops.shards)
+            weight, lora_A, lora_B = shards.local_factors(self.weights[module], layer.lora_A[lora].weight,
+                                                          layer.lora_B[lora].weight)
+            out.append(LayerTarget(name=module, weight=weight, lora_A=lora_A, lora_B=lora_B,
+                                   scale=float(layer.lora_alpha[lora]) / float(layer.r[lora])))
         return out
 
     def forget(self, adapter: str) -> None:
@@ -208,8 +213,13 @@ class PeftAdapters:
         return layer.get_base_layer().weight.device if layer is not None else self.strengths.device
 
     def base_weights(self) -> dict[str, torch.Tensor]:
-        """Every Linear weight any managed LoRA targets, keyed by module path."""
-        return {name: layer.get_base_layer().weight for name, layer in sorted(self.layers.items())}
+        """Every Linear weight any managed LoRA targets, keyed by module path (a sharded one's local
+        shard: what this rank holds)."""
+        return {name: shards.local_weight(self.weights[name]) for name in sorted(self.layers)}
+
+    def sharded(self) -> frozenset[str]:
+        """The managed layers whose weight is split across ranks."""
+        return frozenset(name for name, weight in self.weights.items() if is_sharded(weight))
 
     def use_forward(self, name: str) -> None:
         """Run later dynamic phases through the ``DYNAMIC_FORWARDS`` strategy ``name``."""
@@ -272,9 +282,10 @@ class PeftAdapters:
         self.deactivate()
         self.forward.release()
         for layer in self.layers.values():
-            uninstall(layer)
+            _uninstall(layer)
         _unwrap(self.model, self.names)
         self.layers = {}
+        self.weights = {}
         self._target_cache = {}
 
     @property
@@ -286,6 +297,11 @@ class PeftAdapters:
                     for p in (layer.lora_A[n].weight, layer.lora_B[n].weight):
                         total += p.numel() * p.element_size()
         return total
+
+
+def _uninstall(layer: nn.Module) -> None:
+    uninstall(layer)
+    shards.uninstall(layer)
 
 
 def _base_weight(module: nn.Module) -> torch.Tensor:

@@ -36,6 +36,7 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from ..errors import ConfigError
+from ..linears import is_sharded
 from .graph_hooks import outside_graphs
 
 #: Roofline exchange rate of an H100-class card, in FLOPs per byte: its achieved bf16 matmul rate
@@ -155,6 +156,8 @@ def fusable(layer: LoraLayer, names: Sequence[str]) -> bool:
     if not _unhooked(layer):
         return False
     w = layer.get_base_layer().weight
+    if is_sharded(w):  # split across ranks (ops.shards runs it)
+        return False
     for n in names:
         if n in layer.lora_variant or not isinstance(layer.lora_dropout[n], nn.Identity):
             return False
