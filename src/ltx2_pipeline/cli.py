@@ -4,6 +4,7 @@
     ltx2 generate --preset full --mode snapshot      # real shapes, random weights, on a GPU
     ltx2 generate --preset full --compile            # the DiT under torch.compile (inductor)
     ltx2 generate --model-path ./ltx2 --distilled-lora distilled.safetensors --lora style.safetensors@0,1
+    torchrun --nproc-per-node 2 -m ltx2_pipeline.cli generate --preset tiny --cfg-parallel   # two ranks
     ltx2 diagram [--mode resident]
     ltx2 perf-check --case tiny_cpu_normal_merge     # against perf_baselines.json; --list for the cases
     ltx2 bench --preset full --json bench.json       # ours against PEFT/diffusers on one model, one run
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 import warnings
 from collections.abc import Sequence
@@ -46,6 +48,7 @@ from . import checks
 from .compiling import add_compile_arguments, compile_arguments
 from .errors import GenerationInputError, NonFiniteOutputError, STGSkippedWarning
 from .loras import VARIANT_STRENGTHS, check_strength, load_lora
+from .parallel import Ranks, from_torchrun, torchrun_world_size
 from .presets import (
     GEMMA3_12B_LAYERS,
     PRESET_DEFAULTS,
@@ -159,6 +162,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="mp4 path, in an existing directory (default outputs/ltx2_<preset>.mp4)")
     gen.add_argument("--report", type=Path, help="JSON report path (default: the mp4 path with .json)")
     gen.add_argument("--no-progress", action="store_true")
+    gen.add_argument("--cfg-parallel", action="store_true",
+                     help="under torchrun with 2 processes: stage 1's two guidance branches on the two ranks")
     gen.add_argument("--text-layers", type=checks.positive_int, default=None,
                      help=f"--preset full only: Gemma 3 layers to build (default 2; {GEMMA3_12B_LAYERS} is the real "
                      "depth, 24 GB more)")
@@ -206,6 +211,8 @@ def _plan(args: argparse.Namespace) -> _Plan:
         raise GenerationInputError("--preset full runs on a CUDA device and there is none here; use --preset tiny, "
                                    "or --device cpu on a host with the memory")
     device = args.device or torch.device("cuda" if preset == "full" else "cpu")
+    if torchrun_world_size() > 1 and device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))  # one GPU per rank
     checks.check_device(device)
     if args.model_path is not None:
         check_model_folder(args.model_path)
@@ -248,6 +255,15 @@ def _check_applicable(args: argparse.Namespace, preset: str | None) -> None:
         if args.text_layers > GEMMA3_12B_LAYERS:
             raise GenerationInputError(f"--text-layers {args.text_layers}: Gemma 3 12B has {GEMMA3_12B_LAYERS} "
                                        f"layers; use 1 to {GEMMA3_12B_LAYERS}")
+    if args.cfg_parallel:
+        ranks = torchrun_world_size()
+        if ranks != 2:
+            where = "without torchrun" if ranks == 1 else f"with {ranks} processes"
+            raise GenerationInputError(f"--cfg-parallel puts stage 1's two guidance branches on two ranks; this run is "
+                                       f"{where}: run it as torchrun --nproc-per-node 2 -m ltx2_pipeline.cli generate")
+        if args.no_guidance:
+            raise GenerationInputError("--cfg-parallel splits stage 1's guidance, which --no-guidance turns off; "
+                                       "drop one of them")
     if args.negative_prompt is not None and args.no_guidance:
         raise GenerationInputError("--negative-prompt applies to stage 1's guidance, which --no-guidance turns off; "
                                    "drop one of them")
@@ -271,11 +287,12 @@ def _check_full_preset_fits(args: argparse.Namespace, device: torch.device) -> N
                       ("" if args.mode == "original" else ", or --mode original"))
 
 
-def _build(args: argparse.Namespace, plan: _Plan, progress: Any) -> LTX2TwoStagePipeline:
+def _build(args: argparse.Namespace, plan: _Plan, progress: Any, ranks: Ranks | None) -> LTX2TwoStagePipeline:
     cls = LTX2TwoStageHQPipeline if args.variant == "hq" else LTX2TwoStagePipeline
     options: dict[str, Any] = dict(mode=args.mode, merge_policy=args.merge_policy, loras=plan.loras,
                                    progress=progress, options=ManagerOptions(low_vram=args.low_vram),
-                                   compile=plan.compile)
+                                   compile=plan.compile, process_group=ranks and ranks.group,
+                                   cfg_parallel=args.cfg_parallel)
     dtype = DTYPES[args.dtype]
     if plan.preset is None:
         return cls.from_pretrained(args.model_path, distilled_lora=plan.distilled, dtype=dtype,
@@ -330,32 +347,49 @@ def _summary(console: Console, report: dict[str, Any], mp4: Path, json_path: Pat
 
 def _generate(args: argparse.Namespace, console: Console) -> int:
     plan = _plan(args)
+    if torchrun_world_size() == 1:
+        return _generate_planned(args, console, plan, None)
+    # under torchrun: one pipeline per rank, the managers in lock-step; rank 0 writes and reports
+    with from_torchrun(plan.device) as ranks:
+        if not ranks.leader:
+            args.no_progress = True
+            console = Console(stderr=True, quiet=True)
+        return _generate_planned(args, console, plan, ranks)
+
+
+def _generate_planned(args: argparse.Namespace, console: Console, plan: _Plan, ranks: Ranks | None) -> int:
     req = plan.request
+    leader = ranks is None or ranks.leader
     # on stdout, once every argument is checked: stderr carries the progress and nothing but one line per error
     compiled = "" if plan.compile is None else f", DiT compiled ({plan.compile.mode}, {plan.compile.backend})"
-    print(f"ltx2 generate: {plan.preset or args.model_path} on {plan.device}, {req.width}x{req.height}, "
-          f"{req.num_frames} frames, {req.num_inference_steps} + {len(STAGE2_SIGMAS)} steps{compiled} -> {plan.mp4}",
-          flush=True)
+    on = f"{plan.device}" if ranks is None else f"{ranks.size} ranks ({plan.device.type})"
+    if leader:
+        print(f"ltx2 generate: {plan.preset or args.model_path} on {on}, {req.width}x{req.height}, "
+              f"{req.num_frames} frames, {req.num_inference_steps} + {len(STAGE2_SIGMAS)} steps{compiled} -> "
+              f"{plan.mp4}", flush=True)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     pipe: LTX2TwoStagePipeline | None = None
     try:
         with Progress(*columns, console=console, disable=args.no_progress, transient=False) as bars:
-            pipe = _build(args, plan, _RichProgress(bars))
+            pipe = _build(args, plan, _RichProgress(bars), ranks)
             pipe.check(req)
             with warnings.catch_warnings():
                 # one line, not Python's warning with a hint written for library callers
                 warnings.simplefilter("ignore", STGSkippedWarning)
                 result = pipe(req)
-            if result.report["stage1_guidance"]["stg_skipped"]:
+            if result.report["stage1_guidance"]["stg_skipped"] and leader:
                 print("note: stage 1 ran without STG: this DiT has no perturbed attention (as LTX-2.0's), so "
                       "the STG pass would repeat the conditional one", file=sys.stderr, flush=True)
     except NonFiniteOutputError as exc:
-        _write_report(plan.report, {**(exc.report or {}), "output": None})
-        _error(f"{type(exc).__name__}: {exc} (the report is in {plan.report}; no video written)")
+        if leader:
+            _write_report(plan.report, {**(exc.report or {}), "output": None})
+            _error(f"{type(exc).__name__}: {exc} (the report is in {plan.report}; no video written)")
         return 1
     finally:
         if pipe is not None:
             pipe.close()
+    if not leader:
+        return 0
     result.save_mp4(plan.mp4)
     report = {**result.report, "output": {"mp4": str(plan.mp4), "frames": int(result.video.shape[0]),
                                           "height": int(result.video.shape[1]), "width": int(result.video.shape[2]),

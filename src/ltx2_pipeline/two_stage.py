@@ -33,6 +33,7 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from diffusers import FlowMatchEulerDiscreteScheduler, LTX2LatentUpsamplePipeline, LTX2Pipeline
 from diffusers.pipelines.ltx2.utils import STAGE_2_DISTILLED_SIGMA_VALUES
 from torch import nn
@@ -44,6 +45,7 @@ from .components import PIPELINE_COMPONENTS
 from .errors import GenerationInputError, NonFiniteOutputError, STGSkippedWarning
 from .generation import GenerationRequest, GenerationResult, Guidance, check_request
 from .loras import VARIANT_STRENGTHS, check_strength, load_lora, to_diffusers_format
+from .parallel import CFGParallel, check_cfg_parallel
 from .presets import DISTILLED_FILE, full_preset, load_components, tiny_preset
 
 STAGE2_SIGMAS: tuple[float, ...] = tuple(STAGE_2_DISTILLED_SIGMA_VALUES)
@@ -158,6 +160,10 @@ def _device_of(module: nn.Module) -> torch.device:
     return next(iter(module.parameters())).device
 
 
+def _group_size(group: Any) -> int:
+    return dist.get_world_size(group)
+
+
 def _peak_rss_bytes() -> int | None:
     try:
         import resource
@@ -181,6 +187,10 @@ class LTX2TwoStagePipeline:
         progress: receives stage and step events (the CLI's rich bars).
         compile: the DiT under ``torch.compile`` (:mod:`.compiling`): ``None`` (eager), ``True``, a
             mode name or a :class:`~ltx2_residency.CompileSpec`, checked before anything is built.
+        process_group: a ``torch.distributed`` group when the pipeline runs on several ranks (one
+            pipeline per rank, the same requests on each): the managers change the weights in lock-step.
+        cfg_parallel: stage 1's guidance batch split across the ranks of ``process_group``
+            (:class:`~ltx2_pipeline.parallel.CFGParallel`; two ranks: one guidance branch each).
     """
 
     variant = "normal"
@@ -188,8 +198,10 @@ class LTX2TwoStagePipeline:
     def __init__(self, components: Mapping[str, Any], distilled_lora: DistilledLoRA, *,
                  loras: Sequence[LoRASpec] = (), mode: str = "original", merge_policy: str = "sglang",
                  progress: Progress | None = None, options: ManagerOptions | None = None,
-                 compile: CompileSpec | str | bool | None = None, **manager_options: Any) -> None:
+                 compile: CompileSpec | str | bool | None = None, process_group: Any = None,
+                 cfg_parallel: bool = False, **manager_options: Any) -> None:
         compile_spec = check_compile(compile)  # a bad value raises before anything is built
+        check_cfg_parallel(cfg_parallel, process_group)
         missing = [k for k in (*PIPELINE_COMPONENTS, "latent_upsampler") if k not in components]
         if missing:
             raise GenerationInputError(f"components lack {', '.join(missing)}; build them with "
@@ -208,7 +220,10 @@ class LTX2TwoStagePipeline:
                 for phase, value in spec.strengths.items():
                     check_strength(value, f"LoRA {spec.name!r} {getattr(phase, 'value', phase)}")
         self.manager = ResidencyManager(components["transformer"], mode=mode, loras=[distilled, *loras],
-                                        merge_policy=merge_policy, options=options, **manager_options)
+                                        merge_policy=merge_policy, options=options, process_group=process_group,
+                                        **manager_options)
+        self.process_group = process_group
+        self.cfg_parallel = cfg_parallel
         if compile_spec is not None:
             try:
                 self.manager.compile(compile_spec)  # the DiT only: every DiT the manager runs (a stage-2 copy too)
@@ -422,7 +437,7 @@ class LTX2TwoStagePipeline:
     @contextlib.contextmanager
     def _runs_on(self, pipe: LTX2Pipeline, dit: nn.Module) -> Iterator[None]:
         """Hand diffusers' pipeline the module the phase runs on; give the base back afterwards."""
-        pipe.transformer = dit
+        pipe.transformer = CFGParallel(dit, self.process_group) if self.cfg_parallel else dit
         hooks = cuda_graph_hooks(dit, self._compile_spec, self.device)
         try:
             yield
@@ -465,6 +480,8 @@ class LTX2TwoStagePipeline:
             "mode_reason": mgr.mode_reason,
             "merge_policy": mgr.policy.name.value,
             "device": torch.cuda.get_device_name(self.device) if clock.cuda else str(self.device),
+            "ranks": {"size": 1 if self.process_group is None else _group_size(self.process_group),
+                      "cfg_parallel": self.cfg_parallel},
             "request": {"prompt": req.prompt, "height": req.height, "width": req.width,
                         "num_frames": req.num_frames, "frame_rate": req.frame_rate,
                         "num_inference_steps": req.num_inference_steps, "seed": req.seed,

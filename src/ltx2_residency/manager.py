@@ -20,11 +20,12 @@ from torch import nn
 
 from .compiled import CompileSpec, compile_dit, is_compiled, refuse_wrapper, spec_of
 from .domain import MergePolicyName, Phase, ResidencyMode, WeightState
-from .errors import CompiledModuleError, ConfigError, DirtyWeightsError, RankMismatchError
+from .errors import CompiledModuleError, ConfigError, DirtyWeightsError, ModeNotAvailableError, RankMismatchError
 from .executor import build_executor
 from .faults import NO_FAULTS
 from .gate import RequestGate
 from .guard import DiTGuard, claim, unclaim
+from .linears import is_sharded
 from .lockstep import digest_mismatch, peers
 from .lora import LoadedLoRA, LoRASpec, validate_all
 from .lora_cache import LoRACache, managed_layers, slot_names
@@ -54,6 +55,11 @@ class ResidencyManager:
             against dynamic adapters for each phase's declared work).
         options: everything else (:class:`ManagerOptions`: timeouts, the exact-merge kernel, the
             side-stream undo, the dynamic forward, verification, the clean source ...).
+        process_group: a ``torch.distributed`` process group the host engine created (gloo or NCCL),
+            one manager per rank: every change to the weights then commits on every rank or on none
+            (rank 0 decides, a failure on any rank is every rank's; docs/embedding.md, "Several
+            GPUs"). Sharded weights (tensor-parallel or FSDP2 DTensors) are merged shard by shard.
+            ``None``: a manager on its own.
 
     The DiT may be compiled in place before or after (``transformer.compile()``,
     ``compile_repeated_blocks()``, :func:`~ltx2_residency.compile_dit` or :meth:`compile`), not
@@ -109,6 +115,7 @@ class ResidencyManager:
         self.exact_kernel = choose_exact_kernel(self.options.exact_kernel,
                                                 [transformer.get_submodule(n).weight for n in self._managed])
         self.mode, self.mode_reason = self._resolve(asked)
+        self._check_sharded()
         self._check_compiled()  # before the stage-2 copy is made
         return {"asked": asked if isinstance(asked, str) else asked.value, "mode": self.mode.value,
                 "policy": policy.value, "loras": sorted(self._specs), "managed": len(self._managed),
@@ -147,6 +154,8 @@ class ResidencyManager:
     def _resolve(self, asked: ResidencyMode | str) -> tuple[ResidencyMode, str]:
         if isinstance(asked, ResidencyMode):
             return asked, f"mode={asked.value!r} was asked for"
+        if self._sharded():
+            return ResidencyMode.ORIGINAL, "the DiT's weights are sharded across ranks: one shared DiT per rank"
         if self._copies_uncompilable():
             return ResidencyMode.ORIGINAL, ("the DiT was compiled by other means than ltx2_residency, and a copy of "
                                             "it could not be compiled alike: one shared DiT")
@@ -176,6 +185,17 @@ class ResidencyManager:
         self._gate = RequestGate(self._executor, self._switch, self._cache, self._peers,
                                  frozenset(self._executor.weights) - self._adapters.sharded())
         self._guard = DiTGuard(self._executor, self._gate, o.strict)
+
+    def _sharded(self) -> list[str]:
+        return [n for n in self._managed if is_sharded(self.transformer.get_submodule(n).weight)]
+
+    def _check_sharded(self) -> None:
+        sharded = self._sharded()
+        if sharded and self.mode is not ResidencyMode.ORIGINAL:
+            raise ModeNotAvailableError(
+                f"mode {self.mode.value!r} keeps a second copy of the DiT, and {len(sharded)} of its managed weights "
+                f"are sharded across ranks (e.g. {sharded[0]!r}, a DTensor): use mode='original' (each rank "
+                "merges its own shards in place) or mode='auto'")
 
     def _copies_uncompilable(self) -> bool:
         return is_compiled(self.transformer) and spec_of(self.transformer) is None

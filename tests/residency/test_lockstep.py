@@ -340,3 +340,24 @@ def test_no_group_is_a_single_manager(files: dict[str, str], model: torch.nn.Mod
         req.enter("stage1")
         req.enter("stage2")
     assert mgr.state.value == "clean"
+
+
+def test_the_documented_example_runs_under_torchrun(tmp_path: Path) -> None:
+    import re
+    import subprocess
+    import sys
+
+    from ranks import free_port
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "embedding.md").read_text()
+    section = doc[doc.index("## Several GPUs"):]
+    block = re.search(r"```python\n(.*?)```", section, re.S)
+    assert block is not None
+    script = tmp_path / "example.py"
+    script.write_text(block.group(1))
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                           f"--master-port={free_port()}", str(script)],
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert sorted(line for line in done.stdout.splitlines() if line.startswith("rank ")) == [
+        "rank 0: clean", "rank 1: clean"]
