@@ -123,7 +123,7 @@ class Collective:
                 work.wait()
             else:
                 work.wait(timeout=datetime.timedelta(seconds=self.timeout))
-            verdicts = [Verdict.decode(bytes(t.cpu().tolist())) for t in gathered]
+            verdicts = [Verdict.decode(t.cpu().numpy().tobytes()) for t in gathered]
         except ResidencyError:
             raise
         except Exception as exc:

@@ -21,6 +21,8 @@ PINNED = {
     # LoRAs chosen per request: the registry's entries and refusals
     "RegisteredLoRA", "LoRANameClashError", "UnknownLoRAError", "LoRAChangedError", "LoRAFitError", "LoRACacheError",
     "EmbeddingError",
+    # several ranks in lock-step: what a rank raises when the group cannot act together
+    "CollectiveError", "PeerFailedError", "CollectiveTimeoutError", "RankMismatchError",
 }
 
 
