@@ -231,12 +231,13 @@ def test_ranks_built_with_different_arguments_refuse(files: dict[str, str]) -> N
 
 def a_rank_that_never_comes(rank: int, world: int, path: str) -> dict[str, Any]:
     dit = tiny_transformer(seed=0)
-    mgr = _manager(dit, path, timeout=3.0)
+    dist.barrier()  # the ranks build together: the build's own steps have the short timeout too
+    mgr = _manager(dit, path, timeout=8.0)
     clean = weight_bits(mgr.managed_weights)
     if rank == 1:  # stuck elsewhere: it never opens the request
         import time
 
-        time.sleep(6.0)
+        time.sleep(20.0)
         return {"error": "", "clean": True}
     try:
         with mgr.request() as req:
@@ -249,7 +250,7 @@ def a_rank_that_never_comes(rank: int, world: int, path: str) -> dict[str, Any]:
 
 def test_a_rank_that_never_answers_is_a_typed_timeout_not_a_hang(files: dict[str, str]) -> None:
     r0, _ = run_ranks(2, a_rank_that_never_comes, files["distilled"], timeout=120)
-    assert "did not answer within 3.0 s" in r0["error"] and r0["clean"] and r0["state"] == "clean"
+    assert "did not answer within 8.0 s" in r0["error"] and r0["clean"] and r0["state"] == "clean"
 
 
 def ranks_out_of_step(rank: int, world: int, path: str) -> dict[str, Any]:
@@ -360,4 +361,4 @@ def test_the_documented_example_runs_under_torchrun(tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     # the two processes share one stdout: their lines may interleave
-    assert sorted(re.findall(r"rank (\d): (\w+)", done.stdout)) == [("0", "clean"), ("1", "clean")]
+    assert sorted(re.findall(r"rank (\d): (clean|quarantined)", done.stdout)) == [("0", "clean"), ("1", "clean")]
