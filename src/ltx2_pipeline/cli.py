@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import os
 import sys
 import warnings
 from collections.abc import Sequence
@@ -48,7 +47,7 @@ from . import checks
 from .compiling import add_compile_arguments, compile_arguments
 from .errors import GenerationInputError, NonFiniteOutputError, STGSkippedWarning
 from .loras import VARIANT_STRENGTHS, check_strength, load_lora
-from .parallel import Ranks, from_torchrun, torchrun_world_size
+from .parallel import Ranks, from_torchrun, torchrun_local_rank, torchrun_world_size
 from .presets import (
     GEMMA3_12B_LAYERS,
     PRESET_DEFAULTS,
@@ -212,7 +211,7 @@ def _plan(args: argparse.Namespace) -> _Plan:
                                    "or --device cpu on a host with the memory")
     device = args.device or torch.device("cuda" if preset == "full" else "cpu")
     if torchrun_world_size() > 1 and device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))  # one GPU per rank
+        device = torch.device("cuda", torchrun_local_rank())  # one GPU per rank
     checks.check_device(device)
     if args.model_path is not None:
         check_model_folder(args.model_path)

@@ -85,12 +85,16 @@ class Ranks:
 
     rank: int
     size: int
-    local_rank: int
     group: Any
 
     @property
     def leader(self) -> bool:
         return self.rank == 0
+
+
+def torchrun_local_rank() -> int:
+    """This process's index on its host (``LOCAL_RANK``; its GPU when there is one per rank)."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
 
 
 def torchrun_world_size() -> int:
@@ -106,9 +110,9 @@ def from_torchrun(device: torch.device) -> Iterator[Ranks]:
     """Join the group ``torchrun`` started (gloo on a CPU, NCCL on CUDA) for the block, and leave it."""
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(torchrun_local_rank())
     dist.init_process_group(backend)
     try:
-        yield Ranks(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), dist.group.WORLD)
+        yield Ranks(dist.get_rank(), dist.get_world_size(), dist.group.WORLD)
     finally:
         dist.destroy_process_group()

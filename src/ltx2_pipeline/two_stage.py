@@ -160,10 +160,6 @@ def _device_of(module: nn.Module) -> torch.device:
     return next(iter(module.parameters())).device
 
 
-def _group_size(group: Any) -> int:
-    return dist.get_world_size(group)
-
-
 def _peak_rss_bytes() -> int | None:
     try:
         import resource
@@ -480,7 +476,7 @@ class LTX2TwoStagePipeline:
             "mode_reason": mgr.mode_reason,
             "merge_policy": mgr.policy.name.value,
             "device": torch.cuda.get_device_name(self.device) if clock.cuda else str(self.device),
-            "ranks": {"size": 1 if self.process_group is None else _group_size(self.process_group),
+            "ranks": {"size": 1 if self.process_group is None else dist.get_world_size(self.process_group),
                       "cfg_parallel": self.cfg_parallel},
             "request": {"prompt": req.prompt, "height": req.height, "width": req.width,
                         "num_frames": req.num_frames, "frame_rate": req.frame_rate,

@@ -52,7 +52,7 @@ class Executor:
         self.pending: PendingUndo | None = None  # an undo on the side stream its next user has not settled
         self.ahead: MergeAhead | None = None  # stage 2's merge, started behind stage 1's last calls
         self.context: tuple[int | None, str | None] = (None, None)  # (request id, phase) for the trace
-        self.fsdp = any(type(m).__name__.startswith("FSDP") for m in mode.base.module.modules())
+        self.fsdp = shards.fsdp_modules(mode.base.module)  # found once: a write reshards them (FSDP2)
         self.machine = WeightMachine(mode.table, {
             "merge": self._merge,
             "merge_ahead": self._merge_ahead,
@@ -90,7 +90,7 @@ class Executor:
                                                request_id, phase, ok=False, error=repr(exc)))
             raise
         if touched and self.fsdp:
-            shards.reshard(self.mode.base.module)  # FSDP2 gathers the written shards at the next call
+            shards.reshard(self.fsdp)  # FSDP2 gathers the written shards at the next call
         self.trace.append(TransitionRecord(event, source, self.state.value,
                                            (time.perf_counter() - start) * 1e3, touched,
                                            request_id, phase))

@@ -35,4 +35,3 @@ def is_sharded(weight: object) -> bool:
     """Whether ``weight`` is a DTensor split across ranks (a tensor-parallel or FSDP2 shard)."""
     placements = getattr(weight, "placements", None)
     return placements is not None and any(not p.is_replicate() for p in placements)
-

@@ -128,7 +128,8 @@ class PeftAdapters:
 
     def _install(self) -> None:
         """Our dynamic forward on every adapted layer (:func:`~.forward.install`), over all adapters."""
-        shards.reshard(self.model)  # FSDP2 puts the sharded weights back on the layers (gathered ones are transient)
+        # FSDP2 puts the sharded weights back on the layers (gathered ones are transient)
+        shards.reshard(shards.fsdp_modules(self.model))
         self.layers = {name: m for name, m in self.model.named_modules() if isinstance(m, LoraLayer)}
         # the layers' own weight parameters, held: under FSDP2 a layer's ``weight`` is a gathered
         # copy while it runs, and writes belong in the shard

@@ -17,6 +17,7 @@ are told to let go of them (:func:`reshard`), so the next call gathers the writt
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -135,9 +136,14 @@ def uninstall(layer: nn.Module) -> None:
         layer.__class__ = peft_class
 
 
-def reshard(model: nn.Module) -> None:
+def fsdp_modules(model: nn.Module) -> list[nn.Module]:
+    """The modules of ``model`` that FSDP2's ``fully_shard`` made (their class is ``FSDP<name>``)."""
+    return [m for m in model.modules()
+            if type(m).__name__.startswith("FSDP") and callable(getattr(m, "reshard", None))]
+
+
+def reshard(modules: Iterable[nn.Module]) -> None:
     """FSDP2 modules that keep their gathered weights between calls let go of them, so the next
     call gathers the shards as they are now (after a merge or an undo)."""
-    for module in model.modules():
-        if type(module).__name__.startswith("FSDP") and callable(getattr(module, "reshard", None)):
-            module.reshard()
+    for module in modules:
+        module.reshard()  # type: ignore[operator]
