@@ -5,6 +5,7 @@
     ltx2 generate --preset full --compile            # the DiT under torch.compile (inductor)
     ltx2 generate --model-path ./ltx2 --distilled-lora distilled.safetensors --lora style.safetensors@0,1
     torchrun --nproc-per-node 2 -m ltx2_pipeline.cli generate --preset tiny --cfg-parallel   # two ranks
+    torchrun --nproc-per-node 2 -m ltx2_pipeline.cli generate --preset tiny --num-frames 17 --context-parallel ulysses
     ltx2 diagram [--mode resident]
     ltx2 perf-check --case tiny_cpu_normal_merge     # against perf_baselines.json; --list for the cases
     ltx2 bench --preset full --json bench.json       # ours against PEFT/diffusers on one model, one run
@@ -45,6 +46,7 @@ from ltx2_residency import (
 
 from . import checks
 from .compiling import add_compile_arguments, compile_arguments
+from .context_parallel import KINDS
 from .errors import GenerationInputError, NonFiniteOutputError, STGSkippedWarning
 from .loras import VARIANT_STRENGTHS, check_strength, load_lora
 from .parallel import Ranks, from_torchrun, torchrun_local_rank, torchrun_world_size
@@ -163,6 +165,9 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--no-progress", action="store_true")
     gen.add_argument("--cfg-parallel", action="store_true",
                      help="under torchrun with 2 processes: stage 1's two guidance branches on the two ranks")
+    gen.add_argument("--context-parallel", choices=KINDS, default=None,
+                     help="under torchrun: every DiT call's sequences split across the ranks (diffusers' Ulysses "
+                     "or ring attention)")
     gen.add_argument("--text-layers", type=checks.positive_int, default=None,
                      help=f"--preset full only: Gemma 3 layers to build (default 2; {GEMMA3_12B_LAYERS} is the real "
                      "depth, 24 GB more)")
@@ -213,6 +218,9 @@ def _plan(args: argparse.Namespace) -> _Plan:
     if torchrun_world_size() > 1 and device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torchrun_local_rank())  # one GPU per rank
     checks.check_device(device)
+    if args.context_parallel == "ring" and device.type == "cpu":
+        raise GenerationInputError("--context-parallel ring merges partial attention by its log-sum-exp, which no "
+                                   "attention of diffusers returns on a CPU: use --context-parallel ulysses")
     if args.model_path is not None:
         check_model_folder(args.model_path)
     for flag, path in (("--distilled-lora", args.distilled_lora), *(("--lora", Path(p)) for p, _, _ in args.lora)):
@@ -263,6 +271,16 @@ def _check_applicable(args: argparse.Namespace, preset: str | None) -> None:
         if args.no_guidance:
             raise GenerationInputError("--cfg-parallel splits stage 1's guidance, which --no-guidance turns off; "
                                        "drop one of them")
+    if args.context_parallel is not None:
+        ranks = torchrun_world_size()
+        if ranks < 2:
+            raise GenerationInputError(f"--context-parallel {args.context_parallel} splits every DiT call across "
+                                       "ranks; this run is without torchrun: run it as torchrun --nproc-per-node 2 "
+                                       "-m ltx2_pipeline.cli generate")
+        if args.cfg_parallel:
+            raise GenerationInputError("--cfg-parallel and --context-parallel both split the ranks; choose one")
+        if args.compile is not None:
+            raise GenerationInputError("--context-parallel runs an eager DiT; drop --compile")
     if args.negative_prompt is not None and args.no_guidance:
         raise GenerationInputError("--negative-prompt applies to stage 1's guidance, which --no-guidance turns off; "
                                    "drop one of them")
@@ -291,7 +309,7 @@ def _build(args: argparse.Namespace, plan: _Plan, progress: Any, ranks: Ranks | 
     options: dict[str, Any] = dict(mode=args.mode, merge_policy=args.merge_policy, loras=plan.loras,
                                    progress=progress, options=ManagerOptions(low_vram=args.low_vram),
                                    compile=plan.compile, process_group=ranks and ranks.group,
-                                   cfg_parallel=args.cfg_parallel)
+                                   cfg_parallel=args.cfg_parallel, context_parallel=args.context_parallel)
     dtype = DTYPES[args.dtype]
     if plan.preset is None:
         return cls.from_pretrained(args.model_path, distilled_lora=plan.distilled, dtype=dtype,

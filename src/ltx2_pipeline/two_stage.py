@@ -23,6 +23,7 @@ Stage names follow sglang's LTX-2 stages, so ``stages_ms`` reads like its perf b
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import statistics
 import time
@@ -34,7 +35,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 import torch.distributed as dist
-from diffusers import FlowMatchEulerDiscreteScheduler, LTX2LatentUpsamplePipeline, LTX2Pipeline
+from diffusers import ContextParallelConfig, FlowMatchEulerDiscreteScheduler, LTX2LatentUpsamplePipeline, LTX2Pipeline
 from diffusers.pipelines.ltx2.utils import STAGE_2_DISTILLED_SIGMA_VALUES
 from torch import nn
 
@@ -42,6 +43,7 @@ from ltx2_residency import CompileSpec, LoRASpec, ManagerOptions, Phase, PhaseWo
 
 from .compiling import check_compile, compile_counts, compile_report, cuda_graph_hooks
 from .components import PIPELINE_COMPONENTS
+from .context_parallel import ContextParallel, ContextParallelDiTs, check_context_parallel, check_sequences
 from .errors import GenerationInputError, NonFiniteOutputError, STGSkippedWarning
 from .generation import GenerationRequest, GenerationResult, Guidance, check_request
 from .loras import VARIANT_STRENGTHS, check_strength, load_lora, to_diffusers_format
@@ -187,6 +189,9 @@ class LTX2TwoStagePipeline:
             pipeline per rank, the same requests on each): the managers change the weights in lock-step.
         cfg_parallel: stage 1's guidance batch split across the ranks of ``process_group``
             (:class:`~ltx2_pipeline.parallel.CFGParallel`; two ranks: one guidance branch each).
+        context_parallel: every DiT call's sequences split across the ranks of ``process_group`` with
+            diffusers' context parallelism (:mod:`~ltx2_pipeline.context_parallel`): ``"ulysses"``,
+            ``"ring"`` or a diffusers ``ContextParallelConfig`` spanning the group.
     """
 
     variant = "normal"
@@ -195,13 +200,16 @@ class LTX2TwoStagePipeline:
                  loras: Sequence[LoRASpec] = (), mode: str = "original", merge_policy: str = "sglang",
                  progress: Progress | None = None, options: ManagerOptions | None = None,
                  compile: CompileSpec | str | bool | None = None, process_group: Any = None,
-                 cfg_parallel: bool = False, **manager_options: Any) -> None:
+                 cfg_parallel: bool = False, context_parallel: ContextParallelConfig | str | None = None,
+                 **manager_options: Any) -> None:
         compile_spec = check_compile(compile)  # a bad value raises before anything is built
         check_cfg_parallel(cfg_parallel, process_group)
         missing = [k for k in (*PIPELINE_COMPONENTS, "latent_upsampler") if k not in components]
         if missing:
             raise GenerationInputError(f"components lack {', '.join(missing)}; build them with "
                                        "ltx2_pipeline.presets (tiny_preset, full_preset, load_components)")
+        cp_spec = check_context_parallel(context_parallel, process_group, cfg_parallel, components["transformer"],
+                                         components["connectors"], compile_spec)
         self.components = dict(components)
         strengths = VARIANT_STRENGTHS[self.variant]
         if isinstance(distilled_lora, LoRASpec):
@@ -220,6 +228,7 @@ class LTX2TwoStagePipeline:
                                         **manager_options)
         self.process_group = process_group
         self.cfg_parallel = cfg_parallel
+        self.context_parallel = cp_spec
         if compile_spec is not None:
             try:
                 self.manager.compile(compile_spec)  # the DiT only: every DiT the manager runs (a stage-2 copy too)
@@ -243,6 +252,9 @@ class LTX2TwoStagePipeline:
             pipe.set_progress_bar_config(disable=True)
         self.base = components["transformer"]
         self.device = _device_of(self.base)
+        self._cp_dits = None if cp_spec is None else ContextParallelDiTs(cp_spec, self.device)
+        if self._cp_dits is not None:
+            self._cp_dits.enable(self.base)  # collective on every rank: built here, not at a request
         # stage 2's merge starts behind stage 1's last step (Request.prepare); off: at the switch
         self.merge_ahead = True
         self.prepared = False  # whether the last request's stage-2 weights were started ahead
@@ -299,6 +311,27 @@ class LTX2TwoStagePipeline:
         """Raise :class:`GenerationInputError` for a request the flow cannot run (before any work)."""
         vae = self.components["vae"]
         check_request(req, vae.spatial_compression_ratio, vae.temporal_compression_ratio, list(self.manager.specs))
+        if self.context_parallel is not None:
+            vae = self.components["vae"]
+            longer = (dataclasses.replace(req, num_frames=req.num_frames + k * vae.temporal_compression_ratio)
+                      for k in range(1, 65))
+            check_sequences(self.context_parallel, self.sequences(req), (
+                (r.num_frames, self.sequences(r)) for r in longer))
+
+    def sequences(self, req: GenerationRequest) -> dict[str, int]:
+        """The tokens of each sequence the request's DiT calls carry: video per stage, audio, text."""
+        p = self.stage1
+        audio = round(req.num_frames / req.frame_rate * p.audio_sampling_rate / p.audio_hop_length
+                      / p.audio_vae_temporal_compression_ratio)  # as LTX2Pipeline counts its audio latents
+        return {"stage-1 video": self._video_tokens(req, 1), "stage-2 video": self._video_tokens(req, 2),
+                "audio": audio // self.base.config.audio_patch_size_t, "text": req.max_sequence_length}
+
+    def _video_tokens(self, req: GenerationRequest, stage: int) -> int:
+        vae, cfg = self.components["vae"], self.base.config
+        frames = (req.num_frames - 1) // vae.temporal_compression_ratio + 1
+        scale = vae.spatial_compression_ratio * (2 if stage == 1 else 1)
+        side = scale * cfg.patch_size
+        return frames // cfg.patch_size_t * (req.height // side) * (req.width // side)
 
     @property
     def can_perturb(self) -> bool:
@@ -404,10 +437,7 @@ class LTX2TwoStagePipeline:
         conditional and unconditional halves batched: twice the tokens) and once more for each of
         STG (only on a DiT that can perturb: :meth:`stage1_guidance`) and modality guidance; the
         tokens are averaged over those calls."""
-        vae = self.components["vae"]
-        frames = (req.num_frames - 1) // vae.temporal_compression_ratio + 1
-        scale = vae.spatial_compression_ratio * (2 if stage == 1 else 1)
-        tokens = frames * (req.height // scale) * (req.width // scale)
+        tokens = self._video_tokens(req, stage)
         if stage == 2:
             return PhaseWork(len(STAGE2_SIGMAS), tokens, 1)
         g = self.stage1_guidance(req)
@@ -433,7 +463,12 @@ class LTX2TwoStagePipeline:
     @contextlib.contextmanager
     def _runs_on(self, pipe: LTX2Pipeline, dit: nn.Module) -> Iterator[None]:
         """Hand diffusers' pipeline the module the phase runs on; give the base back afterwards."""
-        pipe.transformer = CFGParallel(dit, self.process_group) if self.cfg_parallel else dit
+        if self.cfg_parallel:
+            pipe.transformer = CFGParallel(dit, self.process_group)
+        elif self._cp_dits is not None:
+            pipe.transformer = ContextParallel(dit, self._cp_dits)
+        else:
+            pipe.transformer = dit
         hooks = cuda_graph_hooks(dit, self._compile_spec, self.device)
         try:
             yield
@@ -477,7 +512,8 @@ class LTX2TwoStagePipeline:
             "merge_policy": mgr.policy.name.value,
             "device": torch.cuda.get_device_name(self.device) if clock.cuda else str(self.device),
             "ranks": {"size": 1 if self.process_group is None else dist.get_world_size(self.process_group),
-                      "cfg_parallel": self.cfg_parallel},
+                      "cfg_parallel": self.cfg_parallel,
+                      "context_parallel": None if self.context_parallel is None else self.context_parallel.kind},
             "request": {"prompt": req.prompt, "height": req.height, "width": req.width,
                         "num_frames": req.num_frames, "frame_rate": req.frame_rate,
                         "num_inference_steps": req.num_inference_steps, "seed": req.seed,

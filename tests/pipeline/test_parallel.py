@@ -41,7 +41,7 @@ def test_two_ranks_make_the_single_process_video(cfg_parallel: bool) -> None:
         # CFG-parallel: each rank ran one guidance branch; the gathered predictions are the batch's own
         assert np.array_equal(r["video"], want.video)
         assert r["state"] == "clean" and r["events"] == [e["event"] for e in want.report["trace"]]
-        assert r["ranks"] == {"size": 2, "cfg_parallel": cfg_parallel}
+        assert r["ranks"] == {"size": 2, "cfg_parallel": cfg_parallel, "context_parallel": None}
 
 
 def test_cfg_parallel_needs_a_group_of_two() -> None:
@@ -61,7 +61,8 @@ def test_generate_under_torchrun_writes_once(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("ltx2 generate: tiny on 2 ranks (cpu)") == 1  # rank 0 speaks, rank 1 does not
     report = json.loads(mp4.with_suffix(".json").read_text())
-    assert report["ranks"] == {"size": 2, "cfg_parallel": True} and report["dit_state_after"] == "clean"
+    assert report["ranks"] == {"size": 2, "cfg_parallel": True, "context_parallel": None}
+    assert report["dit_state_after"] == "clean"
     assert mp4.stat().st_size > 0 and sorted(p.name for p in tmp_path.iterdir()) == ["v.json", "v.mp4"]
 
 
