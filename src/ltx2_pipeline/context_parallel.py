@@ -27,7 +27,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from diffusers import ContextParallelConfig
+from diffusers.hooks.context_parallel import remove_context_parallel
+from diffusers.hooks.hooks import HookRegistry
 from diffusers.models._modeling_parallel import ContextParallelInput, ContextParallelOutput
+from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
 from torch import nn
 
 from .components import quiet_diffusers
@@ -42,6 +45,7 @@ KINDS = ("ulysses", "ring")
 #: the forward's inputs the plan shards along their sequence axis (all are passed, ``None`` if unused)
 _SEQUENCES = ("hidden_states", "audio_hidden_states", "encoder_hidden_states", "audio_encoder_hidden_states")
 _MASKS = ("encoder_attention_mask", "audio_encoder_attention_mask")
+_UNPLANNED = ("video_self_attention_mask", "video_keyframes_mask")  # per video token; LTX2Pipeline passes neither
 
 
 def ltx2_cp_plan(rope_type: str) -> dict[str, Any]:
@@ -64,10 +68,11 @@ class ContextParallelSpec:
 
     kind: str  # "ulysses" or "ring"
     ranks: int
+    convert_to_fp32: bool = True  # ring attention: partial outputs and log-sum-exps merged in fp32
 
     def config(self, mesh: Any) -> ContextParallelConfig:
         degree = {"ulysses_degree": self.ranks} if self.kind == "ulysses" else {"ring_degree": self.ranks}
-        return ContextParallelConfig(**degree, mesh=mesh)
+        return ContextParallelConfig(**degree, mesh=mesh, convert_to_fp32=self.convert_to_fp32)
 
 
 def check_context_parallel(context_parallel: object, process_group: object, cfg_parallel: bool,
@@ -97,6 +102,19 @@ def check_context_parallel(context_parallel: object, process_group: object, cfg_
                 f"ContextParallelConfig(ulysses_degree={context_parallel.ulysses_degree}, "
                 f"ring_degree={context_parallel.ring_degree}): one of the two must be the group's {ranks} "
                 "ranks, the other 1")
+        taken = {"mesh": context_parallel.mesh is not None, "ulysses_anything": context_parallel.ulysses_anything,
+                 "ring_anything": context_parallel.ring_anything}
+        if any(taken.values()):
+            raise GenerationInputError(f"ContextParallelConfig({', '.join(k for k, v in taken.items() if v)}=...): the "
+                                       "pipeline builds its mesh on the group and splits sequences equally; leave "
+                                       "them unset")
+    if getattr(dit, "_parallel_config", None) is not None:
+        raise GenerationInputError("the DiT is already parallelized (enable_parallelism, or a pipeline still open "
+                                   "on it): close that pipeline first, or pass a DiT without parallelism")
+    backend = _attention_backend(dit)
+    if not _AttentionBackendRegistry._is_context_parallel_available(AttentionBackendName(backend)):
+        raise GenerationInputError(f"the DiT's attention backend {backend!r} has no context-parallel form in "
+                                   "diffusers: set_attention_backend('native') for ulysses, '_native_cudnn' for ring")
     cfg = dit.config
     if kind == "ulysses":
         for what, heads in (("video", cfg.num_attention_heads), ("audio", cfg.audio_num_attention_heads)):
@@ -106,23 +124,21 @@ def check_context_parallel(context_parallel: object, process_group: object, cfg_
     elif next(dit.parameters()).device.type == "cpu":
         raise GenerationInputError("ring attention merges partial results by their log-sum-exp, which no "
                                    "attention of diffusers returns on a CPU: use ulysses")
-    elif _attention_backend(dit) == "native":
+    elif backend == "native":
         raise GenerationInputError("ring attention merges partial results by their log-sum-exp, which diffusers' "
                                    "native attention does not return: call set_attention_backend('_native_cudnn') "
                                    "(or 'flash') on the DiT first, or use ulysses")
-    for which in ("video", "audio"):
-        if getattr(connectors.config, f"{which}_connector_num_learnable_registers", None) is None:
-            raise GenerationInputError(
-                f"context_parallel needs text connectors with learnable registers (LTX-2's own): the "
-                f"{which} connector has none, so its text mask can close tokens, which diffusers' Ulysses "
-                "attention cannot shard")
-    return ContextParallelSpec(kind, ranks)
+    # the DiT takes the video connector's mask for both text streams
+    if getattr(connectors.config, "video_connector_num_learnable_registers", None) is None:
+        raise GenerationInputError("context_parallel needs text connectors with learnable registers (LTX-2's own): "
+                                   "the video connector has none, so the text mask can close tokens, which "
+                                   "diffusers' Ulysses attention cannot shard")
+    fp32 = context_parallel.convert_to_fp32 if isinstance(context_parallel, ContextParallelConfig) else True
+    return ContextParallelSpec(kind, ranks, fp32)
 
 
 def _attention_backend(dit: nn.Module) -> str:
     """The attention backend the DiT's processors run (diffusers' active one where they name none)."""
-    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
-
     for module in dit.modules():
         backend = getattr(getattr(module, "processor", None), "_attention_backend", False)
         if backend is not False:
@@ -170,6 +186,9 @@ class ContextParallel(nn.Module):
             return getattr(object.__getattribute__(self, "dit"), name)  # config, rope, cache_context ...
 
     def forward(self, **kwargs: Any) -> Any:
+        unplanned = [name for name in _UNPLANNED if kwargs.get(name) is not None]
+        if unplanned:
+            raise GenerationInputError(f"context_parallel does not shard {', '.join(unplanned)}")
         for name in _MASKS:
             kwargs[name] = None  # open everywhere (checked: the connectors have registers): the same call
         for name in _SEQUENCES:
@@ -193,10 +212,21 @@ class ContextParallelDiTs:
     def enable(self, dit: nn.Module) -> None:
         if dit in self._done:
             return
-        cfg = dit.config
+        self._done.add(dit)  # first: close() takes off what a failed enable left
         with _without_accelerator_count(), quiet_diffusers():
-            dit.enable_parallelism(config=self.spec.config(self.mesh), cp_plan=ltx2_cp_plan(cfg.rope_type))
-        self._done.add(dit)
+            dit.enable_parallelism(config=self.spec.config(self.mesh), cp_plan=ltx2_cp_plan(dit.config.rope_type))
+
+    def close(self) -> None:
+        """Every DiT as it was before: diffusers' hooks off, no parallel config left on it."""
+        for dit in list(self._done):
+            remove_context_parallel(dit, ltx2_cp_plan(dit.config.rope_type))
+            dit._parallel_config = None
+            for module in dit.modules():
+                processor = getattr(module, "processor", None)
+                if processor is not None and hasattr(processor, "_parallel_config"):
+                    processor._parallel_config = None
+            HookRegistry.check_if_exists_or_initialize(dit).invalidate_child_registries_cache()
+        self._done.clear()
 
 
 @contextmanager

@@ -252,9 +252,14 @@ class LTX2TwoStagePipeline:
             pipe.set_progress_bar_config(disable=True)
         self.base = components["transformer"]
         self.device = _device_of(self.base)
-        self._cp_dits = None if cp_spec is None else ContextParallelDiTs(cp_spec, self.device)
-        if self._cp_dits is not None:
-            self._cp_dits.enable(self.base)  # collective on every rank: built here, not at a request
+        self._cp_dits = None
+        if cp_spec is not None:
+            try:
+                self._cp_dits = ContextParallelDiTs(cp_spec, self.device)
+                self._cp_dits.enable(self.base)  # collective on every rank: built here, not at a request
+            except BaseException:
+                self.close()  # the model is given back, free for another pipeline
+                raise
         # stage 2's merge starts behind stage 1's last step (Request.prepare); off: at the switch
         self.merge_ahead = True
         self.prepared = False  # whether the last request's stage-2 weights were started ahead
@@ -299,7 +304,11 @@ class LTX2TwoStagePipeline:
         return cls(components, distilled_lora, **kwargs)
 
     def close(self) -> None:
+        """Give the DiT back as it was given (the manager's :meth:`~ltx2_residency.ResidencyManager.close`,
+        then context parallelism off), free for another pipeline. Between requests only."""
         self.manager.close()
+        if self._cp_dits is not None:
+            self._cp_dits.close()
 
     @property
     def compile_spec(self) -> CompileSpec | None:
@@ -321,10 +330,10 @@ class LTX2TwoStagePipeline:
     def sequences(self, req: GenerationRequest) -> dict[str, int]:
         """The tokens of each sequence the request's DiT calls carry: video per stage, audio, text."""
         p = self.stage1
-        audio = round(req.num_frames / req.frame_rate * p.audio_sampling_rate / p.audio_hop_length
-                      / p.audio_vae_temporal_compression_ratio)  # as LTX2Pipeline counts its audio latents
+        per_second = p.audio_sampling_rate / p.audio_hop_length / float(p.audio_vae_temporal_compression_ratio)
+        audio = round(req.num_frames / req.frame_rate * per_second)  # as LTX2Pipeline counts (and rounds) them
         return {"stage-1 video": self._video_tokens(req, 1), "stage-2 video": self._video_tokens(req, 2),
-                "audio": audio // self.base.config.audio_patch_size_t, "text": req.max_sequence_length}
+                "audio": audio, "text": req.max_sequence_length}  # one token per audio latent frame
 
     def _video_tokens(self, req: GenerationRequest, stage: int) -> int:
         vae, cfg = self.components["vae"], self.base.config

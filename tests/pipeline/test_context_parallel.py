@@ -17,6 +17,7 @@ from diffusers import ContextParallelConfig
 
 from ltx2_pipeline.cli import main
 from ltx2_pipeline.errors import GenerationInputError
+from ltx2_pipeline.generation import GenerationRequest
 from ltx2_pipeline.tiny import tiny_inputs, tiny_transformer
 from ltx2_pipeline.two_stage import LTX2TwoStagePipeline
 from ranks import free_port, run_ranks
@@ -66,9 +67,13 @@ def test_the_plan_shards_both_streams_and_split_rope_tables() -> None:
 
 
 def refusals(rank: int, world: int) -> dict[str, str]:
+    from ltx2_pipeline.presets import tiny_preset
+
+    components, lora = tiny_preset(0, torch.bfloat16)
+
     def refused(**kwargs: Any) -> str:
         try:
-            LTX2TwoStagePipeline.from_preset("tiny", process_group=dist.group.WORLD, **kwargs)
+            LTX2TwoStagePipeline(components, lora, process_group=dist.group.WORLD, **kwargs).close()
         except GenerationInputError as exc:
             return str(exc)
         return "built"
@@ -78,8 +83,14 @@ def refusals(rank: int, world: int) -> dict[str, str]:
         "with cfg_parallel": refused(context_parallel="ulysses", cfg_parallel=True),
         "compiled": refused(context_parallel="ulysses", compile=True),
         "degrees": refused(context_parallel=ContextParallelConfig(ulysses_degree=4)),
+        "anything": refused(context_parallel=ContextParallelConfig(ulysses_degree=2, ulysses_anything=True)),
     }
-    pipe = LTX2TwoStagePipeline.from_preset("tiny", process_group=dist.group.WORLD, context_parallel="ulysses")
+    dit = components["transformer"]
+    dit.set_attention_backend("_native_math")
+    out["backend"] = refused(context_parallel="ulysses")
+    dit.set_attention_backend("native")
+    pipe = LTX2TwoStagePipeline(components, lora, process_group=dist.group.WORLD, context_parallel="ulysses")
+    out["while open"] = refused(context_parallel="ulysses")
     before = {k: v.clone() for k, v in pipe.base.state_dict().items()}
     try:
         pipe(**{**KW, "num_frames": 9})  # 9 audio latents
@@ -87,17 +98,39 @@ def refusals(rank: int, world: int) -> dict[str, str]:
         out["uneven"] = str(exc)
     out["untouched"] = str(all(torch.equal(before[k], v) for k, v in pipe.base.state_dict().items()))
     pipe.close()
+    # closed: the DiT is given back without diffusers' hooks, free for a pipeline of another kind
+    again = LTX2TwoStagePipeline(components, lora, process_group=dist.group.WORLD, context_parallel="ulysses")
+    first = again(**KW).video
+    again.close()
+    whole = LTX2TwoStagePipeline(components, lora)  # no group: any hook left would split the calls
+    out["after close"] = str(float(np.abs(whole(**KW).video - first).max()))
+    whole.close()
     return out
 
 
-def test_what_context_parallel_refuses_before_any_work() -> None:
+def test_what_context_parallel_refuses_before_any_work_and_close_gives_the_dit_back() -> None:
     for r in run_ranks(2, refusals):
         assert "use ulysses" in r["ring on a CPU"]
         assert "choose one" in r["with cfg_parallel"]
         assert "leave compile unset" in r["compiled"]
         assert "ulysses_degree=4" in r["degrees"] and "2" in r["degrees"]
+        assert "ulysses_anything" in r["anything"]
+        assert "'_native_math' has no context-parallel form" in r["backend"]
+        assert "already parallelized" in r["while open"]
         assert "audio 9 tokens" in r["uneven"] and "num_frames=13 divides them all" in r["uneven"]
         assert r["untouched"] == "True"
+        assert float(r["after close"]) <= 0.05  # bf16: the same video, split or whole
+
+
+@pytest.mark.parametrize(("num_frames", "frame_rate"), [(17, 24.0), (153, 30.0), (537, 30.0), (249, 50.0)])
+def test_the_audio_tokens_are_counted_as_diffusers_rounds_them(num_frames: int, frame_rate: float) -> None:
+    pipe = LTX2TwoStagePipeline.from_preset("tiny")
+    req = GenerationRequest.for_preset("tiny", num_frames=num_frames, frame_rate=frame_rate)
+    p = pipe.stage1
+    # LTX2Pipeline.__call__: duration_s * audio_latents_per_second, rounded
+    per_second = p.audio_sampling_rate / p.audio_hop_length / float(p.audio_vae_temporal_compression_ratio)
+    assert pipe.sequences(req)["audio"] == round(num_frames / frame_rate * per_second)
+    pipe.close()
 
 
 @pytest.mark.parametrize(("value", "match"), [("sideways", "must be one of ulysses, ring"),
