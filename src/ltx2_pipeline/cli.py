@@ -5,7 +5,7 @@
     ltx2 generate --preset full --compile            # the DiT under torch.compile (inductor)
     ltx2 generate --model-path ./ltx2 --distilled-lora distilled.safetensors --lora style.safetensors@0,1
     torchrun --nproc-per-node 2 -m ltx2_pipeline.cli generate --preset tiny --cfg-parallel   # two ranks
-    torchrun --nproc-per-node 2 -m ltx2_pipeline.cli generate --preset tiny --num-frames 17 --context-parallel ulysses
+    torchrun --nproc-per-node 2 -m ltx2_pipeline.cli generate --preset tiny --context-parallel ulysses
     ltx2 diagram [--mode resident]
     ltx2 perf-check --case tiny_cpu_normal_merge     # against perf_baselines.json; --list for the cases
     ltx2 bench --preset full --json bench.json       # ours against PEFT/diffusers on one model, one run

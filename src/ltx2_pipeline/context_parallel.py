@@ -3,10 +3,14 @@
 diffusers shards a model's inputs and gathers its outputs by a *context-parallel plan*
 (``ContextParallelConfig``; Ulysses attention trades sequence shards for head shards with an
 all-to-all, ring attention passes key/value shards around the ranks). The plan diffusers ships with
-``LTX2VideoTransformer3DModel`` shards the video stream only, so the audio stream, the audio-video
-cross-attention and three of the four RoPE tables stay whole and the forward fails;
-:func:`ltx2_cp_plan` shards every sequence of a call: video, audio and both text streams, the four
-RoPE tables (their sequence axis depends on ``rope_type``), and gathers both outputs.
+``LTX2VideoTransformer3DModel`` shards the video tokens but not the RoPE table of the audio-video
+cross-attention, and the forward fails. :func:`ltx2_cp_plan` shards the video tokens with both of
+their RoPE tables and the two text streams, and gathers the video output.
+
+The audio stream stays whole on every rank (as vllm-omni runs LTX-2 under Ulysses): it is short
+(126 latents for 121 frames, against 6,144 video tokens at 768x512), and any frame count serves.
+diffusers' attention exchanges it as if it were sharded, so each rank's attention sees the audio
+tokens once per rank: keys repeated change no softmax, and repeated queries give the same rows.
 
 :class:`ContextParallel` stands in for the DiT in diffusers' ``LTX2Pipeline`` (as
 :class:`~ltx2_pipeline.parallel.CFGParallel` does). The text masks after LTX-2's connectors are
@@ -43,7 +47,7 @@ warnings.filterwarnings("ignore", message=r".*all_gather_tensor` is deprecated",
 #: the names ``--context-parallel`` takes: which of diffusers' attentions spans the ranks
 KINDS = ("ulysses", "ring")
 #: the forward's inputs the plan shards along their sequence axis (all are passed, ``None`` if unused)
-_SEQUENCES = ("hidden_states", "audio_hidden_states", "encoder_hidden_states", "audio_encoder_hidden_states")
+_SEQUENCES = ("hidden_states", "encoder_hidden_states", "audio_encoder_hidden_states")
 _MASKS = ("encoder_attention_mask", "audio_encoder_attention_mask")
 _UNPLANNED = ("video_self_attention_mask", "video_keyframes_mask")  # per video token; LTX2Pipeline passes neither
 
@@ -56,9 +60,8 @@ def ltx2_cp_plan(rope_type: str) -> dict[str, Any]:
     inputs = {name: ContextParallelInput(split_dim=1, expected_dims=3, split_output=False) for name in _SEQUENCES}
     return {
         "": inputs,
-        "rope": rope, "audio_rope": rope, "cross_attn_rope": rope, "cross_attn_audio_rope": rope,
+        "rope": rope, "cross_attn_rope": rope,  # the video tokens' (the audio stream's stay whole)
         "proj_out": ContextParallelOutput(gather_dim=1, expected_dims=3),
-        "audio_proj_out": ContextParallelOutput(gather_dim=1, expected_dims=3),
     }
 
 

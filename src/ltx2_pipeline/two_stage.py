@@ -328,12 +328,10 @@ class LTX2TwoStagePipeline:
                 (r.num_frames, self.sequences(r)) for r in longer))
 
     def sequences(self, req: GenerationRequest) -> dict[str, int]:
-        """The tokens of each sequence the request's DiT calls carry: video per stage, audio, text."""
-        p = self.stage1
-        per_second = p.audio_sampling_rate / p.audio_hop_length / float(p.audio_vae_temporal_compression_ratio)
-        audio = round(req.num_frames / req.frame_rate * per_second)  # as LTX2Pipeline counts (and rounds) them
+        """The tokens of each sequence context parallelism splits in the request's DiT calls: the video
+        per stage and the text (the audio stream stays whole on every rank)."""
         return {"stage-1 video": self._video_tokens(req, 1), "stage-2 video": self._video_tokens(req, 2),
-                "audio": audio, "text": req.max_sequence_length}  # one token per audio latent frame
+                "text": req.max_sequence_length}
 
     def _video_tokens(self, req: GenerationRequest, stage: int) -> int:
         vae, cfg = self.components["vae"], self.base.config
