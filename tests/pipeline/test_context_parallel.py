@@ -27,22 +27,28 @@ KW = dict(prompt="a robot dancing in the rain", height=64, width=64, num_frames=
           max_sequence_length=32)
 
 
-def cp_generation(rank: int, world: int, mode: str, context_parallel: Any) -> dict[str, Any]:
-    pipe = LTX2TwoStagePipeline.from_preset("tiny", mode=mode, merge_policy="merge", dtype=torch.float32,
-                                            process_group=dist.group.WORLD, context_parallel=context_parallel)
+def tiny(mode: str, policy: str, **kwargs: Any) -> LTX2TwoStagePipeline:
+    # perturbed attention: stage 1 runs its STG and modality passes too, each a DiT call of its own
+    return LTX2TwoStagePipeline.from_preset("tiny", mode=mode, merge_policy=policy, dtype=torch.float32,
+                                            preset_options={"perturbed_attn": True}, **kwargs)
+
+
+def cp_generation(rank: int, world: int, mode: str, policy: str, context_parallel: Any) -> dict[str, Any]:
+    pipe = tiny(mode, policy, process_group=dist.group.WORLD, context_parallel=context_parallel)
     result = pipe(**KW)
     pipe.close()
     return {"video": result.video, "state": result.report["dit_state_after"], "ranks": result.report["ranks"],
             "events": [r["event"] for r in result.report["trace"]]}
 
 
-@pytest.mark.parametrize(("mode", "context_parallel"),
-                         [("original", "ulysses"), ("resident", ContextParallelConfig(ulysses_degree=2))])
-def test_ulysses_on_two_ranks_makes_the_single_process_video(mode: str, context_parallel: Any) -> None:
-    single = LTX2TwoStagePipeline.from_preset("tiny", mode=mode, merge_policy="merge", dtype=torch.float32)
+@pytest.mark.parametrize(("mode", "policy", "context_parallel"),
+                         [("original", "merge", "ulysses"), ("snapshot", "dynamic", "ulysses"),
+                          ("resident", "merge", ContextParallelConfig(ulysses_degree=2))])
+def test_ulysses_on_two_ranks_makes_the_single_process_video(mode: str, policy: str, context_parallel: Any) -> None:
+    single = tiny(mode, policy)
     want = single(**KW)
     single.close()
-    for r in run_ranks(2, cp_generation, mode, context_parallel):
+    for r in run_ranks(2, cp_generation, mode, policy, context_parallel):
         # every call's sequences split, the attention exchanged by all-to-all: the same video to fp32 rounding
         assert np.abs(r["video"] - want.video).max() <= 1e-5
         assert r["state"] == "clean" and r["events"] == [e["event"] for e in want.report["trace"]]
