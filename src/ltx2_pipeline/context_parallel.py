@@ -39,6 +39,7 @@ from torch import nn
 
 from .components import quiet_diffusers
 from .errors import GenerationInputError
+from .parallel import DiTStandIn
 
 # diffusers' sharding hook calls a torch collective that torch has renamed; once per process, nothing to act on
 warnings.filterwarnings("ignore", message=r".*all_gather_tensor` is deprecated", category=FutureWarning,
@@ -174,19 +175,12 @@ def check_sequences(spec: ContextParallelSpec, sequences: Mapping[str, int],
                                f"tokens divide{hint}")
 
 
-class ContextParallel(nn.Module):
+class ContextParallel(DiTStandIn):
     """The DiT as diffusers' pipeline calls it, each call's sequences split across the ranks."""
 
     def __init__(self, dit: nn.Module, enabled: ContextParallelDiTs) -> None:
-        super().__init__()
-        object.__setattr__(self, "dit", dit)  # not a submodule: the pipeline's own DiT, not this wrapper's
+        super().__init__(dit)
         enabled.enable(dit)
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(object.__getattribute__(self, "dit"), name)  # config, rope, cache_context ...
 
     def forward(self, **kwargs: Any) -> Any:
         unplanned = [name for name in _UNPLANNED if kwargs.get(name) is not None]

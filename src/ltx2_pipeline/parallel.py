@@ -43,21 +43,29 @@ def check_cfg_parallel(cfg_parallel: object, process_group: object) -> None:
                                    f"has {size}")
 
 
-class CFGParallel(nn.Module):
-    """The DiT as diffusers' pipeline calls it, its batch split across the ranks of ``group``."""
+class DiTStandIn(nn.Module):
+    """Stands in for the DiT in diffusers' pipeline: calls reach ``dit``, as does every attribute
+    the pipeline reads (``config``, ``rope``, ``cache_context`` ...)."""
 
-    def __init__(self, dit: nn.Module, group: Any) -> None:
+    def __init__(self, dit: nn.Module) -> None:
         super().__init__()
         object.__setattr__(self, "dit", dit)  # not a submodule: the pipeline's own DiT, not this wrapper's
-        object.__setattr__(self, "group", group)
-        self.rank = dist.get_rank(group)
-        self.size = dist.get_world_size(group)
 
     def __getattr__(self, name: str) -> Any:
         try:
             return super().__getattr__(name)
         except AttributeError:
-            return getattr(object.__getattribute__(self, "dit"), name)  # config, rope, cache_context ...
+            return getattr(object.__getattribute__(self, "dit"), name)
+
+
+class CFGParallel(DiTStandIn):
+    """The DiT as diffusers' pipeline calls it, its batch split across the ranks of ``group``."""
+
+    def __init__(self, dit: nn.Module, group: Any) -> None:
+        super().__init__(dit)
+        object.__setattr__(self, "group", group)
+        self.rank = dist.get_rank(group)
+        self.size = dist.get_world_size(group)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         hidden = kwargs.get("hidden_states", args[0] if args else None)

@@ -321,7 +321,6 @@ class LTX2TwoStagePipeline:
         vae = self.components["vae"]
         check_request(req, vae.spatial_compression_ratio, vae.temporal_compression_ratio, list(self.manager.specs))
         if self.context_parallel is not None:
-            vae = self.components["vae"]
             longer = (dataclasses.replace(req, num_frames=req.num_frames + k * vae.temporal_compression_ratio)
                       for k in range(1, 65))
             check_sequences(self.context_parallel, self.sequences(req), (
